@@ -1,0 +1,159 @@
+"""Residual blocks and shortcuts. Attribute names follow torchvision so checkpoints load."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ResNetConfig
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, groups=groups,
+                     bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A of the paper: subsample by striding, append zero channels. No parameters."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int):
+        super().__init__()
+        self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            # x[::2] keeps ceil(H/2) rows: the size a 3x3, padding-1, stride-2 conv produces.
+            x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.out_chs - self.in_chs))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_chs}, {self.out_chs}, stride={self.stride}"
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention (Hu et al. 2018): global pool, 1x1 down, ReLU, 1x1 up, sigmoid gate."""
+
+    def __init__(self, chs: int, ratio: float):
+        super().__init__()
+        mid = int(chs * ratio)
+        self.fc1 = nn.Conv2d(chs, mid, 1)
+        self.fc2 = nn.Conv2d(mid, chs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.relu(self.fc1(x.mean((2, 3), keepdim=True)))
+        return x * torch.sigmoid(self.fc2(s))
+
+
+def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int) -> nn.Module:
+    """The shortcut of one block for the config's option (A, B or C) and avg_down."""
+    changes = stride != 1 or in_chs != out_chs
+    if cfg.shortcut == "A" or (cfg.shortcut == "B" and not changes):
+        return ZeroPadShortcut(in_chs, out_chs, stride) if changes else nn.Identity()
+    if cfg.avg_down:
+        pool = (nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+                if stride > 1 else nn.Identity())
+        layers = [pool, conv1x1(in_chs, out_chs)]
+    else:
+        layers = [conv1x1(in_chs, out_chs, stride)]
+    # Pre-activation blocks feed the projection an already normalised input.
+    return nn.Sequential(*layers) if cfg.preact else nn.Sequential(*layers, nn.BatchNorm2d(out_chs))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs. Post-activation (v1): conv-BN-ReLU-conv-BN, add, ReLU.
+    Pre-activation (v2): BN-ReLU-conv-BN-ReLU-conv, add."""
+
+    def __init__(self, cfg: ResNetConfig, in_chs: int, planes: int, stride: int,
+                 shortcut: nn.Module, dilation: int = 1, first_dilation: int = 1,
+                 drop_path: float = 0.0):
+        super().__init__()
+        out_chs = planes * cfg.block_expansion
+        self.preact = cfg.preact
+        # Registered in torchvision's order (conv before its BN) so state_dicts list alike;
+        # in a pre-activation block bn_i normalises conv_i's input instead of its output.
+        self.conv1 = conv3x3(in_chs, planes, stride, dilation=first_dilation)
+        self.bn1 = nn.BatchNorm2d(in_chs if self.preact else planes)
+        self.conv2 = conv3x3(planes, out_chs, dilation=dilation)
+        self.bn2 = nn.BatchNorm2d(planes if self.preact else out_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.se = SqueezeExcite(out_chs, cfg.se_ratio) if cfg.se_ratio else nn.Identity()
+        self.downsample = shortcut
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
+
+    def residual_end(self) -> nn.Module:
+        """The layer that zero-init sets to zero so the block starts as the identity."""
+        return self.conv2 if self.preact else self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.preact:
+            pre = self.relu(self.bn1(x))
+            shortcut = self.downsample(pre) if isinstance(self.downsample, nn.Sequential) else x
+            out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+            return self.drop_path(self.se(out)) + shortcut
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return self.relu(self.drop_path(out) + self.downsample(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand. The stage stride sits on the 3x3
+    (v1.5) or on the first 1x1 (v1, cfg.stride_in_1x1)."""
+
+    def __init__(self, cfg: ResNetConfig, in_chs: int, planes: int, stride: int,
+                 shortcut: nn.Module, dilation: int = 1, first_dilation: int = 1,
+                 drop_path: float = 0.0):
+        super().__init__()
+        width = int(planes * cfg.width_per_group / 64) * cfg.groups
+        out_chs = planes * cfg.block_expansion
+        s1, s3 = (stride, 1) if cfg.stride_in_1x1 else (1, stride)
+        self.preact = cfg.preact
+        self.conv1 = conv1x1(in_chs, width, s1)
+        self.bn1 = nn.BatchNorm2d(in_chs if self.preact else width)
+        # A bottleneck has a single 3x3 conv; in the first block of a dilated stage it keeps
+        # the previous dilation (as torchvision does), so `dilation` only matters for basic blocks.
+        self.conv2 = conv3x3(width, width, s3, cfg.groups, first_dilation)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, out_chs)
+        self.bn3 = nn.BatchNorm2d(width if self.preact else out_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.se = SqueezeExcite(out_chs, cfg.se_ratio) if cfg.se_ratio else nn.Identity()
+        self.downsample = shortcut
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
+
+    def residual_end(self) -> nn.Module:
+        """The layer that zero-init sets to zero so the block starts as the identity."""
+        return self.conv3 if self.preact else self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.preact:
+            pre = self.relu(self.bn1(x))
+            shortcut = self.downsample(pre) if isinstance(self.downsample, nn.Sequential) else x
+            out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+            out = self.conv3(self.relu(self.bn3(out)))
+            return self.drop_path(self.se(out)) + shortcut
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.se(self.bn3(self.conv3(out)))
+        return self.relu(self.drop_path(out) + self.downsample(x))

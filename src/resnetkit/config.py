@@ -1,0 +1,209 @@
+"""ResNetConfig: every architectural choice of a ResNet, as one validated value."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+
+BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
+STEMS = ("imagenet", "cifar", "deep")
+SHORTCUTS = ("A", "B", "C")
+
+
+def _bad(name: str, value: Any, allowed: str) -> UserError:
+    return UserError(f"ResNetConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """The full description of a ResNet; a model is built from this and nothing else.
+
+    Fields:
+        block: "basic" (two 3x3 convs), "bottleneck" (1x1-3x3-1x1), or their pre-activation
+            forms "preact_basic"/"preact_bottleneck" (ResNet v2, He et al. 2016).
+        layers: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+        widths: the "planes" of each stage; a stage outputs width * expansion channels.
+        expansion: output/planes ratio of a block; None means 1 (basic) or 4 (bottleneck).
+        groups, width_per_group: the 3x3 conv of a bottleneck has
+            int(width * width_per_group / 64) * groups channels (ResNeXt, Wide ResNet).
+        stride_in_1x1: True puts the stage's stride on the first 1x1 conv of a bottleneck (v1,
+            the paper); False on the 3x3 (v1.5, torchvision's default).
+        stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (3x3/1 conv, no pooling),
+            "deep" (three 3x3 convs + max-pool, "ResNet-C").
+        stem_width: channels out of the stem.
+        maxpool_padding: padding of the stem's max-pool, 1 (torchvision) or 0.
+        shortcut: "A" zero-padded identity, "B" projection where the shape changes,
+            "C" projection in every block.
+        avg_down: projection shortcuts average-pool before a stride-1 1x1 conv ("ResNet-D").
+        output_stride: total stride of the final feature map; stages past it use dilation
+            instead of stride. None keeps the natural stride (32 ImageNet, 4 CIFAR).
+        zero_init_residual: start each residual branch at zero (last BN gamma, or last conv
+            for pre-activation blocks), so every block starts as the identity.
+        drop_path_rate: stochastic-depth rate of the last block; earlier blocks get a rate
+            growing linearly from 0.
+        se_ratio: squeeze-and-excitation bottleneck ratio (e.g. 0.0625); 0 disables it.
+        in_chans, num_classes: input channels and classifier outputs (0: no classifier).
+    """
+
+    block: str = "bottleneck"
+    layers: tuple[int, ...] = (3, 4, 6, 3)
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    expansion: int | None = None
+    groups: int = 1
+    width_per_group: int = 64
+    stride_in_1x1: bool = False
+    stem: str = "imagenet"
+    stem_width: int = 64
+    maxpool_padding: int = 1
+    shortcut: str = "B"
+    avg_down: bool = False
+    output_stride: int | None = None
+    zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
+    se_ratio: float = 0.0
+    in_chans: int = 3
+    num_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience but stored as tuples so the config stays hashable.
+        for name in ("layers", "widths"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.block not in BLOCKS:
+            raise _bad("block", self.block, f"choose one of {', '.join(BLOCKS)}")
+        if not self.layers or any(not isinstance(n, int) or n < 1 for n in self.layers):
+            raise _bad("layers", self.layers, "need one positive block count per stage")
+        if len(self.widths) != len(self.layers) or any(w < 1 for w in self.widths):
+            raise _bad("widths", self.widths,
+                       f"need {len(self.layers)} positive widths, one per stage in layers")
+        if self.expansion is not None and self.expansion < 1:
+            raise _bad("expansion", self.expansion, "must be a positive integer or None")
+        if self.groups < 1:
+            raise _bad("groups", self.groups, "must be >= 1")
+        if self.width_per_group < 1:
+            raise _bad("width_per_group", self.width_per_group, "must be >= 1")
+        if not self.is_bottleneck:
+            if self.groups != 1:
+                raise _bad("groups", self.groups,
+                           "basic blocks support only groups=1; use a bottleneck block for ResNeXt")
+            if self.width_per_group != 64:
+                raise _bad("width_per_group", self.width_per_group,
+                           "basic blocks support only 64; widen a basic ResNet through widths")
+            if self.stride_in_1x1:
+                raise _bad("stride_in_1x1", True,
+                           "basic blocks have no 1x1 conv; v1/v1.5 applies to bottlenecks only")
+        if self.stem not in STEMS:
+            raise _bad("stem", self.stem, f"choose one of {', '.join(STEMS)}")
+        if self.stem_width < 1 or (self.stem == "deep" and self.stem_width % 2):
+            raise _bad("stem_width", self.stem_width,
+                       "must be positive (and even for the deep stem, whose first convs use half)")
+        if self.maxpool_padding not in (0, 1):
+            raise _bad("maxpool_padding", self.maxpool_padding, "choose 0 or 1")
+        if self.stem == "cifar" and self.maxpool_padding != 1:
+            raise _bad("maxpool_padding", self.maxpool_padding, "the cifar stem has no max-pool")
+        if self.shortcut not in SHORTCUTS:
+            raise _bad("shortcut", self.shortcut, "choose A (zero-pad), B or C (projection)")
+        if self.avg_down and self.shortcut == "A":
+            raise _bad("avg_down", True, "needs projection shortcuts (shortcut B or C), not A")
+        if self.shortcut == "A" and any(b < a for a, b in zip(self.channels, self.channels[1:])):
+            raise _bad("shortcut", "A", "zero-padding cannot reduce channels between stages")
+        if self.output_stride is not None:
+            natural = self.natural_stride
+            allowed = [natural >> k for k in range(len(self.layers))
+                       if natural >> k >= self.stem_stride]
+            if self.output_stride not in allowed:
+                raise _bad("output_stride", self.output_stride,
+                           f"choose one of {allowed} (or None) for this stem and stage count")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise _bad("drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
+        if not 0.0 <= self.se_ratio < 1.0:
+            raise _bad("se_ratio", self.se_ratio, "must be in [0, 1); 0 disables SE")
+        if self.se_ratio and int(min(self.channels) * self.se_ratio) < 1:
+            raise _bad("se_ratio", self.se_ratio, "gives an SE bottleneck of 0 channels")
+        if self.in_chans < 1:
+            raise _bad("in_chans", self.in_chans, "must be >= 1")
+        if self.num_classes < 0:
+            raise _bad("num_classes", self.num_classes, "must be >= 0 (0: no classifier)")
+
+    # Derived properties: computed from the fields, never stored.
+    @property
+    def preact(self) -> bool:
+        return self.block.startswith("preact")
+
+    @property
+    def is_bottleneck(self) -> bool:
+        return self.block.endswith("bottleneck")
+
+    @property
+    def block_expansion(self) -> int:
+        return self.expansion if self.expansion is not None else (4 if self.is_bottleneck else 1)
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Output channels of each stage."""
+        return tuple(w * self.block_expansion for w in self.widths)
+
+    @property
+    def stem_stride(self) -> int:
+        return 1 if self.stem == "cifar" else 4
+
+    @property
+    def natural_stride(self) -> int:
+        return self.stem_stride * 2 ** (len(self.layers) - 1)
+
+    @property
+    def depth(self) -> int:
+        """Weighted layers on the main path: stem convs + convs per block x blocks + fc."""
+        stem = 3 if self.stem == "deep" else 1
+        per_block = 3 if self.is_bottleneck else 2
+        return stem + per_block * sum(self.layers) + (1 if self.num_classes else 0)
+
+
+# Fields whose default is None but whose values are integers.
+_OPTIONAL_INT = ("expansion", "output_stride")
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(ResNetConfig)}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Turn "key=value" (as typed on a command line) into a typed config override.
+
+    Raises ValueError naming the field for an unknown key or a value of the wrong type.
+    """
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like key=value, e.g. stride_in_1x1=true")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    fields = config_fields()
+    if key not in fields:
+        raise UserError(f"unknown config field {key!r}; fields are: {', '.join(fields)}")
+    default = fields[key].default
+    try:
+        optional = key in _OPTIONAL_INT
+        if optional and raw.lower() == "none":
+            return key, None
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return key, raw.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            return key, tuple(int(v) for v in raw.strip("()[] ").split(",") if v.strip())
+        if isinstance(default, float):
+            return key, float(raw)
+        if isinstance(default, int) or optional:
+            return key, int(raw)
+        return key, raw
+    except ValueError:
+        kind = type(default).__name__ if default is not None else "int"
+        raise UserError(f"config field {key!r} expects a {kind}, got {raw!r}") from None
+
+
+def replace(cfg: ResNetConfig, **overrides: Any) -> ResNetConfig:
+    """dataclasses.replace with an error that names unknown fields."""
+    unknown = sorted(set(overrides) - set(config_fields()))
+    if unknown:
+        raise UserError(f"unknown config field(s) {', '.join(unknown)}; "
+                         f"fields are: {', '.join(config_fields())}")
+    return dataclasses.replace(cfg, **overrides)

@@ -1,0 +1,187 @@
+"""ResNet built from a ResNetConfig, with timm's feature API and torchvision's names."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import BasicBlock, Bottleneck, conv3x3, make_shortcut
+from .config import ResNetConfig
+from .errors import UserError
+
+
+def out_size(size: int, m: nn.Module) -> int:
+    """Spatial output size of a conv or pool layer: floor((size + 2p - d(k-1) - 1) / s) + 1."""
+    k, s, p = (m.kernel_size, m.stride, m.padding)
+    k, s, p = (v[0] if isinstance(v, tuple) else v for v in (k, s, p))
+    d = getattr(m, "dilation", 1)
+    d = d[0] if isinstance(d, tuple) else d
+    num = size + 2 * p - d * (k - 1) - 1
+    if getattr(m, "ceil_mode", False):
+        return -(-num // s) + 1
+    return num // s + 1
+
+
+class ResNet(nn.Module):
+    """A ResNet of any configuration.
+
+    Args:
+        cfg: the architecture.
+        features_only: build a backbone whose forward returns a list of feature maps (stem and
+            every stage, selected by out_indices) instead of logits; it has no classifier.
+        out_indices: which entries of feature_info to return in features_only mode.
+    """
+
+    def __init__(self, cfg: ResNetConfig, features_only: bool = False,
+                 out_indices: tuple[int, ...] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.stem_width
+        if cfg.stem == "deep":
+            h = w // 2
+            self.conv1 = nn.Sequential(
+                conv3x3(cfg.in_chans, h, 2), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
+                conv3x3(h, h), nn.BatchNorm2d(h), nn.ReLU(inplace=True), conv3x3(h, w))
+        elif cfg.stem == "imagenet":
+            self.conv1 = nn.Conv2d(cfg.in_chans, w, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = conv3x3(cfg.in_chans, w)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = (nn.Identity() if cfg.stem == "cifar"
+                        else nn.MaxPool2d(3, 2, cfg.maxpool_padding))
+        stem_reduction = 1 if cfg.stem == "cifar" else 2
+        self.feature_info = [dict(num_chs=w, reduction=stem_reduction, module="relu")]
+
+        block_cls = Bottleneck if cfg.is_bottleneck else BasicBlock
+        target = cfg.output_stride or cfg.natural_stride
+        in_chs, reduction, dilation = w, cfg.stem_stride, 1
+        n_blocks, idx = sum(cfg.layers), 0
+        self.stage_names: list[str] = []
+        for i, (n, planes) in enumerate(zip(cfg.layers, cfg.widths)):
+            stride, first_dilation = (1 if i == 0 else 2), dilation
+            if reduction * stride > target:  # past the output stride: dilate instead
+                dilation, stride = dilation * stride, 1
+            reduction *= stride
+            out_chs = planes * cfg.block_expansion
+            blocks = []
+            for j in range(n):
+                s = stride if j == 0 else 1
+                blocks.append(block_cls(
+                    cfg, in_chs, planes, s, make_shortcut(cfg, in_chs, out_chs, s),
+                    dilation=dilation, first_dilation=first_dilation if j == 0 else dilation,
+                    drop_path=cfg.drop_path_rate * idx / max(n_blocks - 1, 1)))
+                in_chs, idx = out_chs, idx + 1
+            name = f"layer{i + 1}"
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=name))
+        self.num_features = in_chs
+        # Pre-activation nets end with BN+ReLU, as no block normalises its own output.
+        self.norm = nn.BatchNorm2d(in_chs) if cfg.preact else nn.Identity()
+
+        self.features_only = features_only
+        self.out_indices = tuple(range(len(self.feature_info))) if out_indices is None \
+            else tuple(out_indices)
+        bad = [i for i in self.out_indices if not 0 <= i < len(self.feature_info)]
+        if bad:
+            raise UserError(f"out_indices {bad} out of range: this network has feature "
+                             f"levels 0..{len(self.feature_info) - 1}")
+        if features_only:
+            self.feature_info = [self.feature_info[i] for i in self.out_indices]
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.reset_classifier(cfg.num_classes)
+        self._init_weights()
+        self.min_input_size = self._min_input_size()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.cfg.zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.residual_end().weight)
+
+    def blocks(self) -> list[nn.Module]:
+        """All residual blocks, in order."""
+        return [b for name in self.stage_names for b in getattr(self, name)]
+
+    def main_path(self) -> list[nn.Module]:
+        """Convs and pools along the main path in forward order (shortcuts excluded)."""
+        stem = list(self.conv1) if isinstance(self.conv1, nn.Sequential) else [self.conv1]
+        path = [m for m in stem if isinstance(m, nn.Conv2d)]
+        if isinstance(self.maxpool, nn.MaxPool2d):
+            path.append(self.maxpool)
+        for b in self.blocks():
+            path += [m for n, m in b.named_children() if n.startswith("conv")]
+        return path
+
+    def _min_input_size(self) -> int:
+        size = 1
+        while True:
+            s = size
+            for m in self.main_path():
+                s = out_size(s, m)
+                if s < 1:
+                    break
+            else:
+                return size
+            size += 1
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise UserError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.cfg.in_chans:
+            raise UserError(f"expected {self.cfg.in_chans} input channels, got {x.shape[1]} "
+                             f"(shape {tuple(x.shape)}); build the model with "
+                             f"in_chans={x.shape[1]} or convert the images")
+        if min(x.shape[2], x.shape[3]) < self.min_input_size:
+            raise UserError(f"input {x.shape[2]}x{x.shape[3]} is too small: this network needs "
+                             f"at least {self.min_input_size}x{self.min_input_size}")
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for num_classes outputs (0: none)."""
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.num_classes = num_classes
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map, before pooling: (N, num_features, H/32, W/32) on ImageNet."""
+        if not torch.jit.is_tracing():
+            self._check_input(x)
+        x = self.maxpool(self.forward_stem(x))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return self.relu(self.norm(x)) if self.cfg.preact else x
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps at self.out_indices: 0 is the stem (before max-pool), i the i-th stage."""
+        if not torch.jit.is_tracing():
+            self._check_input(x)
+        x = self.forward_stem(x)
+        feats = [x]
+        x = self.maxpool(x)
+        for i, name in enumerate(self.stage_names):
+            x = getattr(self, name)(x)
+            if self.cfg.preact and i == len(self.stage_names) - 1:
+                x = self.relu(self.norm(x))
+            feats.append(x)
+        return [feats[i] for i in self.out_indices]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool and classifier; pre_logits=True stops before the fc."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor):
+        if self.features_only:
+            return self.forward_intermediates(x)
+        return self.forward_head(self.forward_features(x))
