@@ -49,6 +49,132 @@ def cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(s: argparse.ArgumentParser, image: int = 224) -> None:
+    s.add_argument("model", help="preset name (see `resnetkit models`)")
+    s.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    s.add_argument("--image-size", type=int, default=image)
+    s.add_argument("--json", action="store_true", help="print JSON (schemas in resnetkit/analysis/schemas/)")
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+@command
+def cmd_describe(a: argparse.Namespace) -> int:
+    from .analysis.describe import describe, render_describe
+    walk = describe(a.model, a.image_size, **_overrides(a.overrides))
+    if a.json:
+        _emit_json(walk)
+    else:
+        print(render_describe(walk, expand=a.expand))
+    return 0
+
+
+@command
+def cmd_summary(a: argparse.Namespace) -> int:
+    from .analysis.summary import summary
+    s = summary(a.model, a.image_size, a.batch, depth=a.depth, **_overrides(a.overrides))
+    if a.json:
+        _emit_json(s)
+        return 0
+    from rich.table import Table
+    t = Table("layer", "type", "input", "output", "params", "MACs", title=f"{a.model} summary")
+    for r in s["layers"]:
+        t.add_row(r["name"], r["type"], "x".join(map(str, r["input"][1:])),
+                  "x".join(map(str, r["output"][1:])), _fmt_int(r["params"]), _fmt_int(r["macs"]))
+    c = _console()
+    c.print(t)
+    tot, mem = s["totals"], s["memory"]
+    c.print(f"input {s['image_size'][0]}x{s['image_size'][1]}, batch {s['batch']}")
+    c.print(f"parameters {tot['params']:,} (trainable {tot['trainable']:,}, non-trainable "
+            f"{tot['non_trainable']:,}); buffers {tot['buffers']:,} (BN running mean/var "
+            f"{tot['bn_running_stats']:,})")
+    c.print(f"reconcile: {s['reconcile']}")
+    c.print(f"MACs {tot['macs']:,} ({tot['macs'] / 1e9:.2f} G); FLOPs {tot['flops']:,}")
+    c.print("memory (MB = 10^6 bytes): " + ", ".join(f"{k.removesuffix('_mb')} {v:.2f}"
+                                                    for k, v in mem.items()))
+    c.print("conventions: " + "; ".join(f"{k}: {v}" for k, v in s["conventions"].items()))
+    return 0
+
+
+@command
+def cmd_flops(a: argparse.Namespace) -> int:
+    from .analysis.summary import block_cost, flops
+    if a.block:
+        rows = [block_cost(spec, a.image_size) for spec in a.block]
+        if a.json:
+            _emit_json(rows)
+            return 0
+        from rich.table import Table
+        t = Table("block", "conv", "in", "out", "weights", "MACs",
+                  title=f"block costs at {a.image_size}x{a.image_size}")
+        for r in rows:
+            for cv in r["convs"]:
+                t.add_row(r["spec"], cv["layer"], "x".join(map(str, cv["in"])),
+                          "x".join(map(str, cv["out"])), _fmt_int(cv["weights"]),
+                          _fmt_int(cv["macs"]))
+            t.add_row(r["spec"], "[b]total", "", "", _fmt_int(r["conv_weights"]),
+                      f"[b]{r['macs']:,}", end_section=True)
+        _console().print(t)
+        if len(rows) == 2:
+            d = rows[0]["macs"] - rows[1]["macs"]
+            print(f"difference: {rows[0]['spec']} - {rows[1]['spec']} = {d:,} MACs")
+        return 0
+    if not a.model:
+        raise UserError("name a model, or give --block specs")
+    f = flops(a.model, a.image_size, **_overrides(a.overrides))
+    if a.json:
+        _emit_json(f)
+        return 0
+    from rich.table import Table
+    kinds = list(f["by_kind"])
+    t = Table("part", *kinds, title=f"{a.model} at {a.image_size}x{a.image_size}: MACs (conv, "
+              "fc) and elements (others)")
+    for st, v in f["per_stage"].items():
+        t.add_row(st, *(_fmt_int(v[k]) for k in kinds))
+    t.add_row("[b]total", *(f"[b]{f['by_kind'][k]:,}" for k in kinds))
+    c = _console()
+    c.print(t)
+    c.print(f"MACs {f['macs']:,} ({f['macs'] / 1e9:.3f} G)  FLOPs {f['flops']:,}  "
+            f"FLOPs incl. BN/ReLU/pool/add/bias {f['flops_all_ops']:,}")
+    c.print(f"convention: {f['convention']}")
+    return 0
+
+
+@command
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .analysis.summary import compare
+    common = _overrides(a.override)
+    models = []
+    for spec in a.models:
+        name, _, rest = spec.partition(":")
+        models.append((name, {**common, **_overrides([r for r in rest.split(",") if r])}))
+    rows = compare(models, a.image_size, memory=not a.no_memory)
+    if a.json:
+        _emit_json(rows)
+        return 0
+    from rich.table import Table
+    t = Table("model", "depth", "params", "MACs (G)", "FLOPs (G)", "train MB (b=1)",
+              "feature maps", title=f"at {a.image_size}x{a.image_size}")
+    for r in rows:
+        t.add_row(r["model"], str(r["depth"]), _fmt_int(r["params"]), f"{r['macs'] / 1e9:.2f}",
+                  f"{r['flops'] / 1e9:.2f}",
+                  f"{r['training_mb']:.0f}" if r["training_mb"] is not None else "-",
+                  "/".join(map(str, r["feature_maps"])))
+    _console().print(t)
+    return 0
+
+
+@command
+def cmd_diagram(a: argparse.Namespace) -> int:
+    from .analysis.describe import describe
+    from .analysis.diagram import diagram
+    path = diagram(describe(a.model, a.image_size, **_overrides(a.overrides)), a.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnetkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +182,34 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list the presets")
     s.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnext*'")
     s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("describe", help="layer-by-layer walk-through with sizes and depth")
+    _model_args(s)
+    s.add_argument("--expand", action="store_true", help="show every block, unfolded")
+
+    s = sub.add_parser("summary", help="per-layer table, params, MACs, memory")
+    _model_args(s)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--depth", type=int, default=2, help="nesting depth of the table (0: all)")
+
+    s = sub.add_parser("flops", help="MACs/FLOPs by op kind and stage, or of single blocks")
+    s.add_argument("model", nargs="?")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--image-size", type=int, default=224)
+    s.add_argument("--block", action="append",
+                   help="KIND:IN[->OUT][/STRIDE], e.g. basic:64 or bottleneck:256 (repeatable)")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("compare", help="models side by side (paper table 1)")
+    s.add_argument("models", nargs="+", help="NAME or NAME:key=value,key=value")
+    s.add_argument("--override", action="append", help="key=value applied to every model")
+    s.add_argument("--image-size", type=int, default=224)
+    s.add_argument("--no-memory", action="store_true", help="skip the measured memory column")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("diagram", help="draw the network (SVG, or PNG)")
+    _model_args(s)
+    s.add_argument("-o", "--output", default=None, help="file .svg or .png (default MODEL.svg)")
 
     for extend in _EXTENSIONS:
         extend(sub)
@@ -69,6 +223,10 @@ _EXTENSIONS: list[Callable[[Any], None]] = []
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "diagram" and args.output is None:
+        args.output = f"{args.model}.svg"
+    if getattr(args, "depth", 1) == 0:
+        args.depth = None
     try:
         return COMMANDS[args.command.replace("-", "_")](args)
     except UserError as e:

@@ -205,5 +205,5 @@ def replace(cfg: ResNetConfig, **overrides: Any) -> ResNetConfig:
     unknown = sorted(set(overrides) - set(config_fields()))
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(unknown)}; "
-                         f"fields are: {', '.join(config_fields())}")
+                        f"fields are: {', '.join(config_fields())}")
     return dataclasses.replace(cfg, **overrides)

@@ -9,12 +9,12 @@ from .config import ResNetConfig
 from .errors import UserError
 
 
-def out_size(size: int, m: nn.Module) -> int:
-    """Spatial output size of a conv or pool layer: floor((size + 2p - d(k-1) - 1) / s) + 1."""
-    k, s, p = (m.kernel_size, m.stride, m.padding)
-    k, s, p = (v[0] if isinstance(v, tuple) else v for v in (k, s, p))
-    d = getattr(m, "dilation", 1)
-    d = d[0] if isinstance(d, tuple) else d
+def out_size(size: int, m: nn.Module, axis: int = 0) -> int:
+    """Output size along one spatial axis of a conv or pool layer:
+    floor((size + 2p - d(k-1) - 1) / s) + 1 (ceil instead of floor for ceil_mode pools)."""
+    pick = lambda v: v[axis] if isinstance(v, tuple) else v  # noqa: E731
+    k, s, p = pick(m.kernel_size), pick(m.stride), pick(m.padding)
+    d = pick(getattr(m, "dilation", 1))
     num = size + 2 * p - d * (k - 1) - 1
     if getattr(m, "ceil_mode", False):
         return -(-num // s) + 1
@@ -85,7 +85,7 @@ class ResNet(nn.Module):
         bad = [i for i in self.out_indices if not 0 <= i < len(self.feature_info)]
         if bad:
             raise UserError(f"out_indices {bad} out of range: this network has feature "
-                             f"levels 0..{len(self.feature_info) - 1}")
+                            f"levels 0..{len(self.feature_info) - 1}")
         if features_only:
             self.feature_info = [self.feature_info[i] for i in self.out_indices]
         else:
@@ -112,38 +112,46 @@ class ResNet(nn.Module):
         """All residual blocks, in order."""
         return [b for name in self.stage_names for b in getattr(self, name)]
 
-    def main_path(self) -> list[nn.Module]:
-        """Convs and pools along the main path in forward order (shortcuts excluded)."""
-        stem = list(self.conv1) if isinstance(self.conv1, nn.Sequential) else [self.conv1]
-        path = [m for m in stem if isinstance(m, nn.Conv2d)]
-        if isinstance(self.maxpool, nn.MaxPool2d):
-            path.append(self.maxpool)
-        for b in self.blocks():
-            path += [m for n, m in b.named_children() if n.startswith("conv")]
-        return path
+    def main_path(self) -> list[tuple[str, nn.Module]]:
+        """(name, layer) of the convs and pools on the main path, in forward order."""
+        stem = [(n, m) for n, m in self.named_modules() if n.split(".")[0] == "conv1"
+                and isinstance(m, nn.Conv2d)]
+        pool = [("maxpool", self.maxpool)] if isinstance(self.maxpool, nn.MaxPool2d) else []
+        body = [(f"{stage}.{i}.{n}", m) for stage in self.stage_names
+                for i, b in enumerate(getattr(self, stage))
+                for n, m in b.named_children() if n.startswith("conv")]
+        return stem + pool + body
+
+    def size_walk(self, size: int) -> list[tuple[str, int, int]]:
+        """(layer, size in, size out) along the main path for a square input of `size`;
+        stops at the first layer whose output would be empty."""
+        walk = []
+        for name, m in self.main_path():
+            walk.append((name, size, out_size(size, m)))
+            size = walk[-1][2]
+            if size < 1:
+                break
+        return walk
 
     def _min_input_size(self) -> int:
         size = 1
-        while True:
-            s = size
-            for m in self.main_path():
-                s = out_size(s, m)
-                if s < 1:
-                    break
-            else:
-                return size
+        while self.size_walk(size)[-1][2] < 1:
             size += 1
+        return size
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
             raise UserError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.cfg.in_chans:
             raise UserError(f"expected {self.cfg.in_chans} input channels, got {x.shape[1]} "
-                             f"(shape {tuple(x.shape)}); build the model with "
-                             f"in_chans={x.shape[1]} or convert the images")
-        if min(x.shape[2], x.shape[3]) < self.min_input_size:
-            raise UserError(f"input {x.shape[2]}x{x.shape[3]} is too small: this network needs "
-                             f"at least {self.min_input_size}x{self.min_input_size}")
+                            f"(shape {tuple(x.shape)}); build the model with "
+                            f"in_chans={x.shape[1]} or convert the images")
+        small = min(x.shape[2], x.shape[3])
+        if small < self.min_input_size:
+            layer = self.size_walk(small)[-1][0]
+            raise UserError(f"input {x.shape[2]}x{x.shape[3]} is too small: {layer} would output "
+                            f"an empty map; this network needs at least "
+                            f"{self.min_input_size}x{self.min_input_size}")
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one for num_classes outputs (0: none)."""
