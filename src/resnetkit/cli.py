@@ -175,6 +175,101 @@ def cmd_diagram(a: argparse.Namespace) -> int:
     return 0
 
 
+def _train_overrides(items: list[str]) -> dict[str, str]:
+    """["--epochs", "5", "--lr=0.1"] -> {"epochs": "5", "lr": "0.1"}."""
+    out, it = {}, iter(items)
+    for tok in it:
+        if not tok.startswith("--"):
+            raise UserError(f"unexpected argument {tok!r}; options look like --key value")
+        key, eq, val = tok[2:].partition("=")
+        if not eq:
+            val = next(it, None)
+            if val is None:
+                raise UserError(f"option --{key} needs a value")
+        out[key.replace("-", "_")] = val
+    return out
+
+
+@command
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import Trainer, build_config
+    overrides = _train_overrides(a.options)
+    if a.resume:
+        extra = {k: int(v) for k, v in overrides.items() if k == "epochs"}
+        if set(overrides) - {"epochs"}:
+            raise UserError("with --resume only --epochs may be given")
+        trainer = Trainer.resume(a.resume, **extra)
+    else:
+        trainer = Trainer(build_config(a.recipe, overrides))
+    print(f"run folder: {trainer.run_dir} ({trainer.precision}, channels_last="
+          f"{trainer.channels_last}, {trainer.device})", flush=True)
+    try:
+        r = trainer.fit()
+    except KeyboardInterrupt:
+        print(f"interrupted: resumable checkpoint saved; continue with "
+              f"`resnetkit train --resume {trainer.run_dir}`", file=sys.stderr)
+        return 130
+    print(f"test top-1 {100 * r['test']['top1']:.2f}%  top-5 {100 * r['test']['top5']:.2f}%  "
+          f"best {100 * r['best_top1']:.2f}%  train time {r['wall_s']:.0f} s  "
+          f"peak memory {r['peak_mem_mb']:.0f} MB  -> {r['run_dir']}")
+    return 0
+
+
+@command
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .data import load_dataset, materialize
+    from .train.checkpoint import load_model
+    from .train.trainer import evaluate
+    model, info = load_model(a.checkpoint)
+    pre = info.get("preprocess", {})
+    data = materialize(load_dataset(a.dataset, a.split, a.data_dir, pre.get("image_size", 0),
+                                    model.cfg.in_chans), classes=info.get("classes"))
+    if len(data.classes) != model.num_classes:
+        raise UserError(f"dataset {a.dataset} has {len(data.classes)} classes, the checkpoint "
+                        f"{model.num_classes}")
+    r = evaluate(model, data, pre["mean"], pre["std"], pre.get("image_size", 0))
+    if a.json:
+        _emit_json(r)
+        return 0
+    from rich.table import Table
+    t = Table("class", "accuracy", title=f"{a.checkpoint} on {a.dataset} {a.split}: top-1 "
+              f"{100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}%, loss {r['loss']:.4f}")
+    for name, acc in r["per_class"].items():
+        t.add_row(name, f"{100 * acc:.2f}%")
+    c = _console()
+    c.print(t)
+    c.print("confusion matrix (rows: true, columns: predicted)")
+    for name, row in zip(data.classes, r["confusion"]):
+        c.print(f"{name[:12]:>12} " + " ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+@command
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .infer import predict
+    res = predict(a.checkpoint, a.images, a.top_k)
+    if a.json:
+        _emit_json(res)
+        return 0
+    from rich.table import Table
+    t = Table("file", "class", "probability")
+    for r in res:
+        for k, p in enumerate(r["top"]):
+            t.add_row(r["file"] if k == 0 else "", p["class"], f"{p['prob']:.4f}",
+                      end_section=k == len(r["top"]) - 1)
+    _console().print(t)
+    return 0
+
+
+@command
+def cmd_recipes(a: argparse.Namespace) -> int:
+    from .train import load_recipe, recipe_names
+    for n in recipe_names():
+        r = load_recipe(n)
+        print(f"{n}: model {r.get('model')}, {r.get('epochs')} epochs, {r.get('dataset')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnetkit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -211,18 +306,36 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     s.add_argument("-o", "--output", default=None, help="file .svg or .png (default MODEL.svg)")
 
-    for extend in _EXTENSIONS:
-        extend(sub)
+    s = sub.add_parser("train", help="train (see `resnetkit recipes`); --key value overrides")
+    s.add_argument("--recipe", default=None, help="recipe name or .toml path")
+    s.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run")
+    s.epilog = "Any TrainConfig field is an option: --epochs 5 --lr 0.05 --model resnet32 ..."
+
+    s = sub.add_parser("eval", help="top-1/top-5, per-class accuracy, confusion matrix")
+    s.add_argument("checkpoint", help="a .safetensors file or a run folder")
+    s.add_argument("--dataset", default="fashion-mnist")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--split", default="test", choices=["train", "test"])
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("predict", help="top-k classes for image files or folders")
+    s.add_argument("checkpoint")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--json", action="store_true")
+
+    sub.add_parser("recipes", help="list the shipped training recipes")
+
     return p
-
-
-# Later modules add their verbs here, so this file stays a table of thin shells.
-_EXTENSIONS: list[Callable[[Any], None]] = []
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.options = extra  # TrainConfig fields, checked by build_config
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "command", None) == "diagram" and args.output is None:
         args.output = f"{args.model}.svg"
     if getattr(args, "depth", 1) == 0:

@@ -1,0 +1,210 @@
+"""Dataset readers: IDX (MNIST family), CIFAR python batches, image-folder trees.
+
+Small datasets are held in memory as uint8 tensors (N, C, H, W); image folders decode lazily
+with Pillow in DataLoader workers."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import UserError
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class ArrayDataset:
+    """Images (N, C, H, W) uint8 and labels (N,) int64, all in memory."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise UserError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            bad = int(self.labels.max() if self.labels.max() >= len(self.classes) else self.labels.min())
+            raise UserError(f"label {bad} is out of range for {len(self.classes)} classes")
+        if not self.mean:  # the dataset's own statistics, for normalisation
+            x = self.images.float() / 255
+            self.mean = tuple(x.mean((0, 2, 3)).tolist())
+            self.std = tuple(x.std((0, 2, 3)).tolist())
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzip or plain), checking its header against its length."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise UserError(f"missing dataset file {path}") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path} is damaged or truncated ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise UserError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise UserError(f"{path} is truncated or padded: header promises {expected} bytes, "
+                        f"file has {len(raw)}")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims)
+
+
+def idx_dataset(images: Path, labels: Path, classes: list[str]) -> ArrayDataset:
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or y.ndim != 1:
+        raise UserError(f"{images} must hold (N, H, W) images and {labels} (N,) labels")
+    return ArrayDataset(torch.from_numpy(x.copy()).unsqueeze(1),
+                        torch.from_numpy(y.astype(np.int64)), classes)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles; allow only what they contain (dicts, bytes,
+    lists, numpy arrays), never arbitrary objects."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise UserError(f"missing CIFAR file {path}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise UserError(f"{path} is not a CIFAR python batch ({e})") from None
+
+
+def cifar_dataset(root: str | Path, split: str) -> ArrayDataset:
+    """CIFAR-10 (data_batch_1..5, test_batch, batches.meta) or CIFAR-100 (train, test, meta)."""
+    root = Path(root)
+    if (root / "batches.meta").exists():
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta, key, names = "batches.meta", "labels", "label_names"
+    elif (root / "meta").exists():
+        files, meta, key, names = [split], "meta", "fine_labels", "fine_label_names"
+    else:
+        raise UserError(f"{root} holds no CIFAR-10 (batches.meta) or CIFAR-100 (meta) files; "
+                        f"unpack the 'python version' archive there")
+    batches = [_cifar_batch(root / f) for f in files]
+    x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    y = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
+    if x.ndim != 2 or x.shape[1] != 3072:
+        raise UserError(f"{root}: CIFAR rows must be 3072 bytes (3x32x32), got {x.shape}")
+    classes = list(_cifar_batch(root / meta)[names])
+    return ArrayDataset(torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y),
+                        classes)
+
+
+def to_array(img: Image.Image, in_chans: int) -> np.ndarray:
+    """Decode to uint8 (H, W, C) predictably: 16-bit keeps its top 8 bits, palette and
+    alpha images are converted through RGBA and the alpha dropped, grayscale is replicated
+    for 3 channels and colour turned to luma (ITU-R 601) for 1."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.uint32)
+        shift = 8 if img.mode.startswith("I;16") or arr.max() > 255 else 0
+        img = Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    img = img.convert("L" if in_chans == 1 else "RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def resize_center(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` (bilinear), then crop the centre square."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image(path: str | Path, size: int, in_chans: int) -> torch.Tensor:
+    """One image file as a (C, size, size) uint8 tensor. Raises UserError if undecodable."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = to_array(resize_center(img, size) if size else img, in_chans)
+    except FileNotFoundError:
+        raise UserError(f"no such image file {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot decode {path} as an image ({e})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/CLASS/IMAGE files; every file is checked at start-up, so a bad file is reported
+    once, up front (skipped with a warning, or an error with on_bad="error")."""
+
+    def __init__(self, root: str | Path, image_size: int, in_chans: int = 3,
+                 on_bad: str = "skip", classes: list[str] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"image folder {root} does not exist")
+        dirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.classes = classes or dirs
+        if not self.classes:
+            raise UserError(f"{root} has no class folders (expected root/CLASS/image.png)")
+        self.samples: list[tuple[Path, int]] = []
+        bad: list[str] = []
+        for i, c in enumerate(self.classes):
+            files = sorted(p for p in (root / c).iterdir() if p.is_file()) if (root / c).is_dir() else []
+            good = 0
+            for p in files:
+                try:
+                    with Image.open(p) as img:
+                        img.verify()
+                    self.samples.append((p, i))
+                    good += 1
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                    bad.append(str(p))
+            if good == 0:
+                raise UserError(f"class folder {root / c} has no readable images")
+        if bad:
+            if on_bad == "error":
+                raise UserError(f"{len(bad)} file(s) in {root} are not decodable images: "
+                                + ", ".join(bad[:10]))
+            warnings.warn(f"skipping {len(bad)} undecodable file(s): {', '.join(bad[:10])}"
+                          + (" ..." if len(bad) > 10 else ""), stacklevel=2)
+        self.skipped = bad
+        self.image_size, self.in_chans = image_size, in_chans
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return load_image(path, self.image_size, self.in_chans), label
+
+    def to_array_dataset(self) -> ArrayDataset:
+        """Decode everything into memory (for small folders)."""
+        xs = [self[i][0] for i in range(len(self))]
+        return ArrayDataset(torch.stack(xs), torch.tensor([s[1] for s in self.samples]),
+                            list(self.classes))

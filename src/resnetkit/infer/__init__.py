@@ -1,0 +1,4 @@
+"""Inference: prediction from checkpoints."""
+from .predict import predict
+
+__all__ = ["predict"]

@@ -1,0 +1,54 @@
+"""Top-k predictions for image files from a checkpoint that knows its own preprocessing."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.readers import IMAGE_SUFFIXES, load_image
+from ..errors import UserError
+from ..train.checkpoint import load_model
+from ..train.trainer import prepare
+
+
+def expand_inputs(paths: list[str | Path]) -> list[Path]:
+    """Files as given; folders expanded to the image files inside them (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"folder {p} holds no image files")
+            out += found
+        else:
+            out.append(p)
+    if not out:
+        raise UserError("no images given")
+    return out
+
+
+def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
+            batch_size: int = 64) -> list[dict[str, Any]]:
+    """[{"file", "top": [{"class", "index", "prob"}...]}] for each image, best first.
+
+    The checkpoint's metadata gives the architecture, class names, input size, channels and
+    normalisation, so nothing has to be repeated. Raises UserError for a file that cannot be
+    decoded (before any prediction is made)."""
+    if top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    model, info = load_model(checkpoint)
+    pre = info.get("preprocess", {})
+    size, chans = pre.get("image_size", 224), pre.get("in_chans", model.cfg.in_chans)
+    classes = info.get("classes") or [str(i) for i in range(model.num_classes)]
+    files = expand_inputs(images)
+    x = torch.stack([load_image(f, size, chans) for f in files])
+    results = []
+    with torch.no_grad():
+        for i in range(0, len(files), batch_size):
+            probs = model(prepare(x[i:i + batch_size], pre["mean"], pre["std"])).softmax(1)
+            p, idx = probs.topk(min(top_k, probs.shape[1]), 1)
+            for f, pr, ix in zip(files[i:i + batch_size], p.tolist(), idx.tolist()):
+                results.append({"file": str(f), "top": [
+                    {"class": classes[j], "index": j, "prob": q} for j, q in zip(ix, pr)]})
+    return results

@@ -1,0 +1,51 @@
+"""Optimizers without weight decay on BN and bias, schedules with linear warm-up, EMA."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW. 1-D parameters (BN gamma/beta, biases)
+    get no weight decay: decaying them only shrinks the scale BN restores anyway."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at each optimizer step (LambdaLR)."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        if cfg.schedule == "step":  # the paper's decay: x gamma at each milestone fraction
+            return cfg.gamma ** sum(step >= m * total_steps for m in cfg.milestones)
+        if cfg.schedule == "onecycle":  # cosine up from lr/25 over 30%, down to lr/1e4
+            if warm == 0 and t < 0.3:
+                return 1 / 25 + (1 - 1 / 25) * (1 - math.cos(math.pi * t / 0.3)) / 2
+            u = (t - 0.3) / 0.7 if warm == 0 else t
+            return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * u)) / 2
+        return 1.0
+
+    return f
+
+
+def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    if not decay:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)

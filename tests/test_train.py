@@ -1,0 +1,216 @@
+"""Trainer, checkpoints, resume, bad input; small real Fashion-MNIST runs (fp32, deterministic)."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import resnetkit as rk
+from resnetkit.cli import main
+from resnetkit.errors import UserError
+from resnetkit.infer import predict
+from resnetkit.train import NonFiniteLoss, Trainer, build_config
+from resnetkit.train import checkpoint as ckpt
+from resnetkit.train.optim import lr_factor
+
+TINY = dict(model="resnet20", model_overrides={"widths": (8, 16, 32), "stem_width": 8},
+            train_subset=2048, batch_size=128, epochs=2, lr=0.1, schedule="cosine", crop_padding=2, hflip=True,
+            precision="fp32", deterministic=True, plots=False, quiet=None)
+
+
+def tiny(tmp_path, name="run", **kw):
+    vals = {**TINY, **kw}
+    vals.pop("quiet")
+    return Trainer(build_config(None, out_dir=str(tmp_path), name=name, **vals), quiet=True)
+
+
+def weights(t):
+    return {k: v.clone() for k, v in t.model.state_dict().items()}
+
+
+def test_fit_writes_run_folder(tmp_path):
+    t = tiny(tmp_path, plots=True)
+    r = t.fit()
+    d = tmp_path / "run"
+    names = {p.name for p in d.iterdir()}
+    assert {"config.json", "metrics.jsonl", "last.safetensors", "last.state.pt",
+            "best.safetensors", "best.state.pt", "results.json", "curves.png", "confusion.png"} <= names
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2] and all(row["images_per_s"] > 0 for row in rows)
+    info = json.loads((d / "config.json").read_text())
+    assert info["train"]["epochs"] == 2 and info["model"]["in_chans"] == 1 and "torch" in info["versions"]
+    assert r["test"]["samples"] == 10_000 and 0.3 < r["test"]["top1"] <= 1  # chance is 0.1
+    assert sum(sum(row) for row in r["test"]["confusion"]) == 10_000
+    assert not [p for p in names if p.startswith(".")]  # no temporary files left
+
+
+def test_resume_after_epoch_is_bitwise_identical(tmp_path):
+    full = tiny(tmp_path, "full")
+    full.fit()
+    part = tiny(tmp_path, "part")
+    part.fit(until_epoch=1)
+    resumed = Trainer.resume(tmp_path / "part", quiet=True)
+    assert resumed.epoch == 1
+    resumed.fit()
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
+    full = tiny(tmp_path, "full")
+    full.fit()
+    t = tiny(tmp_path, "cut")
+    real = Trainer.train_step
+    calls = {"n": 0}
+
+    def step(self, x, y):
+        calls["n"] += 1
+        out = real(self, x, y)
+        if calls["n"] == 18:  # Ctrl-C during epoch 2, batch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    monkeypatch.setattr(Trainer, "train_step", real)
+    resumed = Trainer.resume(tmp_path / "cut", quiet=True)
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, 2)
+    resumed.fit()
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    t = tiny(tmp_path)
+    real = Trainer.train_step
+
+    def step(self, x, y):
+        loss, ok = real(self, x, y)
+        return (loss * float("nan"), ok) if self.global_step == 17 else (loss, ok)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 18 \(epoch 2, batch 2\)"):
+        t.fit()
+    state = ckpt.load_state(tmp_path / "run" / "last.state.pt")
+    assert state["epoch"] == 1 and state["global_step"] == 16
+    model, info = ckpt.load_model(tmp_path / "run" / "last.safetensors")
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and info["epoch"] == 1
+
+
+def test_atomic_checkpoint_survives_failed_write(tmp_path, monkeypatch):
+    t = tiny(tmp_path, epochs=1)
+    t.fit()
+    path = tmp_path / "run" / "last.safetensors"
+    before = path.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(UserError, match="cannot write checkpoint .*No space left"):
+        t.save("last")
+    assert path.read_bytes() == before
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
+def test_unwritable_output_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    t = Trainer(build_config(None, out_dir=str(tmp_path / "file"), name="r",
+                             **{k: v for k, v in TINY.items() if k != "quiet"}), quiet=True)
+    with pytest.raises(UserError, match="cannot write to run folder"):
+        t.fit()
+
+
+def test_checkpoint_for_another_architecture(tmp_path):
+    t = tiny(tmp_path, epochs=1)
+    t.fit()
+    _, w, _ = ckpt.read_checkpoint(tmp_path / "run")
+    other = rk.create_model("resnet32", in_chans=1, widths=(8, 16, 32), stem_width=8)
+    # resnet32 has 2 more basic blocks per stage: 6 blocks x (2 conv weights + 2 BN x 5) = 72 keys
+    with pytest.raises(UserError, match="does not fit this model: missing 72 keys"):
+        ckpt.load_weights_into(other, w, "run")
+    fewer = rk.create_model("resnet20", in_chans=1, widths=(8, 16, 32), stem_width=8, num_classes=5)
+    with pytest.raises(UserError, match=r"shape mismatch: fc.weight \(10, 32\) vs \(5, 32\)"):
+        ckpt.load_weights_into(fewer, w, "run")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(UserError, match="not a safetensors checkpoint"):
+        ckpt.load_model(tmp_path / "junk.safetensors")
+
+
+def test_predict_and_eval_from_checkpoint(tmp_path, capsys):
+    t = tiny(tmp_path, epochs=1)
+    t.fit()
+    imgs = t.test_data.images[:3, 0].numpy()
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(tmp_path / f"img{i}.png")
+    res = predict(tmp_path / "run", [tmp_path / f"img{i}.png" for i in range(3)], top_k=3)
+    assert len(res) == 3 and all(len(r["top"]) == 3 for r in res)
+    assert res[0]["top"][0]["class"] in t.test_data.classes
+    assert all(abs(sum(p["prob"] for p in r["top"]) - 1) < 1 for r in res)
+    # the same prediction as the model on the dataset tensor itself
+    from resnetkit.train.trainer import prepare
+    model, info = ckpt.load_model(tmp_path / "run")
+    with torch.no_grad():
+        ref = model(prepare(t.test_data.images[:3], t.mean, t.std)).softmax(1).argmax(1)
+    assert [r["top"][0]["index"] for r in res] == ref.tolist()
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(UserError, match="cannot decode"):
+        predict(tmp_path / "run", [tmp_path / "bad.png"])
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 10_000 and len(out["per_class"]) == 10
+
+
+def test_lr_schedules():
+    cfg = build_config(None, schedule="step", milestones=[0.5, 0.75], lr=0.1)
+    f = lr_factor(cfg, 100, 10)
+    assert [f(0), f(49), f(50), f(74), f(75), f(99)] == [1, 1, pytest.approx(0.1), pytest.approx(0.1),
+                                                          pytest.approx(0.01), pytest.approx(0.01)]
+    warm = lr_factor(build_config(None, schedule="cosine", warmup_epochs=1), 100, 10)
+    assert warm(0) == pytest.approx(0.1) and warm(9) == 1 and warm(99) < 0.01
+    one = lr_factor(build_config(None, schedule="onecycle"), 100, 10)
+    assert one(0) == pytest.approx(1 / 25) and one(30) == pytest.approx(1) and one(99) < 0.01
+
+
+def test_no_weight_decay_on_bn_and_bias(tmp_path):
+    t = tiny(tmp_path)
+    decay, no_decay = t.optimizer.param_groups
+    assert all(p.ndim > 1 for p in decay["params"]) and no_decay["weight_decay"] == 0
+    bn = sum(m.weight.numel() + m.bias.numel() for m in t.model.modules()
+             if isinstance(m, torch.nn.BatchNorm2d))
+    assert sum(p.numel() for p in no_decay["params"]) == bn + t.model.fc.bias.numel()
+
+
+def test_bad_train_options():
+    with pytest.raises(UserError, match="unknown train option.*epoch"):
+        build_config(None, {"epoch": "3"})
+    with pytest.raises(UserError, match="epochs expects a int"):
+        build_config(None, {"epochs": "many"})
+    with pytest.raises(UserError, match="schedule='linear' is invalid"):
+        build_config(None, {"schedule": "linear"})
+    with pytest.raises(UserError, match="unknown recipe 'nope'"):
+        build_config("nope")
+
+
+def test_recipes_load():
+    for name in ("fashion-mnist-quick", "fashion-mnist-15min", "fashion-mnist-best", "cifar10-paper"):
+        cfg = build_config(name)
+        rk.get_config(cfg.model, **cfg.model_overrides)
+    paper = build_config("cifar10-paper")
+    # the paper: 64k iterations at batch 128 on 50k images, lr / 10 at 32k and 48k
+    assert paper.epochs * (50_000 // 128) == pytest.approx(64_000, rel=0.01)
+    assert [m * 64_000 for m in paper.milestones] == [32_000, 48_000]
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    args = ["train", "--epochs", "1", "--train-subset", "256", "--batch-size", "128",
+            "--precision", "fp32", "--plots", "false", "--out-dir", str(tmp_path), "--name", "cli"]
+    assert main(args) == 0
+    assert "test top-1" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "cli"), "--epochs", "2"]) == 0
+    rows = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+    assert main(["train", "--resume", str(tmp_path / "cli"), "--lr", "1"]) == 2
