@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
@@ -262,6 +263,25 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 @command
+def cmd_export(a: argparse.Namespace) -> int:
+    from .infer.export import SUFFIX, export
+    meta: dict[str, Any] = {}
+    if Path(a.source).exists():
+        from .train.checkpoint import load_model
+        model, info = load_model(a.source)
+        meta = {k: info[k] for k in ("classes", "preprocess") if k in info}
+        size = a.image_size or meta.get("preprocess", {}).get("image_size", 224)
+    else:
+        from .zoo import create_model
+        model = create_model(a.source, **_overrides(a.overrides)).eval()
+        size = a.image_size or 224
+    out = a.output or Path(a.source).stem + SUFFIX[a.format]
+    path = export(model, out, a.format, size, fold=not a.no_fold, meta=meta)
+    print(f"wrote {path} ({a.format}, dynamic batch, input {model.cfg.in_chans}x{size}x{size})")
+    return 0
+
+
+@command
 def cmd_recipes(a: argparse.Namespace) -> int:
     from .train import load_recipe, recipe_names
     for n in recipe_names():
@@ -325,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     sub.add_parser("recipes", help="list the shipped training recipes")
+
+    s = sub.add_parser("export", help="ONNX, TorchScript or ExportedProgram, dynamic batch")
+    s.add_argument("source", help="checkpoint (.safetensors or run folder) or preset name")
+    s.add_argument("overrides", nargs="*", help="config overrides for a preset, key=value")
+    s.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "exported-program"])
+    s.add_argument("-o", "--output", default=None)
+    s.add_argument("--image-size", type=int, default=0, help="default: the checkpoint's")
+    s.add_argument("--no-fold", action="store_true", help="keep BN layers unfolded")
 
     return p
 

@@ -37,16 +37,28 @@ def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
     decoded (before any prediction is made)."""
     if top_k < 1:
         raise UserError(f"top_k must be >= 1, got {top_k}")
-    model, info = load_model(checkpoint)
-    pre = info.get("preprocess", {})
-    size, chans = pre.get("image_size", 224), pre.get("in_chans", model.cfg.in_chans)
-    classes = info.get("classes") or [str(i) for i in range(model.num_classes)]
+    if str(checkpoint).endswith(".onnx"):
+        from .export import onnx_meta, onnx_session
+        sess = onnx_session(checkpoint)
+        info = onnx_meta(sess)
+        if "preprocess" not in info:
+            raise UserError(f"{checkpoint} has no preprocessing metadata; export it from a "
+                            f"trained checkpoint with `resnetkit export RUN_DIR`")
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    else:
+        model, info = load_model(checkpoint)
+        run = model
+    pre = info["preprocess"]
+    size, chans = pre["image_size"], pre["in_chans"]
     files = expand_inputs(images)
     x = torch.stack([load_image(f, size, chans) for f in files])
     results = []
     with torch.no_grad():
         for i in range(0, len(files), batch_size):
-            probs = model(prepare(x[i:i + batch_size], pre["mean"], pre["std"])).softmax(1)
+            probs = run(prepare(x[i:i + batch_size], pre["mean"], pre["std"])).softmax(1)
+            classes = info.get("classes") or [str(j) for j in range(probs.shape[1])]
             p, idx = probs.topk(min(top_k, probs.shape[1]), 1)
             for f, pr, ix in zip(files[i:i + batch_size], p.tolist(), idx.tolist()):
                 results.append({"file": str(f), "top": [

@@ -1,0 +1,80 @@
+"""Export to ONNX (checked in ONNX Runtime), TorchScript or a torch.export ExportedProgram,
+with a dynamic batch dimension."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..model import ResNet
+
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
+FORMATS = tuple(SUFFIX)
+
+
+def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int = 224,
+           fold: bool = True, meta: dict[str, Any] | None = None) -> Path:
+    """Write `model` (fp32, eval, BN folded unless fold=False) to `path` in `fmt`. For ONNX,
+    `meta` (classes, preprocess) is stored in the file's metadata_props, so `predict` can
+    use the file alone."""
+    from .optimize import fold_model
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if not path.parent.exists() or not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    if image_size < model.min_input_size:
+        raise UserError(f"image size {image_size} is too small for this model (needs at least "
+                        f"{model.min_input_size})")
+    m = copy.deepcopy(model).eval()
+    if fold:
+        fold_model(m)
+    x = torch.randn(2, m.cfg.in_chans, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        if fmt == "onnx":
+            prog = torch.onnx.export(m, (x,), dynamo=True, dynamic_shapes={"x": {0: batch}},
+                                     input_names=["input"], output_names=["logits"],
+                                     verbose=False)
+            prog.save(str(path))
+            if meta:
+                import onnx
+                proto = onnx.load(str(path))
+                for k, v in meta.items():
+                    proto.metadata_props.add(key=k, value=json.dumps(v))
+                onnx.save(proto, str(path))
+        elif fmt == "torchscript":
+            with torch.no_grad():
+                torch.jit.trace(m, x).save(str(path))
+        else:
+            torch.export.save(torch.export.export(m, (x,), dynamic_shapes={"x": {0: batch}}),
+                              str(path))
+    except PermissionError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    return path
+
+
+def onnx_session(path: str | Path):
+    """An ONNX Runtime session on the CPU; checks the file's input layout."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("ONNX files need onnxruntime: pip install 'resnetkit[export]'") from None
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for unreadable models
+        raise UserError(f"cannot load {path} in ONNX Runtime ({e})") from None
+    shape = sess.get_inputs()[0].shape
+    if len(shape) != 4 or not isinstance(shape[1], int) or shape[1] > 4:
+        raise UserError(f"{path} takes input of shape {shape}; resnetkit expects NCHW "
+                        f"(batch, channels, height, width)")
+    return sess
+
+
+def onnx_meta(sess) -> dict[str, Any]:
+    props = sess.get_modelmeta().custom_metadata_map
+    return {k: json.loads(v) for k, v in props.items() if k in ("classes", "preprocess")}

@@ -1,0 +1,98 @@
+"""The inference path: eval mode, BN folded into the convs, channels_last, bf16 autocast
+where the hardware has native bf16, the classifier kept in fp32."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..model import ResNet
+from ..train.trainer import has_native_bf16
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv equal to bn(conv(x)) in eval mode:
+    W' = W * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+def _fold_sequential(seq: nn.Sequential) -> None:
+    names = list(seq._modules)
+    for a, b in zip(names, names[1:]):
+        if isinstance(seq._modules[a], nn.Conv2d) and isinstance(seq._modules[b], nn.BatchNorm2d):
+            seq._modules[a] = fold_bn(seq._modules[a], seq._modules[b])
+            seq._modules[b] = nn.Identity()
+
+
+def fold_model(model: ResNet) -> ResNet:
+    """Fold every BN that directly follows a conv, in place (the model must be in eval
+    mode). Pre-activation blocks keep their BNs: a ReLU sits between each BN and the next
+    conv, so there is nothing to fold into."""
+    if model.training:
+        raise UserError("fold BN only in eval mode: call model.eval() first")
+    for m in model.modules():
+        if isinstance(m, nn.Sequential):
+            _fold_sequential(m)
+    stem_conv = model.conv1[-1] if isinstance(model.conv1, nn.Sequential) else model.conv1
+    fused = fold_bn(stem_conv, model.bn1)
+    if isinstance(model.conv1, nn.Sequential):
+        model.conv1[-1] = fused
+    else:
+        model.conv1 = fused
+    model.bn1 = nn.Identity()
+    if not model.cfg.preact:
+        for block in model.blocks():
+            for i in (1, 2, 3):
+                conv, bn = getattr(block, f"conv{i}", None), getattr(block, f"bn{i}", None)
+                if conv is not None:
+                    setattr(block, f"conv{i}", fold_bn(conv, bn))
+                    setattr(block, f"bn{i}", nn.Identity())
+    return model
+
+
+class InferenceModel(nn.Module):
+    """An optimised copy of a ResNet: features under autocast (if bf16), head in fp32."""
+
+    def __init__(self, model: ResNet, precision: str, channels_last: bool):
+        super().__init__()
+        self.model, self.precision, self.channels_last = model, precision, channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            f = self.model.forward_features(x)
+        return self.model.forward_head(f.float())
+
+
+def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool = "auto",
+             fold: bool = True) -> InferenceModel:
+    """A fast inference copy of `model` (the original is untouched).
+
+    precision: "auto" (bf16 where the hardware has native bf16, else fp32), "bf16", "fp32".
+    channels_last: "auto" (on with bf16 or CUDA), True, False. fold: fold BN into convs."""
+    device = next(model.parameters()).device
+    if precision == "auto":
+        precision = "bf16" if has_native_bf16(device) else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise UserError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    cl = (precision == "bf16" or device.type == "cuda") if channels_last == "auto" \
+        else bool(channels_last)
+    m = copy.deepcopy(model).eval()
+    if fold:
+        fold_model(m)
+    if cl:
+        m = m.to(memory_format=torch.channels_last)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return InferenceModel(m, precision, cl).eval()

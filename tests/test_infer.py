@@ -1,0 +1,133 @@
+"""BN folding, the optimised inference path, export checked in ONNX Runtime, bad input."""
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import resnetkit as rk
+from resnetkit.cli import main
+from resnetkit.errors import UserError
+from resnetkit.infer.export import export, onnx_session
+from resnetkit.infer.optimize import fold_bn, fold_model, optimize
+
+
+def trained_like(name, **kw):
+    """A model whose BN layers hold non-trivial statistics and affine parameters."""
+    m = rk.create_model(name, **kw)
+    g = torch.Generator().manual_seed(0)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            n = mod.num_features
+            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return m.eval()
+
+
+def test_fold_bn_single_pair_by_hand():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    bn = torch.nn.BatchNorm2d(4).eval()
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(4.0)
+    bn.weight.data.fill_(2.0)
+    bn.bias.data.fill_(1.0)
+    fused = fold_bn(conv, bn)
+    # y = (conv - 0.5) * 2 / sqrt(4 + eps) + 1
+    s = 2.0 / (4.0 + bn.eps) ** 0.5
+    assert torch.allclose(fused.weight, conv.weight * s)
+    assert torch.allclose(fused.bias, torch.full((4,), -0.5 * s + 1.0))
+
+
+@pytest.mark.parametrize("name,kw", [("resnet18", {}), ("resnet50d", {}), ("resnet20", {}),
+                                     ("resnext50_32x4d", {"se_ratio": 0.0625}), ("resnet18v2", {})])
+def test_folded_model_equals_original(name, kw):
+    m = trained_like(name, **kw)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+        folded = fold_model(copy.deepcopy(m))
+        out = folded(x)
+    n_bn = sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in folded.modules())
+    if m.cfg.preact:  # only the stem BN folds; every pre-activation BN stays
+        assert n_bn == sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules()) - 1
+    else:
+        assert n_bn == 0
+    # fp32 reassociation only: 1e-4 of the logit scale
+    assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+
+
+def test_fold_requires_eval():
+    with pytest.raises(UserError, match="eval mode"):
+        fold_model(rk.create_model("resnet18").train())
+
+
+def test_optimize_bf16_and_fp32():
+    m = trained_like("resnet50")
+    x = torch.randn(4, 3, 96, 96)
+    with torch.no_grad():
+        ref = m(x)
+        fp32 = optimize(m, precision="fp32", channels_last=True)(x)
+        bf16 = optimize(m, precision="bf16")(x)
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert torch.allclose(fp32, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    # bf16 keeps 8 bits of mantissa: agreement of the ranking, and a loose bound
+    assert torch.equal(bf16.argmax(1), ref.argmax(1))
+    assert (bf16 - ref).abs().max() < 0.1 * ref.abs().max()
+    assert all(p.requires_grad for p in m.parameters())  # the original is untouched
+    with pytest.raises(UserError, match="precision"):
+        optimize(m, precision="fp16")
+
+
+def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path):
+    m = trained_like("resnet18", num_classes=10)
+    path = export(m, tmp_path / "r18.onnx", "onnx", image_size=64)
+    sess = onnx_session(path)
+    for batch in (1, 3):  # dynamic batch
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            ref = m(x).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == (batch, 10)
+        assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
+def test_torch_formats_roundtrip(tmp_path, fmt):
+    m = trained_like("resnet20")
+    path = export(m, tmp_path / f"m.{fmt}", fmt, image_size=32)
+    x = torch.randn(3, 3, 32, 32)
+    loaded = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), m(x), atol=1e-4)
+
+
+def test_export_bad_input(tmp_path):
+    m = rk.create_model("resnet18", maxpool_padding=0).eval()
+    with pytest.raises(UserError, match="folder .* does not exist"):
+        export(m, tmp_path / "missing" / "x.onnx")
+    with pytest.raises(UserError, match="too small"):
+        export(m, tmp_path / "x.onnx", image_size=3)
+    with pytest.raises(UserError, match="unknown export format"):
+        export(m, tmp_path / "x.tflite", "tflite")
+
+
+def test_onnx_with_nhwc_layout_is_refused(tmp_path):
+    node = helper.make_node("Identity", ["input"], ["out"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 28, 28, 1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 28, 28, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "nhwc.onnx")
+    with pytest.raises(UserError, match="expects NCHW"):
+        onnx_session(tmp_path / "nhwc.onnx")
+
+
+def test_cli_export_preset(tmp_path, capsys):
+    out = tmp_path / "r20.onnx"
+    assert main(["export", "resnet20", "in_chans=1", "--image-size", "28", "-o", str(out)]) == 0
+    assert out.exists() and "dynamic batch" in capsys.readouterr().out
+    assert main(["export", "resnet20", "-o", str(tmp_path / "no" / "x.onnx")]) == 2
