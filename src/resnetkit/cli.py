@@ -282,6 +282,30 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 @command
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import bench
+    r = bench(a.model, a.batch, a.image_size, a.threads, a.rounds, in_chans=a.in_chans,
+              num_classes=a.num_classes, train=not a.no_train, onnx=not a.no_onnx,
+              compile=a.compile)
+    if a.json:
+        _emit_json(r)
+        return 0
+    from rich.table import Table
+    t = Table("path", "precision", "img/s", "ms/batch", "min-max ms", "speed-up", "of peak",
+              title=f"{a.model}, batch {a.batch}, {a.image_size}x{a.image_size}, "
+                    f"{r['hardware']['threads']} threads")
+    for k, v in r["results"].items():
+        frac = f"{100 * v['fraction_of_peak']:.1f}%" if v["fraction_of_peak"] else "-"
+        t.add_row(k, v["precision"], f"{v['img_s']:.1f}", f"{v['ms_per_batch']:.1f}",
+                  f"{v['min_ms']:.0f}-{v['max_ms']:.0f}", f"{v['speedup']:.2f}x", frac)
+    c = _console()
+    c.print(t)
+    for n in r["notes"]:
+        c.print(n)
+    return 0
+
+
+@command
 def cmd_recipes(a: argparse.Namespace) -> int:
     from .train import load_recipe, recipe_names
     for n in recipe_names():
@@ -345,6 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     sub.add_parser("recipes", help="list the shipped training recipes")
+
+    s = sub.add_parser("bench", help="side-by-side throughput against plain PyTorch")
+    s.add_argument("model", nargs="?", default="resnet50")
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--image-size", type=int, default=224)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--in-chans", type=int, default=3)
+    s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--no-train", action="store_true")
+    s.add_argument("--no-onnx", action="store_true")
+    s.add_argument("--compile", action="store_true", help="also time torch.compile of the fast path")
+    s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("export", help="ONNX, TorchScript or ExportedProgram, dynamic batch")
     s.add_argument("source", help="checkpoint (.safetensors or run folder) or preset name")

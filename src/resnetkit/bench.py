@@ -1,0 +1,155 @@
+"""Side-by-side throughput: plain PyTorch vs resnetkit's paths vs ONNX Runtime/OpenVINO,
+interleaved round by round in one process so machine noise hits every path alike."""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .infer.optimize import optimize
+from .train.trainer import has_native_bf16
+from .zoo import create_model
+
+
+def hardware() -> dict[str, Any]:
+    """Device name, cores and peak FLOP/s (fp32 and bf16) where they can be derived."""
+    threads = torch.get_num_threads()
+    if torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(), "threads": threads}
+    flags, name, mhz = [], "cpu", 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
+            elif line.startswith("model name") and name == "cpu":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("cpu MHz") and not mhz:
+                mhz = float(line.split(":", 1)[1])
+    except OSError:
+        pass
+    # FLOP per cycle per core: AVX-512 = 2 FMA units x 16 fp32 lanes x 2; AMX-BF16 tiles
+    # = 1024 bf16 FLOP; AVX512-BF16 dot products = 2 x 32 x 2; AVX2 = 2 x 8 x 2.
+    fp32 = 64 if "avx512f" in flags else 32
+    bf16 = 1024 if "amx_bf16" in flags else (128 if "avx512_bf16" in flags else fp32)
+    ghz = mhz / 1000
+    return {"device": name, "threads": threads, "ghz": ghz, "avx512": "avx512f" in flags,
+            "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "peak_fp32_gflops": threads * fp32 * ghz, "peak_bf16_gflops": threads * bf16 * ghz}
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
+          rounds: int = 7, warmup: int = 2, in_chans: int = 3, num_classes: int = 1000,
+          train: bool = True, onnx: bool = True, compile: bool = False) -> dict[str, Any]:
+    """Median images/s and ms per batch of each path, their spread, speed-ups against the
+    eager fp32 NCHW baseline and achieved FLOP/s as a fraction of peak."""
+    if batch < 1:
+        raise UserError(f"batch size must be >= 1, got {batch}")
+    if threads < 0:
+        raise UserError(f"thread count must be >= 1 (or 0 for the default), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    base = create_model(model, in_chans=in_chans, num_classes=num_classes).eval()
+    if image_size < base.min_input_size:
+        raise UserError(f"image size {image_size} is too small for {model}: it needs at least "
+                        f"{base.min_input_size}")
+    from .analysis.summary import flops as count
+    macs = count(model, image_size, in_chans=in_chans, num_classes=num_classes)["macs"]
+    x = torch.randn(batch, in_chans, image_size, image_size)
+    y = torch.randint(0, num_classes, (batch,))
+    fast = optimize(base)
+    paths: dict[str, Callable[[], Any]] = {}
+    precision = {"baseline_fp32_nchw": "fp32"}
+
+    def infer(m):
+        def run():
+            with torch.inference_mode():
+                m(x)
+        return run
+    paths["baseline_fp32_nchw"] = infer(base)
+    paths["resnetkit_infer"] = infer(fast)
+    precision["resnetkit_infer"] = fast.precision
+    notes = []
+    if compile:
+        comp = torch.compile(fast)
+        paths["resnetkit_infer_compiled"] = infer(comp)
+        precision["resnetkit_infer_compiled"] = fast.precision
+    if onnx:
+        try:
+            import onnxruntime as ort
+            from .infer.export import export
+            tmp = Path(tempfile.mkdtemp()) / "model.onnx"
+            export(base, tmp, "onnx", image_size)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = torch.get_num_threads()
+            sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
+            feed = {sess.get_inputs()[0].name: x.numpy()}
+            paths["onnxruntime_fp32"] = lambda: sess.run(None, feed)
+            precision["onnxruntime_fp32"] = "fp32"
+        except ImportError:
+            notes.append("onnxruntime not installed: skipped")
+        try:
+            import openvino as ov  # noqa: F401
+            notes.append("openvino installed but not wired in this version")
+        except ImportError:
+            notes.append("openvino not installed: skipped")
+    if train:
+        tb = create_model(model, in_chans=in_chans, num_classes=num_classes).train()
+        ob = torch.optim.SGD(tb.parameters(), lr=0.01, momentum=0.9)
+        bf16 = has_native_bf16(x.device)
+        tt = create_model(model, in_chans=in_chans, num_classes=num_classes).train()
+        if bf16:
+            tt = tt.to(memory_format=torch.channels_last)
+        ot = torch.optim.SGD(tt.parameters(), lr=0.01, momentum=0.9)
+        xcl = x.contiguous(memory_format=torch.channels_last) if bf16 else x
+
+        def step(m, opt, inp, amp):
+            def run():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = F.cross_entropy(m(inp).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return run
+        paths["train_baseline_fp32_nchw"] = step(tb, ob, x, False)
+        paths["train_resnetkit"] = step(tt, ot, xcl, bf16)
+        precision["train_baseline_fp32_nchw"] = "fp32"
+        precision["train_resnetkit"] = "bf16" if bf16 else "fp32"
+    for fn in paths.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        for k, fn in paths.items():
+            times[k].append(_time(fn))
+    hw = hardware()
+    results = {}
+    for k, ts in times.items():
+        med = statistics.median(ts)
+        ips = batch / med
+        flop = 2 * macs * ips * (3 if k.startswith("train") else 1)  # backward ~ 2x forward
+        peak = hw.get("peak_bf16_gflops" if precision[k] == "bf16" else "peak_fp32_gflops")
+        results[k] = {"img_s": ips, "ms_per_batch": med * 1e3,
+                      "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
+                      "precision": precision[k], "gflops": flop / 1e9,
+                      "fraction_of_peak": flop / 1e9 / peak if peak else None}
+    for k, r in results.items():
+        ref = "train_baseline_fp32_nchw" if k.startswith("train") else "baseline_fp32_nchw"
+        r["speedup"] = r["img_s"] / results[ref]["img_s"]
+    return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
+            "rounds": rounds, "macs_per_image": macs, "hardware": hw, "results": results,
+            "notes": notes, "pid": os.getpid()}
