@@ -52,18 +52,16 @@ def _real_model(model: str | ResNet, **overrides: Any) -> ResNet:
     return create_model(model, **overrides)
 
 
-def _group(records: list[LayerRecord], depth: int | None) -> list[dict[str, Any]]:
+def _group(model: nn.Module, records: list[LayerRecord], depth: int | None) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for r in records:
         parts = r.name.split(".")
         key = ".".join(parts[:depth]) if depth else r.name
         row = rows.get(key)
         if row is None:
-            row = rows[key] = {"name": key, "type": r.type if key == r.name else
-                               type(r.module).__name__, "input": list(r.in_shape),
+            kind = r.type if key == r.name else type(model.get_submodule(key)).__name__
+            row = rows[key] = {"name": key, "type": kind, "input": list(r.in_shape),
                                "output": list(r.out_shape), "params": 0, "macs": 0}
-            if key != r.name and r.module is not None:
-                row["type"] = "group"
         row["output"] = list(r.out_shape)
         row["params"] += r.params
         row["macs"] += r.macs
@@ -105,7 +103,7 @@ def summary(model: str | ResNet, image_size: int | tuple[int, int] = 224, batch:
     return {
         "model": model if isinstance(model, str) else type(model).__name__,
         "image_size": list(hw), "batch": batch,
-        "layers": _group(records, depth),
+        "layers": _group(m, records, depth),
         "totals": {"params": params, "trainable": trainable, "non_trainable": params - trainable,
                    "buffers": buffers, "bn_running_stats": running,
                    "macs": macs, "flops": 2 * macs},
