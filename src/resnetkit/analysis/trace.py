@@ -101,11 +101,10 @@ def trace(model: nn.Module, image_size: tuple[int, int], batch: int = 1,
         model.train(was_training)
         for h in hooks:
             h.remove()
-    for r in records:
-        if r.kind == "fc" and r.module.bias is not None:
-            records.append(LayerRecord(f"{r.name}.bias", "Bias", r.out_shape, r.out_shape, 0,
-                                       kind="fc_bias", elements=r.out_shape[-1] * batch))
-            break
+    fc = next((r for r in records if r.kind == "fc" and r.module.bias is not None), None)
+    if fc is not None:
+        records.append(LayerRecord(f"{fc.name}.bias", "Bias", fc.out_shape, fc.out_shape, 0,
+                                   kind="fc_bias", elements=fc.out_shape[-1] * batch))
     return records
 
 

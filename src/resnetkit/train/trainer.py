@@ -278,6 +278,7 @@ class Trainer:
                "val_top5": ev["top5"], "lr": self.optimizer.param_groups[0]["lr"],
                "epoch_s": elapsed, "images_per_s": ips, "peak_mem_mb": peak_memory_mb(self.device)}
         self.history.append(row)
+        self._last_eval = (self.global_step, ev)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -295,8 +296,10 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _finish(self) -> dict[str, Any]:
-        ev = evaluate(self.eval_model, self.test_data, self.mean, self.std, 0, 1024,
-                      self.precision, self.channels_last, self.device)
+        step, ev = getattr(self, "_last_eval", (-1, None))
+        if step != self.global_step:  # the weights changed since the last epoch's evaluation
+            ev = evaluate(self.eval_model, self.test_data, self.mean, self.std, 0, 1024,
+                          self.precision, self.channels_last, self.device)
         result = {"test": ev, "best_top1": self.best_acc, "epochs": self.epoch,
                   "wall_s": sum(h["epoch_s"] for h in self.history),
                   "peak_mem_mb": peak_memory_mb(self.device), "run_dir": str(self.run_dir)}
