@@ -7,8 +7,6 @@ from importlib import resources
 
 import jsonschema
 import pytest
-import torch
-from torch import nn
 
 import resnetkit as rk
 from resnetkit.analysis.describe import describe, render_describe

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import platform
 import resource
 import signal
@@ -21,7 +20,6 @@ from .. import __version__
 from ..data import ArrayDataset, load_dataset, materialize
 from ..data import transforms as T
 from ..errors import UserError
-from ..model import ResNet
 from ..zoo import create_model
 from . import checkpoint as ckpt
 from .config import TrainConfig
