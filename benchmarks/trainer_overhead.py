@@ -54,18 +54,9 @@ def main() -> None:
 
     def trainer_epoch() -> float:
         # One epoch of the trainer's own loop (augmentation off, evaluation excluded).
-        tr.model.train()
-        t = time.perf_counter()
-        perm = tr._epoch_perm(0)
-        loss_sum = torch.zeros(())
-        for i in range(a.steps):
-            idx = perm[i * a.batch:(i + 1) * a.batch]
-            x = tr._augment(data.images[idx]).contiguous(memory_format=fmt)
-            loss, ok = tr.train_step(x, data.labels[idx])
-            if not torch.isfinite(loss):
-                raise RuntimeError("non-finite loss")
-            loss_sum += loss
-        return a.steps * a.batch / (time.perf_counter() - t)
+        tr.epoch, tr.step_in_epoch = 0, 0
+        _, _, seen, seconds = tr.train_epoch()
+        return seen / seconds
 
     bare_epoch(), trainer_epoch()  # warm-up
     b, t = [], []

@@ -17,7 +17,7 @@ from resnetkit.train.optim import lr_factor
 
 TINY = dict(model="resnet20", model_overrides={"widths": (8, 16, 32), "stem_width": 8},
             train_subset=2048, batch_size=128, epochs=2, lr=0.1, schedule="cosine", crop_padding=2, hflip=True,
-            precision="fp32", deterministic=True, plots=False, quiet=None)
+            precision="fp32", deterministic=True, plots=False, test_subset=2000, quiet=None)
 
 
 def tiny(tmp_path, name="run", **kw):
@@ -31,7 +31,7 @@ def weights(t):
 
 
 def test_fit_writes_run_folder(tmp_path):
-    t = tiny(tmp_path, plots=True)
+    t = tiny(tmp_path, plots=True, test_subset=0)
     r = t.fit()
     d = tmp_path / "run"
     names = {p.name for p in d.iterdir()}
@@ -65,9 +65,9 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
     real = Trainer.train_step
     calls = {"n": 0}
 
-    def step(self, x, y):
+    def step(self, micro, n=None):
         calls["n"] += 1
-        out = real(self, x, y)
+        out = real(self, micro, n)
         if calls["n"] == 18:  # Ctrl-C during epoch 2, batch 2
             os.kill(os.getpid(), signal.SIGINT)
         return out
@@ -86,8 +86,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     t = tiny(tmp_path)
     real = Trainer.train_step
 
-    def step(self, x, y):
-        loss, ok = real(self, x, y)
+    def step(self, micro, n=None):
+        loss, ok = real(self, micro, n)
         return (loss * float("nan"), ok) if self.global_step == 17 else (loss, ok)
     monkeypatch.setattr(Trainer, "train_step", step)
     with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 18 \(epoch 2, batch 2\)"):
@@ -213,3 +213,32 @@ def test_cli_train_and_resume(tmp_path, capsys):
     rows = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
     assert main(["train", "--resume", str(tmp_path / "cli"), "--lr", "1"]) == 2
+
+
+def test_dataset_statistics_are_exact():
+    import numpy as np
+    from resnetkit.data import ArrayDataset
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (300, 3, 9, 7), dtype=torch.uint8, generator=g)
+    d = ArrayDataset(imgs, torch.zeros(300, dtype=torch.long), ["a"])
+    ref = imgs.numpy().astype(np.float64) / 255
+    assert np.allclose(d.mean, ref.mean((0, 2, 3)), rtol=0, atol=1e-13)
+    assert np.allclose(d.std, ref.std((0, 2, 3), ddof=1), rtol=0, atol=1e-13)
+
+
+def test_tta_flip_averages_the_probabilities_of_both_views():
+    from resnetkit.data import ArrayDataset
+    from resnetkit.train.trainer import evaluate
+    torch.manual_seed(0)
+    model = rk.create_model("resnet20", widths=(4, 8, 8), stem_width=4, in_chans=1, num_classes=3).eval()
+    imgs = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (40,))
+    d = ArrayDataset(imgs, labels, ["a", "b", "c"], (0.5,), (0.25,))
+    r = evaluate(model, d, d.mean, d.std, tta_flip=True, batch_size=16)
+    x = (imgs.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        p = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+    assert r["top1"] == (p.argmax(1) == labels).sum().item() / 40
+    assert r["loss"] == pytest.approx(-p[torch.arange(40), labels].log().mean().item(), rel=1e-5)
+    plain = evaluate(model, d, d.mean, d.std)
+    assert plain["loss"] != pytest.approx(r["loss"], rel=1e-5)  # the flip view changes the result

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -194,26 +195,57 @@ def _train_overrides(items: list[str]) -> dict[str, str]:
 @command
 def cmd_train(a: argparse.Namespace) -> int:
     from .train import Trainer, build_config
+    from .train.distributed import launched
+    if a.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {a.nproc}")
+    if a.nproc > 1 and not launched():
+        return _torchrun(a.nproc, a.argv)
     overrides = _train_overrides(a.options)
     if a.resume:
-        extra = {k: int(v) for k, v in overrides.items() if k == "epochs"}
-        if set(overrides) - {"epochs"}:
-            raise UserError("with --resume only --epochs may be given")
-        trainer = Trainer.resume(a.resume, **extra)
+        changes = {k: int(v) for k, v in overrides.items() if k in ("epochs", "accum_steps")}
+        if set(overrides) - set(changes):
+            raise UserError("with --resume only --epochs and --accum_steps may be given")
+        trainer = Trainer.resume(a.resume, **changes)
     else:
         trainer = Trainer(build_config(a.recipe, overrides))
-    print(f"run folder: {trainer.run_dir} ({trainer.precision}, channels_last="
-          f"{trainer.channels_last}, {trainer.device})", flush=True)
+    say = print if trainer.dist.main else (lambda *_, **__: None)
+    b = trainer.batches
+    say(f"run folder: {trainer.run_dir} ({trainer.precision}, channels_last="
+        f"{trainer.channels_last}, {trainer.device}" +
+        (f", {trainer.dist.world} processes ({trainer.dist.backend}), {b.per_rank} per rank x "
+         f"{b.accum} accumulation = global batch {b.global_}, lr {b.lr:g}"
+         if trainer.dist.active or b.accum > 1 else "") + ")", flush=True)
     try:
         r = trainer.fit()
     except KeyboardInterrupt:
-        print(f"interrupted: resumable checkpoint saved; continue with "
-              f"`resnetkit train --resume {trainer.run_dir}`", file=sys.stderr)
+        if trainer.dist.main:
+            print(f"interrupted: resumable checkpoint saved; continue with "
+                  f"`resnetkit train --resume {trainer.run_dir}`", file=sys.stderr)
         return 130
-    print(f"test top-1 {100 * r['test']['top1']:.2f}%  top-5 {100 * r['test']['top5']:.2f}%  "
-          f"best {100 * r['best_top1']:.2f}%  train time {r['wall_s']:.0f} s  "
-          f"peak memory {r['peak_mem_mb']:.0f} MB  -> {r['run_dir']}")
+    if "test_top1_without_tta" in r:
+        say(f"test top-1 without test-time flips {100 * r['test_top1_without_tta']:.2f}%")
+    say(f"test top-1 {100 * r['test']['top1']:.2f}%  top-5 {100 * r['test']['top5']:.2f}%  "
+        f"best {100 * r['best_top1']:.2f}%  train time {r['wall_s']:.0f} s  "
+        f"peak memory {r['peak_mem_mb']:.0f} MB  -> {r['run_dir']}")
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """`resnetkit train --nproc N ...` = torchrun --standalone --nproc-per-node N on this
+    machine, with the same arguments minus --nproc."""
+    import subprocess
+    rest, skip = [], False
+    for t in argv:
+        if skip:
+            skip = False
+        elif t == "--nproc":
+            skip = True
+        elif not t.startswith("--nproc="):
+            rest.append(t)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "resnetkit", *rest]
+    print("launching: torchrun " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
 
 
 @command
@@ -228,7 +260,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if len(data.classes) != model.num_classes:
         raise UserError(f"dataset {a.dataset} has {len(data.classes)} classes, the checkpoint "
                         f"{model.num_classes}")
-    r = evaluate(model, data, pre["mean"], pre["std"], pre.get("image_size", 0))
+    r = evaluate(model, data, pre["mean"], pre["std"], pre.get("image_size", 0), tta_flip=a.tta_flip)
     if a.json:
         _emit_json(r)
         return 0
@@ -353,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train (see `resnetkit recipes`); --key value overrides")
     s.add_argument("--recipe", default=None, help="recipe name or .toml path")
     s.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run")
+    s.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (DDP under torchrun; default 1)")
     s.epilog = "Any TrainConfig field is an option: --epochs 5 --lr 0.05 --model resnet32 ..."
 
     s = sub.add_parser("eval", help="top-1/top-5, per-class accuracy, confusion matrix")
@@ -360,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", default="fashion-mnist")
     s.add_argument("--data-dir", default=None)
     s.add_argument("--split", default="test", choices=["train", "test"])
+    s.add_argument("--tta-flip", action="store_true",
+                   help="average the probabilities of each image and its mirror image")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("predict", help="top-k classes for image files or folders")
@@ -396,9 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
         args.options = extra  # TrainConfig fields, checked by build_config
+        args.argv = argv
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "command", None) == "diagram" and args.output is None:
@@ -408,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command.replace("-", "_")](args)
     except UserError as e:
-        print(f"resnetkit {args.command}: error: {e}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"resnetkit {args.command}: error{rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

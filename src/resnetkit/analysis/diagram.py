@@ -81,7 +81,7 @@ def to_svg(prims: list[tuple]) -> str:
     size = next(p for p in prims if p[0] == "size")
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size[1]}" height="{size[2]:.0f}" '
            f'font-family="DejaVu Sans, Arial, sans-serif">',
-           f'<rect width="100%" height="100%" fill="white"/>']
+           '<rect width="100%" height="100%" fill="white"/>']
     esc = lambda s: s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # noqa
     for p in prims:
         if p[0] == "rect":

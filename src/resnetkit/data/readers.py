@@ -20,6 +20,21 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (unbiased) std of uint8 images scaled to [0, 1], computed exactly
+    from a histogram of the byte values: the same on every machine and thread count."""
+    mean, std = [], []
+    v = torch.arange(256, dtype=torch.float64)
+    for c in range(images.shape[1]):
+        h = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        n = h.sum()
+        m = (h * v).sum() / n
+        var = (h * (v - m) ** 2).sum() / max(n - 1, 1)
+        mean.append(float(m / 255))
+        std.append(float(var.sqrt() / 255))
+    return tuple(mean), tuple(std)
+
+
 @dataclass
 class ArrayDataset:
     """Images (N, C, H, W) uint8 and labels (N,) int64, all in memory."""
@@ -37,9 +52,7 @@ class ArrayDataset:
             bad = int(self.labels.max() if self.labels.max() >= len(self.classes) else self.labels.min())
             raise UserError(f"label {bad} is out of range for {len(self.classes)} classes")
         if not self.mean:  # the dataset's own statistics, for normalisation
-            x = self.images.float() / 255
-            self.mean = tuple(x.mean((0, 2, 3)).tolist())
-            self.std = tuple(x.std((0, 2, 3)).tolist())
+            self.mean, self.std = channel_stats(self.images)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -12,7 +12,8 @@ from ..errors import UserError
 
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp64")
+LR_SCALES = ("linear", "sqrt", "none")
 
 
 @dataclass
@@ -26,9 +27,14 @@ class TrainConfig:
     data_dir: str | None = None
     image_size: int = 0                 # 0: the dataset's own size
     epochs: int = 2
-    batch_size: int = 256
+    batch_size: int = 256               # per process and forward pass (unless global_batch)
+    global_batch: int = 0               # samples per optimizer step over all processes
+    accum_steps: int = 1                # forward/backward passes per optimizer step
+    drop_last: bool = True              # skip the N mod global_batch samples left each epoch
     optimizer: str = "sgd"
     lr: float = 0.1
+    lr_batch: int = 0                   # the global batch lr is meant for (0: batch_size)
+    lr_scale: str = "linear"            # linear | sqrt | none: lr for the real global batch
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -43,11 +49,15 @@ class TrainConfig:
     hflip: bool = False
     random_resized_crop: bool = False
     random_erasing: float = 0.0         # probability
+    tta_flip: bool = False              # final test: average each image and its mirror image
     precision: str = "auto"
     channels_last: str = "auto"         # auto | true | false
     seed: int = 0
     deterministic: bool = False
     train_subset: int = 0               # 0: all training samples
+    test_subset: int = 0                # 0: all test samples
+    sync_bn: bool = False               # batch statistics over all processes
+    dist_timeout: float = 300.0         # seconds a collective may wait for the other ranks
     out_dir: str = "runs"
     name: str = ""
     plots: bool = True
@@ -69,6 +79,12 @@ class TrainConfig:
             (0 <= self.random_erasing <= 1, "random_erasing", "in [0, 1]"),
             (self.on_bad_image in ("skip", "error"), "on_bad_image", "skip or error"),
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
+            (self.global_batch >= 0, "global_batch", ">= 0"),
+            (self.accum_steps >= 1, "accum_steps", ">= 1"),
+            (self.lr_batch >= 0, "lr_batch", ">= 0"),
+            (self.lr_scale in LR_SCALES, "lr_scale", f"one of {LR_SCALES}"),
+            (self.dist_timeout > 0, "dist_timeout", "> 0"),
+            (self.train_subset >= 0 and self.test_subset >= 0, "train_subset", ">= 0"),
         ]
         for ok, name, allowed in checks:
             if not ok:

@@ -10,16 +10,18 @@ from torch import nn
 from .config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW. 1-D parameters (BN gamma/beta, biases)
-    get no weight decay: decaying them only shrinks the scale BN restores anyway."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW at `lr` (default cfg.lr). 1-D parameters
+    (BN gamma/beta, biases) get no weight decay: decaying them only shrinks the scale BN
+    restores anyway."""
+    lr = cfg.lr if lr is None else lr
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:

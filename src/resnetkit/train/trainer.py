@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import platform
 import resource
 import signal
@@ -22,6 +24,7 @@ from ..data import transforms as T
 from ..errors import UserError
 from ..zoo import create_model
 from . import checkpoint as ckpt
+from . import distributed as D
 from .config import TrainConfig
 from .optim import build_ema, build_optimizer, lr_factor
 
@@ -44,36 +47,51 @@ def has_native_bf16(device: torch.device) -> bool:
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
     """(precision, channels_last) for the device. bf16 on the CPU pays off only with
     channels_last (REFERENCE.md section 5); fp32 on the CPU trains faster in NCHW."""
-    prec = cfg.precision
+    prec = cfg.precision  # fp64 is for numerical checks (e.g. DDP against one process)
     if prec == "auto":
         prec = "bf16" if has_native_bf16(device) else ("fp16" if device.type == "cuda" else "fp32")
     if prec == "fp16" and device.type != "cuda":
         raise UserError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     cl = str(cfg.channels_last).lower()
-    channels_last = (prec != "fp32" or device.type == "cuda") if cl == "auto" else cl == "true"
+    channels_last = (prec in ("bf16", "fp16") or device.type == "cuda") if cl == "auto" else cl == "true"
     return prec, channels_last
 
 
 def evaluate(model: torch.nn.Module, data: ArrayDataset, mean, std, image_size: int = 0,
              batch_size: int = 1024, precision: str = "fp32", channels_last: bool = False,
-             device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Top-1, top-5, loss, per-class accuracy and the confusion matrix on a dataset."""
+             device: torch.device | str = "cpu",
+             dist_info: D.DistInfo | None = None, tta_flip: bool = False) -> dict[str, Any]:
+    """Top-1, top-5, loss, per-class accuracy and the confusion matrix on a dataset. Under
+    DDP (`dist_info`), each rank evaluates its share and the counts are summed. With
+    `tta_flip`, the class probabilities of each image and its mirror image are averaged."""
     device = torch.device(device)
+    info = dist_info or D.DistInfo()
     n_cls = len(data.classes)
     conf = torch.zeros(n_cls, n_cls, dtype=torch.long)
-    loss_sum, top5 = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64)  # loss, top-5 hits
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    share = torch.tensor_split(torch.arange(len(data)), info.world)[info.rank]
+    lo, hi = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
     with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            x = prepare(data.images[i:i + batch_size], mean, std, image_size)
-            y = data.labels[i:i + batch_size]
+        for i in range(lo, hi, batch_size):
+            j = min(i + batch_size, hi)
+            x = prepare(data.images[i:j], mean, std, image_size)
+            y = data.labels[i:j]
+            x = x.to(device, dtype, memory_format=fmt)
             with _autocast(device, precision):
-                out = model(x.to(device, memory_format=fmt)).float().cpu()
-            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+                out = model(x).float().cpu()
+                if tta_flip:  # log of the mean probability, so loss and top-k stay meaningful
+                    flipped = model(x.flip(-1)).float().cpu()
+                    out = torch.logsumexp(torch.stack([out.log_softmax(1), flipped.log_softmax(1)]),
+                                          0) - math.log(2)
+            sums[0] += F.cross_entropy(out, y, reduction="sum").item()
             k = min(5, out.shape[1])
-            top5 += (out.topk(k, 1).indices == y[:, None]).any(1).sum().item()
+            sums[1] += (out.topk(k, 1).indices == y[:, None]).any(1).sum().item()
             conf += torch.bincount(y * n_cls + out.argmax(1), minlength=n_cls * n_cls).view(n_cls, n_cls)
+    conf, sums = D.all_sum(conf, sums, info=info)
+    loss_sum, top5 = sums.tolist()
     n = max(len(data), 1)
     per_class = (conf.diag().float() / conf.sum(1).clamp(min=1)).tolist()
     return {"top1": conf.diag().sum().item() / n, "top5": top5 / n, "loss": loss_sum / n,
@@ -96,6 +114,14 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def _subset(data: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+    """A fixed random subset of n samples (all when n is 0 or too large)."""
+    if not n or n >= len(data):
+        return data
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    return ArrayDataset(data.images[keep], data.labels[keep], data.classes, data.mean, data.std)
+
+
 class Trainer:
     """Trains a ResNet on a dataset as TrainConfig says; `fit()` runs to the end.
 
@@ -106,11 +132,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None,
                  device: str | torch.device | None = None, quiet: bool = False):
-        self.cfg = cfg
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.quiet = quiet
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        # Under torchrun every rank builds the same Trainer; DDP keeps the replicas equal.
+        self.dist, self.device = D.setup(device, cfg.dist_timeout)
+        self.quiet = quiet or not self.dist.main
+        threads = cfg.threads or (D.default_threads(self.dist) if self.dist.active else 0)
+        if threads:
+            torch.set_num_threads(threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
@@ -122,11 +149,8 @@ class Trainer:
                                                   cfg.image_size, self.train_data.images.shape[1],
                                                   on_bad=cfg.on_bad_image),
                                      cfg.workers, self.train_data.classes)
-        if cfg.train_subset:
-            g = torch.Generator().manual_seed(cfg.seed)
-            keep = torch.randperm(len(self.train_data), generator=g)[:cfg.train_subset]
-            d = self.train_data
-            self.train_data = ArrayDataset(d.images[keep], d.labels[keep], d.classes, d.mean, d.std)
+        self.train_data = _subset(self.train_data, cfg.train_subset, cfg.seed)
+        self.test_data = _subset(self.test_data, cfg.test_subset, cfg.seed)
         self.mean, self.std = self.train_data.mean, self.train_data.std
         self.image_size = cfg.image_size or self.train_data.images.shape[-1]
         model = create_model(cfg.model, **{**cfg.model_overrides,
@@ -135,21 +159,38 @@ class Trainer:
         if self.image_size < model.min_input_size:
             raise UserError(f"image_size {self.image_size} is too small for {cfg.model}: it "
                             f"needs at least {model.min_input_size}")
-        self.model = model.to(self.device, memory_format=self._fmt)
-        self.steps_per_epoch = len(self.train_data) // cfg.batch_size
+        # The resolved global batch and lr reference are written back into the config, so a
+        # resumed run keeps them whatever its number of processes.
+        self.batches = D.resolve_batches(cfg.batch_size, cfg.global_batch, cfg.accum_steps,
+                                         self.dist.world, cfg.lr, cfg.lr_batch, cfg.lr_scale)
+        self.cfg = cfg = dataclasses.replace(cfg, global_batch=self.batches.global_,
+                                             lr_batch=self.batches.lr_batch)
+        if cfg.sync_bn and self.dist.active:
+            model = D.convert_sync_batchnorm(model, self.device)
+        self.dtype = torch.float64 if self.precision == "fp64" else torch.float32
+        self.model = model.to(self.device, self.dtype, memory_format=self._fmt)
+        self.net = self.model  # what the training forward calls: the DDP wrapper under torchrun
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=not cfg.sync_bn)
+        self.steps_per_epoch = D.steps_per_epoch(len(self.train_data), self.batches,
+                                                 self.dist.world, cfg.drop_last)
         if self.steps_per_epoch == 0:
-            raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(self.train_data)} "
-                            f"training samples")
+            raise UserError(f"global batch {self.batches.global_} is larger than the "
+                            f"{len(self.train_data)} training samples")
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, lr=self.batches.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg, self.total_steps, self.steps_per_epoch))
         self.ema = build_ema(self.model, cfg.ema_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_acc, self.history = -1.0, []
-        self.aug_gen = torch.Generator().manual_seed(cfg.seed)
-        self.run_dir = Path(run_dir) if run_dir else self._new_run_dir()
+        self.aug_gen = torch.Generator()
+        self._tb, self._interrupted = None, False
+        self.run_dir = Path(D.broadcast_object(str(run_dir or self._new_run_dir()), self.dist))
 
     @property
     def _fmt(self) -> torch.memory_format:
@@ -161,8 +202,10 @@ class Trainer:
         return Path(self.cfg.out_dir) / name
 
     # ---- the loop ------------------------------------------------------------------
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        c, g = self.cfg, self.aug_gen
+    def _augment(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """Augment a uint8 batch; the random draws depend only on `seed`, so a run is
+        reproducible (and resumable mid-epoch) without carrying generator state."""
+        c, g = self.cfg, self.aug_gen.manual_seed(seed)
         x = x.float() / 255
         if c.random_resized_crop:
             x = T.random_resized_crop(x, self.image_size, g)
@@ -177,17 +220,31 @@ class Trainer:
             x = T.random_erasing(x, g, c.random_erasing)
         return x
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns (loss, number correct) as tensors (no sync)."""
-        with _autocast(self.device, self.precision):
-            out = self.model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                   step_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches (gradient accumulation; DDP
+        averages over ranks at the last one). Each micro-batch's mean loss is weighted by its
+        share of the `step_samples` of the whole step, so the gradient is the mean over the
+        global batch even when the last step of an epoch is uneven. Returns this rank's
+        (loss sum, number correct) as tensors, without a device sync."""
+        n_step = step_samples or sum(len(y) for _, y in micro) * self.dist.world
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = nullcontext() if last or self.net is self.model else self.net.no_sync()
+            with sync:
+                with _autocast(self.device, self.precision):
+                    out = self.net(x)
+                    logits = out if out.dtype == torch.float64 else out.float()
+                    loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+                weighted = loss * (len(y) * self.dist.world / n_step)
+                (self.scaler.scale(weighted) if self.scaler else weighted).backward()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
         if self.scaler:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if self.scaler:
@@ -198,65 +255,109 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss.detach(), (out.argmax(1) == y).sum()
+        return loss_sum, correct
 
     def _epoch_perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        return torch.randperm(len(self.train_data), generator=g)
+        return D.epoch_permutation(len(self.train_data), self.cfg.seed, epoch)
+
+    def _seed(self, epoch: int, step: int, micro: int = 0) -> int:
+        r = self.dist.rank * self.batches.accum + micro
+        return ((self.cfg.seed * 100_003 + epoch) * 1_000_003 + step) * 4099 + r
+
+    def _batch(self, idx: torch.Tensor, epoch: int, step: int, micro: int):
+        x = self._augment(self.train_data.images[idx], self._seed(epoch, step, micro))
+        x = x.to(self.device, self.dtype, memory_format=self._fmt, non_blocking=True)
+        return x, self.train_data.labels[idx].to(self.device, non_blocking=True)
 
     def fit(self, until_epoch: int | None = None) -> dict[str, Any]:
         """Train to the last epoch (or stop after `until_epoch`, to continue later with
         resume); returns the test metrics. Ctrl-C saves a resumable checkpoint and re-raises
         KeyboardInterrupt; a NaN/inf loss raises NonFiniteLoss."""
-        self._prepare_run_dir()
-        c, B = self.cfg, self.cfg.batch_size
+        if self.dist.main:
+            self._prepare_run_dir()
+        c, info = self.cfg, self.dist
         stop = min(until_epoch or c.epochs, c.epochs)
         progress = _Progress(self.quiet)
-        restore = self._catch_sigint()
+        restore = self._catch_signals()
         try:
             while self.epoch < stop:
-                perm = self._epoch_perm(self.epoch)
-                if self.step_in_epoch == 0:
-                    self.aug_gen.manual_seed(c.seed * 100_003 + self.epoch)
-                self.model.train()
-                loss_sum = torch.zeros((), device=self.device)
-                correct = torch.zeros((), dtype=torch.long, device=self.device)
-                seen, t0 = 0, time.perf_counter()
-                progress.start(self.epoch + 1, c.epochs, self.steps_per_epoch, self.step_in_epoch)
-                while self.step_in_epoch < self.steps_per_epoch:
-                    idx = perm[self.step_in_epoch * B:(self.step_in_epoch + 1) * B]
-                    x = self._augment(self.train_data.images[idx])
-                    x = x.to(self.device, memory_format=self._fmt, non_blocking=True)
-                    y = self.train_data.labels[idx].to(self.device, non_blocking=True)
-                    loss, ok = self.train_step(x, y)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(
-                            f"loss became {loss.item()} at step {self.global_step + 1} (epoch "
-                            f"{self.epoch + 1}, batch {self.step_in_epoch + 1}); stopped. The last "
-                            f"good checkpoint is in {self.run_dir}; lower lr or set grad_clip")
-                    loss_sum += loss * len(idx)
-                    correct += ok
-                    seen += len(idx)
-                    self.step_in_epoch += 1
-                    self.global_step += 1
-                    progress.update(self.step_in_epoch, loss_sum, correct, seen, t0)
-                    if self._interrupted:  # Ctrl-C lands here, between two whole steps
-                        raise KeyboardInterrupt
-                elapsed = time.perf_counter() - t0
-                self._end_epoch(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1),
-                                seen / elapsed if seen else 0.0, elapsed, progress)
+                loss_sum, correct, seen, elapsed = self.train_epoch(progress)
+                loss_sum, correct, n = D.all_sum(loss_sum.cpu(), correct.cpu(),
+                                                 torch.tensor(seen), info=info)
+                n = max(int(n), 1)
+                self._end_epoch(loss_sum.item() / n, correct.item() / n,
+                                n / elapsed if seen else 0.0, elapsed, progress)
         except KeyboardInterrupt:
             progress.stop()
-            self.save("last")
+            self._save_all("last")
+            raise
+        except RuntimeError as e:  # torch.distributed.DistError included
+            if info.active and any(w in str(e).lower() for w in ("timed out", "timeout")):
+                raise UserError(
+                    f"rank {info.rank}: a collective operation waited more than "
+                    f"{c.dist_timeout:g} s (dist_timeout) for the other processes; one of them "
+                    f"has failed or hung, see its output. ({str(e).splitlines()[0]})") from None
             raise
         finally:
             progress.stop()
             restore()
         return self._finish()
 
-    def _catch_sigint(self):
+    def train_epoch(self, progress: "_Progress | None" = None):
+        """Train from the current position to the end of the epoch; returns this rank's
+        (loss sum, number correct, samples, seconds). Raises NonFiniteLoss, or
+        KeyboardInterrupt once every rank has stopped after the same whole step."""
+        c, info = self.cfg, self.dist
+        progress = progress or _Progress(True)
+        perm = self._epoch_perm(self.epoch)
+        if self.step_in_epoch == 0:  # drop path: a different stream per rank and epoch
+            torch.manual_seed(self._seed(self.epoch, -1))
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen, t0 = 0, time.perf_counter()
+        progress.start(self.epoch + 1, c.epochs, self.steps_per_epoch, self.step_in_epoch)
+        while self.step_in_epoch < self.steps_per_epoch:
+            s = self.step_in_epoch
+            parts = D.step_indices(perm, s, self.batches, info, c.drop_last)
+            step_samples = min(self.batches.global_, len(perm) - s * self.batches.global_)
+            micro = [self._batch(idx, self.epoch, s, i) for i, idx in enumerate(parts)]
+            step_loss, ok = self.train_step(micro, step_samples)
+            n_local = sum(len(idx) for idx in parts)
+            bad, stop_now = self._check_step(step_loss, step_samples)
+            if bad is not None:
+                raise NonFiniteLoss(
+                    f"loss became {bad} at step {self.global_step + 1} (epoch {self.epoch + 1}, "
+                    f"batch {s + 1}); stopped. The last good checkpoint is in {self.run_dir}; "
+                    f"lower lr or set grad_clip")
+            loss_sum += step_loss
+            correct += ok
+            seen += n_local
+            self.step_in_epoch += 1
+            self.global_step += 1
+            progress.update(self.step_in_epoch, loss_sum, correct, seen, t0)
+            if stop_now:  # Ctrl-C (or torchrun's SIGTERM) lands here, between two steps
+                raise KeyboardInterrupt
+        return loss_sum, correct, seen, time.perf_counter() - t0
+
+    def _check_step(self, step_loss: torch.Tensor, n: int) -> tuple[float | None, bool]:
+        """(the non-finite loss value if any rank's loss is NaN/inf, whether any rank was
+        asked to stop), agreed by all ranks in one small collective."""
+        flags = torch.tensor([step_loss.item(), float(self._interrupted)], dtype=torch.float64)
+        flags, = D.all_sum(flags, info=self.dist)
+        loss, stop = flags.tolist()
+        return (None if math.isfinite(loss) else loss / max(n, 1)), stop > 0
+
+    def _save_all(self, which: str) -> None:
+        """Rank 0 writes the checkpoint; the others wait so none exits before it is on disk."""
+        if self.dist.main:
+            self.save(which)
+        D.barrier(self.dist)
+
+    def _catch_signals(self):
         """Turn the first Ctrl-C into a flag checked after each step, so the checkpoint
-        holds a whole step; a second Ctrl-C interrupts at once."""
+        holds a whole step; a second Ctrl-C interrupts at once. Under torchrun, SIGTERM (what
+        the launcher sends its workers when the job is stopped) is handled the same way."""
         self._interrupted = False
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
@@ -265,12 +366,16 @@ class Trainer:
             if self._interrupted:
                 raise KeyboardInterrupt
             self._interrupted = True
-        old = signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, old)
+            if signum == signal.SIGTERM:  # a rank stuck elsewhere must not outlive the job
+                grace = threading.Timer(min(25.0, self.cfg.dist_timeout), os._exit, (143,))
+                grace.daemon = True
+                grace.start()
+        sigs = [signal.SIGINT] + ([signal.SIGTERM] if self.dist.active else [])
+        old = {s: signal.signal(s, handler) for s in sigs}
+        return lambda: [signal.signal(s, h) for s, h in old.items()]
 
     def _end_epoch(self, train_loss, train_acc, ips, elapsed, progress) -> None:
-        ev = evaluate(self.eval_model, self.test_data, self.mean, self.std, 0, 1024,
-                      self.precision, self.channels_last, self.device)
+        ev = self._evaluate()
         row = {"epoch": self.epoch + 1, "step": self.global_step, "train_loss": train_loss,
                "train_acc": train_acc, "val_loss": ev["loss"], "val_acc": ev["top1"],
                "val_top5": ev["top5"], "lr": self.optimizer.param_groups[0]["lr"],
@@ -278,16 +383,25 @@ class Trainer:
         self.history.append(row)
         self._last_eval = (self.global_step, ev)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.dist.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         progress.epoch_done(row)
         if self._tb is not None:
             for k, v in row.items():
                 self._tb.add_scalar(k, v, self.epoch)
         if ev["top1"] > self.best_acc:
             self.best_acc = ev["top1"]
-            self.save("best")
-        self.save("last")
+            self._save_all("best")
+        self._save_all("last")
+
+    def _evaluate(self, tta_flip: bool = False) -> dict[str, Any]:
+        if not self.cfg.sync_bn:  # with SyncBN the running statistics are already equal
+            D.broadcast_buffers([self.model] + ([self.ema] if self.ema is not None else []),
+                                self.dist)
+        return evaluate(self.eval_model, self.test_data, self.mean, self.std, 0, 1024,
+                        self.precision, self.channels_last, self.device, self.dist,
+                        tta_flip)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -296,11 +410,19 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         step, ev = getattr(self, "_last_eval", (-1, None))
         if step != self.global_step:  # the weights changed since the last epoch's evaluation
-            ev = evaluate(self.eval_model, self.test_data, self.mean, self.std, 0, 1024,
-                          self.precision, self.channels_last, self.device)
+            ev = self._evaluate()
+        plain = ev["top1"]
+        if self.cfg.tta_flip:  # only the final evaluation; epochs are compared without it
+            ev = self._evaluate(tta_flip=True)
         result = {"test": ev, "best_top1": self.best_acc, "epochs": self.epoch,
+                  "tta_flip": self.cfg.tta_flip,
                   "wall_s": sum(h["epoch_s"] for h in self.history),
-                  "peak_mem_mb": peak_memory_mb(self.device), "run_dir": str(self.run_dir)}
+                  "peak_mem_mb": peak_memory_mb(self.device), "run_dir": str(self.run_dir),
+                  "world_size": self.dist.world, "global_batch": self.batches.global_}
+        if self.cfg.tta_flip:
+            result["test_top1_without_tta"] = plain
+        if not self.dist.main:
+            return result
         (self.run_dir / "results.json").write_text(json.dumps(result, indent=1))
         if self.cfg.plots and self.history:
             from .plots import plot_run
@@ -317,7 +439,10 @@ class Trainer:
                     "model": ckpt.config_to_dict(self.model.cfg),
                     "resolved": {"precision": self.precision, "channels_last": self.channels_last,
                                  "device": str(self.device), "image_size": self.image_size,
-                                 "mean": self.mean, "std": self.std},
+                                 "mean": self.mean, "std": self.std,
+                                 "world_size": self.dist.world, "backend": self.dist.backend,
+                                 "per_rank_batch": self.batches.per_rank,
+                                 "global_batch": self.batches.global_, "lr": self.batches.lr},
                     "versions": {"resnetkit": __version__, "torch": torch.__version__,
                                  "python": platform.python_version()},
                     "command": sys.argv}
@@ -346,8 +471,8 @@ class Trainer:
                  "scaler": self.scaler.state_dict() if self.scaler else {},
                  "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "global_step": self.global_step, "best_acc": self.best_acc,
-                 "history": json.dumps(self.history),
-                 "torch_rng": torch.get_rng_state(), "aug_rng": self.aug_gen.get_state()}
+                 "history": json.dumps(self.history), "world_size": self.dist.world,
+                 "torch_rng": torch.get_rng_state()}
         ckpt.save_state(self.run_dir / f"{which}.state.pt", state)
         ckpt.save_weights(self.run_dir / f"{which}.safetensors", self.eval_model, self.meta())
 
@@ -361,10 +486,10 @@ class Trainer:
             info = json.loads((run_dir / "config.json").read_text())
         except FileNotFoundError:
             raise UserError(f"{run_dir} is not a run folder (no config.json)") from None
-        bad = set(changes) - {"epochs"}
+        bad = set(changes) - {"epochs", "accum_steps"}
         if bad:
-            raise UserError(f"a resumed run keeps its config; only epochs can change, not "
-                            f"{', '.join(sorted(bad))}")
+            raise UserError(f"a resumed run keeps its config; only epochs and accum_steps can "
+                            f"change, not {', '.join(sorted(bad))}")
         cfg = TrainConfig(**{**info["train"], **changes})
         t = cls(cfg, run_dir=run_dir, device=device, quiet=quiet)
         s = ckpt.load_state(run_dir / "last.state.pt")
@@ -377,8 +502,8 @@ class Trainer:
             t.scaler.load_state_dict(s["scaler"])
         t.epoch, t.step_in_epoch, t.global_step = s["epoch"], s["step_in_epoch"], s["global_step"]
         t.best_acc, t.history = s["best_acc"], json.loads(s["history"])
-        torch.set_rng_state(s["torch_rng"])
-        t.aug_gen.set_state(s["aug_rng"])
+        if s.get("world_size", 1) == t.dist.world:  # the drop-path stream, mid-epoch
+            torch.set_rng_state(s["torch_rng"])
         return t
 
 
