@@ -36,3 +36,54 @@ def test_hardware_peak_is_derived():
     assert hw["threads"] >= 1
     if hw.get("ghz"):
         assert hw["peak_fp32_gflops"] > 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small ResNet-20 trained for 2 epochs on 4,096 Fashion-MNIST images (~70% top-1)."""
+    from resnetkit.train import Trainer, build_config
+    out = tmp_path_factory.mktemp("runs")
+    cfg = build_config(None, model="resnet20", train_subset=4096, test_subset=500, epochs=2,
+                       batch_size=128, lr=0.1, precision="fp32", plots=False, out_dir=str(out),
+                       name="r")
+    Trainer(cfg, quiet=True).fit()
+    return out / "r"
+
+
+def test_check_compares_every_fast_path_with_fp32(trained, capsys):
+    import json
+
+    from resnetkit.bench import check
+    from resnetkit.cli import main
+    from resnetkit.data import load_dataset
+    from resnetkit.train.checkpoint import load_model
+    from resnetkit.train.trainer import evaluate
+    r = check(trained, limit=2000)
+    res = r["results"]
+    assert r["samples"] == 2000 and set(res) == {"baseline_fp32_nchw", "resnetkit_infer",
+                                                 "onnxruntime_fp32"}
+    base = res["baseline_fp32_nchw"]
+    assert base["agreement_with_fp32"] == 1 and base["max_abs_diff"] == 0
+    # The fp32 top-1 equals the trainer's own evaluation of the same checkpoint and images.
+    model, info = load_model(trained)
+    d = load_dataset("fashion-mnist", "test")
+    from resnetkit.data import ArrayDataset
+    sub = ArrayDataset(d.images[:2000], d.labels[:2000], d.classes, d.mean, d.std)
+    ev = evaluate(model, sub, info["preprocess"]["mean"], info["preprocess"]["std"])
+    assert base["top1"] == pytest.approx(ev["top1"], abs=1e-9) and base["top1"] > 0.6
+    onnx = res["onnxruntime_fp32"]  # fp32 with BN folded: rounding only
+    assert onnx["agreement_with_fp32"] >= 0.999 and onnx["max_abs_diff"] <= 1e-4 * max(1, r["logit_scale"])
+    fast = res["resnetkit_infer"]  # bf16 where native: small differences, same classes
+    assert fast["agreement_with_fp32"] >= 0.99 and fast["max_abs_diff"] < 0.1 * r["logit_scale"]
+    assert abs(fast["top1"] - base["top1"]) <= 0.01
+    assert main(["bench", "--check", str(trained), "--limit", "300", "--no-onnx", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 300 and set(out["results"]) == {"baseline_fp32_nchw", "resnetkit_infer"}
+
+
+def test_check_bad_input(trained, tmp_path):
+    from resnetkit.bench import check
+    with pytest.raises(UserError, match="batch size must be >= 1"):
+        check(trained, batch=0)
+    with pytest.raises(UserError):
+        check(tmp_path / "missing.safetensors")

@@ -242,3 +242,12 @@ def test_tta_flip_averages_the_probabilities_of_both_views():
     assert r["loss"] == pytest.approx(-p[torch.arange(40), labels].log().mean().item(), rel=1e-5)
     plain = evaluate(model, d, d.mean, d.std)
     assert plain["loss"] != pytest.approx(r["loss"], rel=1e-5)  # the flip view changes the result
+
+
+def test_eval_every_skips_intermediate_evaluations(tmp_path):
+    t = tiny(tmp_path, epochs=3, eval_every=2, train_subset=512, test_subset=500, plots=True)
+    r = t.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["val_acc"] is None for row in rows] == [True, False, False]  # epochs 2 and 3 (last)
+    assert r["test"]["top1"] == rows[-1]["val_acc"] and r["best_top1"] == max(rows[1]["val_acc"], rows[2]["val_acc"])
+    assert (tmp_path / "run" / "curves.png").exists()

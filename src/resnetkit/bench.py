@@ -153,3 +153,66 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw, "results": results,
             "notes": notes, "pid": os.getpid()}
+
+
+def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str | None = None,
+          batch: int = 500, onnx: bool = True, compile: bool = False,
+          limit: int = 0) -> dict[str, Any]:
+    """The accuracy guard: every fast path's logits against the eager fp32 model's on a real
+    test set, for a trained checkpoint. Reports per path its top-1 accuracy, its top-1
+    agreement with fp32 (fraction of images with the same predicted class) and the max and
+    mean absolute logit difference."""
+    import numpy as np
+
+    from .data import load_dataset, materialize
+    from .train.checkpoint import load_model
+    from .train.trainer import prepare
+    if batch < 1:
+        raise UserError(f"batch size must be >= 1, got {batch}")
+    model, info = load_model(checkpoint)
+    model.eval()
+    pre = info.get("preprocess", {})
+    size = pre.get("image_size", 0)
+    data = materialize(load_dataset(dataset, "test", data_dir, size, model.cfg.in_chans),
+                       classes=info.get("classes"))
+    if len(data.classes) != model.num_classes:
+        raise UserError(f"dataset {dataset} has {len(data.classes)} classes, the checkpoint "
+                        f"{model.num_classes}")
+    n = min(limit, len(data)) if limit else len(data)
+    batches = [prepare(data.images[i:min(i + batch, n)], pre["mean"], pre["std"], size)
+               for i in range(0, n, batch)]
+    labels = data.labels[:n]
+    fast = optimize(model)
+    paths: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+        "baseline_fp32_nchw": ("fp32", model), "resnetkit_infer": (fast.precision, fast)}
+    notes = []
+    if compile:
+        paths["resnetkit_infer_compiled"] = (fast.precision, torch.compile(fast))
+    if onnx:
+        try:
+            from .infer.export import export, onnx_session
+            tmp = Path(tempfile.mkdtemp()) / "model.onnx"
+            export(model, tmp, "onnx", batches[0].shape[-1])
+            sess = onnx_session(tmp)
+            name = sess.get_inputs()[0].name
+            paths["onnxruntime_fp32"] = ("fp32", lambda x: torch.from_numpy(
+                np.asarray(sess.run(None, {name: x.numpy()})[0])))
+        except ImportError:
+            notes.append("onnxruntime not installed: skipped")
+    logits = {}
+    with torch.inference_mode():
+        for k, (_, fn) in paths.items():
+            logits[k] = torch.cat([fn(x).float() for x in batches])
+    ref = logits["baseline_fp32_nchw"]
+    results = {}
+    for k, out in logits.items():
+        d = (out - ref).abs()
+        results[k] = {"precision": paths[k][0],
+                      "top1": (out.argmax(1) == labels).sum().item() / n,
+                      "agreement_with_fp32": (out.argmax(1) == ref.argmax(1)).sum().item() / n,
+                      "max_abs_diff": d.max().item(), "mean_abs_diff": d.mean().item()}
+    c = model.cfg
+    return {"checkpoint": str(checkpoint),
+            "model": f"{c.block} blocks, depth {c.depth}, widths {list(c.widths)}",
+            "dataset": dataset, "samples": n, "logit_scale": ref.abs().max().item(),
+            "results": results, "notes": notes}

@@ -316,6 +316,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 @command
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import bench
+    if a.check:
+        return _bench_check(a)
     r = bench(a.model, a.batch, a.image_size, a.threads, a.rounds, in_chans=a.in_chans,
               num_classes=a.num_classes, train=not a.no_train, onnx=not a.no_onnx,
               compile=a.compile)
@@ -330,6 +332,28 @@ def cmd_bench(a: argparse.Namespace) -> int:
         frac = f"{100 * v['fraction_of_peak']:.1f}%" if v["fraction_of_peak"] else "-"
         t.add_row(k, v["precision"], f"{v['img_s']:.1f}", f"{v['ms_per_batch']:.1f}",
                   f"{v['min_ms']:.0f}-{v['max_ms']:.0f}", f"{v['speedup']:.2f}x", frac)
+    c = _console()
+    c.print(t)
+    for n in r["notes"]:
+        c.print(n)
+    return 0
+
+
+def _bench_check(a: argparse.Namespace) -> int:
+    from .bench import check
+    r = check(a.check, a.dataset, a.data_dir, onnx=not a.no_onnx, compile=a.compile,
+              limit=a.limit)
+    if a.json:
+        _emit_json(r)
+        return 0
+    from rich.table import Table
+    t = Table("path", "precision", "top-1", "agreement with fp32", "max |diff|", "mean |diff|",
+              title=f"{a.check} ({r['model']}) on {r['samples']:,} {r['dataset']} test images; "
+                    f"largest fp32 logit {r['logit_scale']:.2f}")
+    for k, v in r["results"].items():
+        t.add_row(k, v["precision"], f"{100 * v['top1']:.2f}%",
+                  f"{100 * v['agreement_with_fp32']:.2f}%", f"{v['max_abs_diff']:.2e}",
+                  f"{v['mean_abs_diff']:.2e}")
     c = _console()
     c.print(t)
     for n in r["notes"]:
@@ -417,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-train", action="store_true")
     s.add_argument("--no-onnx", action="store_true")
     s.add_argument("--compile", action="store_true", help="also time torch.compile of the fast path")
+    s.add_argument("--check", metavar="CHECKPOINT", default=None,
+                   help="instead of timing: compare every fast path's logits with fp32 on a "
+                        "real test set for this trained checkpoint or run folder")
+    s.add_argument("--dataset", default="fashion-mnist", help="with --check")
+    s.add_argument("--data-dir", default=None, help="with --check")
+    s.add_argument("--limit", type=int, default=0, help="with --check: first N test images")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("export", help="ONNX, TorchScript or ExportedProgram, dynamic batch")

@@ -56,6 +56,7 @@ class TrainConfig:
     deterministic: bool = False
     train_subset: int = 0               # 0: all training samples
     test_subset: int = 0                # 0: all test samples
+    eval_every: int = 1                 # test every N epochs (and after the last)
     sync_bn: bool = False               # batch statistics over all processes
     dist_timeout: float = 300.0         # seconds a collective may wait for the other ranks
     out_dir: str = "runs"
@@ -84,6 +85,7 @@ class TrainConfig:
             (self.lr_batch >= 0, "lr_batch", ">= 0"),
             (self.lr_scale in LR_SCALES, "lr_scale", f"one of {LR_SCALES}"),
             (self.dist_timeout > 0, "dist_timeout", "> 0"),
+            (self.eval_every >= 1, "eval_every", ">= 1"),
             (self.train_subset >= 0 and self.test_subset >= 0, "train_subset", ">= 0"),
         ]
         for ok, name, allowed in checks:

@@ -13,12 +13,13 @@ def plot_run(history: list[dict], confusion: list[list[int]], classes: list[str]
     except ImportError:
         return []
     ep = [h["epoch"] for h in history]
+    ev = [h for h in history if h["val_acc"] is not None]  # epochs with a test evaluation
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    a.plot(ep, [h["val_loss"] for h in history], "o-", label="test")
+    a.plot([h["epoch"] for h in ev], [h["val_loss"] for h in ev], "o-", label="test")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
     b.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
-    b.plot(ep, [100 * h["val_acc"] for h in history], "o-", label="test")
+    b.plot([h["epoch"] for h in ev], [100 * h["val_acc"] for h in ev], "o-", label="test")
     b.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     for ax in (a, b):
         ax.grid(alpha=0.3)

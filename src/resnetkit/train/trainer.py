@@ -375,13 +375,15 @@ class Trainer:
         return lambda: [signal.signal(s, h) for s, h in old.items()]
 
     def _end_epoch(self, train_loss, train_acc, ips, elapsed, progress) -> None:
-        ev = self._evaluate()
-        row = {"epoch": self.epoch + 1, "step": self.global_step, "train_loss": train_loss,
-               "train_acc": train_acc, "val_loss": ev["loss"], "val_acc": ev["top1"],
-               "val_top5": ev["top5"], "lr": self.optimizer.param_groups[0]["lr"],
+        done = self.epoch + 1
+        ev = self._evaluate() if done % self.cfg.eval_every == 0 or done == self.cfg.epochs else None
+        row = {"epoch": done, "step": self.global_step, "train_loss": train_loss,
+               "train_acc": train_acc, "val_loss": ev and ev["loss"], "val_acc": ev and ev["top1"],
+               "val_top5": ev and ev["top5"], "lr": self.optimizer.param_groups[0]["lr"],
                "epoch_s": elapsed, "images_per_s": ips, "peak_mem_mb": peak_memory_mb(self.device)}
         self.history.append(row)
-        self._last_eval = (self.global_step, ev)
+        if ev is not None:
+            self._last_eval = (self.global_step, ev)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if self.dist.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -389,8 +391,9 @@ class Trainer:
         progress.epoch_done(row)
         if self._tb is not None:
             for k, v in row.items():
-                self._tb.add_scalar(k, v, self.epoch)
-        if ev["top1"] > self.best_acc:
+                if v is not None:
+                    self._tb.add_scalar(k, v, self.epoch)
+        if ev is not None and ev["top1"] > self.best_acc:
             self.best_acc = ev["top1"]
             self._save_all("best")
         self._save_all("last")
@@ -542,9 +545,11 @@ class _Progress:
     def epoch_done(self, row: dict[str, Any]) -> None:
         self.stop()
         if not self.quiet:
+            test = "not evaluated (eval_every)" if row["val_acc"] is None else \
+                f"loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}% " \
+                f"top5 {100 * row['val_top5']:.2f}%"
             print(f"epoch {row['epoch']}/{self.epochs}: train loss {row['train_loss']:.4f} "
-                  f"acc {100 * row['train_acc']:.2f}% | test loss {row['val_loss']:.4f} "
-                  f"acc {100 * row['val_acc']:.2f}% top5 {100 * row['val_top5']:.2f}% | "
+                  f"acc {100 * row['train_acc']:.2f}% | test {test} | "
                   f"{row['images_per_s']:.0f} img/s, {row['epoch_s']:.1f} s", flush=True)
 
     def stop(self) -> None:
