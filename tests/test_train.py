@@ -251,3 +251,21 @@ def test_eval_every_skips_intermediate_evaluations(tmp_path):
     assert [row["val_acc"] is None for row in rows] == [True, False, False]  # epochs 2 and 3 (last)
     assert r["test"]["top1"] == rows[-1]["val_acc"] and r["best_top1"] == max(rows[1]["val_acc"], rows[2]["val_acc"])
     assert (tmp_path / "run" / "curves.png").exists()
+
+
+def test_ema_follows_the_warmed_up_decay():
+    from resnetkit.train.optim import build_ema, ema_decay_at
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = build_ema(net, 0.99)
+    expect = None
+    for n in range(5):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        net[1].num_batches_tracked += 1
+        w = net[0].weight.detach().clone()
+        # the first update copies; update n (n >= 1) moves by 1 - min(0.99, (1 + n) / (10 + n))
+        expect = w if expect is None else expect + (1 - ema_decay_at(0.99, n)) * (w - expect)
+        ema.update_parameters(net)
+    assert torch.allclose(ema.module[0].weight, expect, atol=1e-6)
+    assert ema_decay_at(0.99, 1) == pytest.approx(2 / 11) and ema_decay_at(0.99, 10_000) == 0.99
+    assert int(ema.module[1].num_batches_tracked) == 5

@@ -149,11 +149,13 @@ def all_sum(*values: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
     """Sums of the given tensors over all ranks (one collective); unchanged on one process."""
     if not info.active:
         return list(values)
-    flat = torch.cat([v.detach().double().reshape(-1) for v in values])
+    # NCCL reduces only CUDA tensors; gloo takes either.
+    dev = torch.device("cuda", torch.cuda.current_device()) if info.backend == "nccl" else None
+    flat = torch.cat([v.detach().to(dev or v.device, torch.float64).reshape(-1) for v in values])
     dist.all_reduce(flat)
     out, i = [], 0
     for v in values:
-        out.append(flat[i:i + v.numel()].reshape(v.shape).to(v.dtype))
+        out.append(flat[i:i + v.numel()].reshape(v.shape).to(v.device, v.dtype))
         i += v.numel()
     return out
 

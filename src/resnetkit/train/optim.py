@@ -46,8 +46,25 @@ def lr_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Calla
     return f
 
 
+def ema_decay_at(decay: float, n: int) -> float:
+    """The EMA decay after n updates: min(decay, (1 + n) / (10 + n)). The warm-up lets the
+    average follow the fast early changes instead of holding on to the random initial
+    weights for ~1/(1 - decay) steps."""
+    return min(decay, (1 + n) / (10 + n))
+
+
 def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights and BN buffers, with decay warm-up."""
     if not decay:
         return None
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        w = 1 - ema_decay_at(decay, int(n))
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], w)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():  # BN's num_batches_tracked: follow the model
+                a.copy_(c)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
