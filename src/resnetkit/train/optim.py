@@ -62,7 +62,8 @@ def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
         w = 1 - ema_decay_at(decay, int(n))
         floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], w)
+        if floats:  # AveragedModel calls once per dtype group; BN counters come alone
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], w)
         for a, c in zip(averaged, current):
             if not a.is_floating_point():  # BN's num_batches_tracked: follow the model
                 a.copy_(c)
