@@ -10,10 +10,10 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import resnetkit as rk
+from resnetkit.bench import training_step
 from resnetkit.infer.optimize import optimize
 from resnetkit.train.trainer import has_native_bf16
 
@@ -56,13 +56,7 @@ def main() -> None:
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
         xt = x.contiguous(memory_format=torch.channels_last) if bf16 else x
         y = torch.randint(0, a.num_classes, (a.batch,))
-
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(m(xt).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        step = training_step(m, opt, xt, y, bf16)
         for _ in range(2):
             step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -52,6 +52,18 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
+def training_step(m: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                  y: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    """One forward + backward + optimizer step on a fixed batch, bf16 autocast if asked."""
+    def run() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(m(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
 def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
           rounds: int = 7, warmup: int = 2, in_chans: int = 3, num_classes: int = 1000,
           train: bool = True, onnx: bool = True, compile: bool = False) -> dict[str, Any]:
@@ -117,16 +129,8 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
         ot = torch.optim.SGD(tt.parameters(), lr=0.01, momentum=0.9)
         xcl = x.contiguous(memory_format=torch.channels_last) if bf16 else x
 
-        def step(m, opt, inp, amp):
-            def run():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                    loss = F.cross_entropy(m(inp).float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            return run
-        paths["train_baseline_fp32_nchw"] = step(tb, ob, x, False)
-        paths["train_resnetkit"] = step(tt, ot, xcl, bf16)
+        paths["train_baseline_fp32_nchw"] = training_step(tb, ob, x, y, False)
+        paths["train_resnetkit"] = training_step(tt, ot, xcl, y, bf16)
         precision["train_baseline_fp32_nchw"] = "fp32"
         precision["train_resnetkit"] = "bf16" if bf16 else "fp32"
     for fn in paths.values():
