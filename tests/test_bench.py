@@ -3,6 +3,7 @@ import pytest
 
 from resnetkit.bench import bench, hardware
 from resnetkit.errors import UserError
+from resnetkit.infer.export import openvino_precisions
 
 
 def test_bench_small_model_reports_every_path():
@@ -10,6 +11,9 @@ def test_bench_small_model_reports_every_path():
     res = r["results"]
     assert {"baseline_fp32_nchw", "resnetkit_infer", "onnxruntime_fp32",
             "train_baseline_fp32_nchw", "train_resnetkit"} <= set(res)
+    engines = {f"openvino_{p}" for p in openvino_precisions()}
+    assert engines and engines <= set(res)  # OpenVINO is part of the [all] install
+    assert all(res[k]["precision"] == k.split("_")[1] for k in engines)
     assert res["baseline_fp32_nchw"]["speedup"] == 1.0
     for v in res.values():
         assert v["img_s"] > 0 and v["min_ms"] <= v["ms_per_batch"] <= v["max_ms"]
@@ -60,8 +64,9 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     from resnetkit.train.trainer import evaluate
     r = check(trained, limit=2000)
     res = r["results"]
+    engines = {f"openvino_{p}" for p in openvino_precisions()}
     assert r["samples"] == 2000 and set(res) == {"baseline_fp32_nchw", "resnetkit_infer",
-                                                 "onnxruntime_fp32"}
+                                                 "onnxruntime_fp32"} | engines
     base = res["baseline_fp32_nchw"]
     assert base["agreement_with_fp32"] == 1 and base["max_abs_diff"] == 0
     # The fp32 top-1 equals the trainer's own evaluation of the same checkpoint and images.
@@ -73,6 +78,12 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     assert base["top1"] == pytest.approx(ev["top1"], abs=1e-9) and base["top1"] > 0.6
     onnx = res["onnxruntime_fp32"]  # fp32 with BN folded: rounding only
     assert onnx["agreement_with_fp32"] >= 0.999 and onnx["max_abs_diff"] <= 1e-4 * max(1, r["logit_scale"])
+    if "openvino_fp32" in res:
+        ov = res["openvino_fp32"]
+        assert ov["agreement_with_fp32"] >= 0.999 and ov["max_abs_diff"] <= 1e-4 * max(1, r["logit_scale"])
+    if "openvino_bf16" in res:
+        ov = res["openvino_bf16"]
+        assert ov["agreement_with_fp32"] >= 0.99 and abs(ov["top1"] - base["top1"]) <= 0.01
     fast = res["resnetkit_infer"]  # bf16 where native: small differences, same classes
     assert fast["agreement_with_fp32"] >= 0.99 and fast["max_abs_diff"] < 0.1 * r["logit_scale"]
     assert abs(fast["top1"] - base["top1"]) <= 0.01

@@ -11,7 +11,7 @@ import resnetkit as rk
 from resnetkit.cli import main
 from resnetkit.errors import UserError
 from resnetkit.infer.export import export, onnx_session
-from resnetkit.infer.optimize import fold_bn, fold_model, optimize
+from resnetkit.infer.optimize import compile_pays, fold_bn, fold_model, optimize
 
 
 def trained_like(name, **kw):
@@ -80,6 +80,47 @@ def test_optimize_bf16_and_fp32():
     assert all(p.requires_grad for p in m.parameters())  # the original is untouched
     with pytest.raises(UserError, match="precision"):
         optimize(m, precision="fp16")
+
+
+def test_optimize_compiled_equals_eager_and_auto_follows_the_hardware():
+    m = trained_like("resnet20", num_classes=10)
+    x = torch.randn(3, 3, 32, 32)
+    eager = optimize(m, precision="fp32", compile=False)
+    comp = optimize(m, precision="fp32", compile=True)
+    assert comp.compiled and not eager.compiled
+    with torch.no_grad():
+        ref, a, b = m(x), eager(x), comp(x)
+    # fp32: inductor may reorder reductions, nothing more
+    assert torch.allclose(b, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    assert torch.allclose(a, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    flags = open("/proc/cpuinfo").read().split()
+    assert compile_pays(torch.device("cpu")) == ("amx_bf16" in flags)
+    assert optimize(m).compiled == ("amx_bf16" in flags)
+    with pytest.raises(UserError, match="compile must be"):
+        optimize(m, compile="yes")
+
+
+def test_openvino_runs_the_exported_file_like_pytorch(tmp_path):
+    pytest.importorskip("openvino")
+    from resnetkit.infer.export import openvino_model, openvino_precisions
+    m = trained_like("resnet18", num_classes=10)
+    path = export(m, tmp_path / "r18.onnx", "onnx", image_size=64)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+    assert "fp32" in openvino_precisions()
+    for shape in (None, (3, 3, 64, 64)):  # dynamic batch, then a fixed shape
+        out = torch.from_numpy(np.array(openvino_model(path, "fp32", shape=shape)(x.numpy())))
+        assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    if "bf16" in openvino_precisions():
+        out = torch.from_numpy(np.array(openvino_model(path, "bf16")(x.numpy())))
+        assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    with pytest.raises(UserError, match="fp32 or bf16"):
+        openvino_model(path, "fp16")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(UserError, match="cannot load"):
+        openvino_model(bad)
 
 
 def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .infer.optimize import optimize
-from .train.trainer import has_native_bf16
+from .infer.optimize import compile_pays, optimize
+from .train.trainer import cpu_flags, has_native_bf16
 from .zoo import create_model
 
 
@@ -23,12 +23,10 @@ def hardware() -> dict[str, Any]:
     threads = torch.get_num_threads()
     if torch.cuda.is_available():
         return {"device": torch.cuda.get_device_name(), "threads": threads}
-    flags, name, mhz = [], "cpu", 0.0
+    flags, name, mhz = cpu_flags(), "cpu", 0.0
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-            elif line.startswith("model name") and name == "cpu":
+            if line.startswith("model name") and name == "cpu":
                 name = line.split(":", 1)[1].strip()
             elif line.startswith("cpu MHz") and not mhz:
                 mhz = float(line.split(":", 1)[1])
@@ -64,6 +62,49 @@ def training_step(m: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
     return run
 
 
+def _export_onnx(model: torch.nn.Module, image_size: int, notes: list[str]) -> Path | None:
+    """The model exported to a temporary ONNX file for the engines, or None (with a note)
+    when the exporter's packages are missing."""
+    from .infer.export import export
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    try:
+        export(model, path, "onnx", image_size)
+    except ImportError as e:
+        notes.append(f"ONNX export needs pip install 'resnetkit[export]' ({e}): "
+                     "ONNX Runtime and OpenVINO skipped")
+        return None
+    return path
+
+
+def _engines(model: torch.nn.Module, image_size: int, x: torch.Tensor,
+             paths: dict[str, Callable[[], Any]], precision: dict[str, str],
+             notes: list[str]) -> None:
+    """Add ONNX Runtime and OpenVINO (each precision its CPU plugin offers) on the exported
+    file to the timed paths; absent engines are skipped with a note."""
+    from .infer.export import openvino_model, openvino_precisions
+    path = _export_onnx(model, image_size, notes)
+    if path is None:
+        return
+    xn = x.numpy()
+    try:
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: xn}
+        paths["onnxruntime_fp32"] = lambda: sess.run(None, feed)
+        precision["onnxruntime_fp32"] = "fp32"
+    except ImportError:
+        notes.append("onnxruntime not installed: skipped (pip install 'resnetkit[export]')")
+    precs = openvino_precisions()
+    if not precs:
+        notes.append("openvino not installed: skipped (pip install 'resnetkit[openvino]')")
+    for p in precs:
+        run = openvino_model(path, p, torch.get_num_threads(), tuple(x.shape))
+        paths[f"openvino_{p}"] = lambda run=run: run(xn)
+        precision[f"openvino_{p}"] = p
+
+
 def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
           rounds: int = 7, warmup: int = 2, in_chans: int = 3, num_classes: int = 1000,
           train: bool = True, onnx: bool = True, compile: bool = False) -> dict[str, Any]:
@@ -83,7 +124,7 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     macs = count(model, image_size, in_chans=in_chans, num_classes=num_classes)["macs"]
     x = torch.randn(batch, in_chans, image_size, image_size)
     y = torch.randint(0, num_classes, (batch,))
-    fast = optimize(base)
+    fast = optimize(base, compile=False)
     paths: dict[str, Callable[[], Any]] = {}
     precision = {"baseline_fp32_nchw": "fp32"}
 
@@ -96,29 +137,12 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     paths["resnetkit_infer"] = infer(fast)
     precision["resnetkit_infer"] = fast.precision
     notes = []
-    if compile:
-        comp = torch.compile(fast)
-        paths["resnetkit_infer_compiled"] = infer(comp)
+    auto_compiles = compile_pays(x.device)
+    if compile or auto_compiles:
+        paths["resnetkit_infer_compiled"] = infer(optimize(base, compile=True))
         precision["resnetkit_infer_compiled"] = fast.precision
     if onnx:
-        try:
-            import onnxruntime as ort
-            from .infer.export import export
-            tmp = Path(tempfile.mkdtemp()) / "model.onnx"
-            export(base, tmp, "onnx", image_size)
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = torch.get_num_threads()
-            sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
-            feed = {sess.get_inputs()[0].name: x.numpy()}
-            paths["onnxruntime_fp32"] = lambda: sess.run(None, feed)
-            precision["onnxruntime_fp32"] = "fp32"
-        except ImportError:
-            notes.append("onnxruntime not installed: skipped")
-        try:
-            import openvino as ov  # noqa: F401
-            notes.append("openvino installed but not wired in this version")
-        except ImportError:
-            notes.append("openvino not installed: skipped")
+        _engines(base, image_size, x, paths, precision, notes)
     if train:
         tb = create_model(model, in_chans=in_chans, num_classes=num_classes).train()
         ob = torch.optim.SGD(tb.parameters(), lr=0.01, momentum=0.9)
@@ -156,6 +180,7 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
         r["speedup"] = r["img_s"] / results[ref]["img_s"]
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw, "results": results,
+            "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
             "notes": notes, "pid": os.getpid()}
 
 
@@ -186,23 +211,30 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
     batches = [prepare(data.images[i:min(i + batch, n)], pre["mean"], pre["std"], size)
                for i in range(0, n, batch)]
     labels = data.labels[:n]
-    fast = optimize(model)
+    fast = optimize(model, compile=False)
     paths: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
         "baseline_fp32_nchw": ("fp32", model), "resnetkit_infer": (fast.precision, fast)}
     notes = []
-    if compile:
-        paths["resnetkit_infer_compiled"] = (fast.precision, torch.compile(fast))
+    if compile or compile_pays(next(model.parameters()).device):
+        paths["resnetkit_infer_compiled"] = (fast.precision, optimize(model, compile=True))
     if onnx:
-        try:
-            from .infer.export import export, onnx_session
-            tmp = Path(tempfile.mkdtemp()) / "model.onnx"
-            export(model, tmp, "onnx", batches[0].shape[-1])
-            sess = onnx_session(tmp)
-            name = sess.get_inputs()[0].name
-            paths["onnxruntime_fp32"] = ("fp32", lambda x: torch.from_numpy(
-                np.asarray(sess.run(None, {name: x.numpy()})[0])))
-        except ImportError:
-            notes.append("onnxruntime not installed: skipped")
+        from .infer.export import onnx_session, openvino_model, openvino_precisions
+        path = _export_onnx(model, batches[0].shape[-1], notes)
+        if path is not None:
+            def numpy_fn(run):
+                return lambda x: torch.from_numpy(np.array(run(x.numpy())))
+            try:
+                sess = onnx_session(path)
+                name = sess.get_inputs()[0].name
+                paths["onnxruntime_fp32"] = ("fp32", numpy_fn(
+                    lambda a: sess.run(None, {name: a})[0]))
+            except UserError as e:
+                notes.append(f"{e}: skipped")
+            precs = openvino_precisions()
+            if not precs:
+                notes.append("openvino not installed: skipped (pip install 'resnetkit[openvino]')")
+            for p in precs:
+                paths[f"openvino_{p}"] = (p, numpy_fn(openvino_model(path, p)))
     logits = {}
     with torch.inference_mode():
         for k, (_, fn) in paths.items():

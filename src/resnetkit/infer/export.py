@@ -78,3 +78,45 @@ def onnx_session(path: str | Path):
 def onnx_meta(sess) -> dict[str, Any]:
     props = sess.get_modelmeta().custom_metadata_map
     return {k: json.loads(v) for k, v in props.items() if k in ("classes", "preprocess")}
+
+
+def openvino_precisions() -> list[str]:
+    """The inference precisions OpenVINO's CPU plugin offers here ("fp32", plus "bf16" where
+    the CPU has native bf16); empty when OpenVINO is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return ["fp32"] + (["bf16"] if "BF16" in caps else [])
+
+
+def openvino_model(path: str | Path, precision: str = "fp32", threads: int = 0,
+                   shape: tuple[int, ...] | None = None):
+    """An exported ONNX file compiled by OpenVINO for the CPU. precision is the plugin's
+    inference precision ("fp32" or "bf16"); shape fixes the input shape (static shapes let
+    the plugin plan its memory; None keeps the dynamic batch). Call it on a numpy array."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("OpenVINO is not installed: pip install 'resnetkit[openvino]'") from None
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"OpenVINO precision must be fp32 or bf16, got {precision!r}")
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+    except Exception as e:  # OpenVINO raises its own exception types for unreadable files
+        raise UserError(f"cannot load {path} in OpenVINO ({e})") from None
+    if shape is not None:
+        model.reshape(list(shape))
+    config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
+              "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x):
+        request.infer({0: x}, share_inputs=True)
+        return request.get_output_tensor(0).data
+    return run

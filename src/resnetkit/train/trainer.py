@@ -33,15 +33,22 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def has_native_bf16(device: torch.device) -> bool:
     """x86 CPUs with AVX512-BF16 or AMX-BF16 instructions; any bf16-capable CUDA device."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
