@@ -269,3 +269,58 @@ def test_ema_follows_the_warmed_up_decay():
     assert torch.allclose(ema.module[0].weight, expect, atol=1e-6)
     assert ema_decay_at(0.99, 1) == pytest.approx(2 / 11) and ema_decay_at(0.99, 10_000) == 0.99
     assert int(ema.module[1].num_batches_tracked) == 5
+
+
+def fashion_folder(root, per_class=40, classes=3):
+    """Fashion-MNIST test images saved as PNG files under root/{train,test}/CLASS/."""
+    from resnetkit.data import load_dataset
+    d = load_dataset("fashion-mnist", "test")
+    for split, start in (("train", 0), ("test", 5000)):
+        for c in range(classes):
+            folder = root / split / d.classes[c].replace("/", "-")
+            folder.mkdir(parents=True)
+            idx = ((d.labels[start:] == c).nonzero()[:per_class, 0] + start).tolist()
+            for i in idx:
+                Image.fromarray(d.images[i, 0].numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_streamed_image_folder_trains_exactly_like_the_cached_one(tmp_path):
+    from resnetkit.data import ArrayDataset, StreamedFolder
+    root = fashion_folder(tmp_path / "data")
+    kw = dict(dataset=f"folder:{root}", image_size=28, batch_size=32, epochs=2,
+              model_overrides={**TINY["model_overrides"], "in_chans": 1})
+    cached = tiny(tmp_path, "cached", cache_images="true", **kw)
+    streamed = tiny(tmp_path, "streamed", cache_images="false", workers=2, **kw)
+    assert isinstance(cached.train_data, ArrayDataset)
+    assert isinstance(streamed.train_data, StreamedFolder)
+    assert isinstance(streamed.test_data, StreamedFolder)
+    assert len(streamed.train_data) == len(cached.train_data) == 120
+    # exact statistics from the histogram pass, equal to those of the decoded array
+    assert streamed.mean == cached.mean and streamed.std == cached.std
+    a, b = cached.fit(), streamed.fit()
+    wa, wb = weights(cached), weights(streamed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["test"]["top1"] == b["test"]["top1"] > 1 / 3
+    assert a["test"]["confusion"] == b["test"]["confusion"]
+    sub = streamed.train_data.subset(torch.tensor([5, 0, 7]))
+    assert sub.mean == streamed.mean and sub.labels.tolist() == streamed.train_data.labels[[5, 0, 7]].tolist()
+    got = torch.cat(list(sub.batches([torch.tensor([0, 1]), torch.tensor([2])])))
+    assert torch.equal(got, cached.train_data.images[[5, 0, 7]])
+
+
+def test_cache_images_auto_follows_memory(tmp_path):
+    from resnetkit.data import StreamedFolder, in_memory_or_streamed
+    from resnetkit.data.lookup import fits_in_memory
+    from resnetkit.data.readers import ImageFolder
+    # 1.28 M ImageNet-size images (3 x 224 x 224, 193 GB decoded) do not fit in 24 GiB
+    assert not fits_in_memory(1_281_167, (3, 224, 224), total=24 << 30)
+    assert fits_in_memory(60_000, (1, 28, 28), total=24 << 30)
+    assert fits_in_memory(10, (3, 8, 8), share=0.25, total=4 * 1920)  # 1,920 bytes
+    assert not fits_in_memory(10, (3, 8, 8), share=0.25, total=4 * 1920 - 1)
+    root = fashion_folder(tmp_path / "data", per_class=2, classes=2)
+    folder = ImageFolder(root / "train", 28, 1)
+    assert isinstance(in_memory_or_streamed(folder, "false"), StreamedFolder)
+    assert not isinstance(in_memory_or_streamed(folder, "auto"), StreamedFolder)
+    with pytest.raises(UserError, match="cache_images"):
+        build_config(None, cache_images="sometimes")

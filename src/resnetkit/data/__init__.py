@@ -1,6 +1,7 @@
 """Datasets, batched tensor transforms and dataset lookup."""
-from .lookup import DATASETS, find_fashion_mnist, load_dataset, materialize
-from .readers import ArrayDataset, ImageFolder, load_image, read_idx
+from .lookup import (DATASETS, find_fashion_mnist, in_memory_or_streamed, load_dataset,
+                     materialize)
+from .readers import ArrayDataset, ImageFolder, StreamedFolder, load_image, read_idx
 
-__all__ = ["ArrayDataset", "ImageFolder", "DATASETS", "find_fashion_mnist", "load_dataset",
-           "load_image", "materialize", "read_idx"]
+__all__ = ["ArrayDataset", "ImageFolder", "DATASETS", "StreamedFolder", "find_fashion_mnist",
+           "in_memory_or_streamed", "load_dataset", "load_image", "materialize", "read_idx"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import urllib.request
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .readers import ArrayDataset, ImageFolder, cifar_dataset, idx_dataset
+from .readers import ArrayDataset, ImageFolder, StreamedFolder, cifar_dataset, idx_dataset
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
@@ -139,6 +140,36 @@ def materialize(ds: ArrayDataset | ImageFolder, workers: int = 2,
     """An in-memory uint8 copy; image folders are decoded by DataLoader workers."""
     if isinstance(ds, ArrayDataset):
         return ds
-    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))
     xs, ys = zip(*loader) if len(ds) else ((), ())
     return ArrayDataset(torch.cat(xs), torch.cat(ys), classes or list(ds.classes))
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (0 where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def fits_in_memory(n: int, shape: tuple[int, ...], share: float = 0.25,
+                   total: int | None = None) -> bool:
+    """Whether n decoded uint8 images of `shape` take at most `share` of the memory."""
+    total = memory_bytes() if total is None else total
+    return not total or n * math.prod(shape) <= share * total
+
+
+def in_memory_or_streamed(ds: ArrayDataset | ImageFolder, cache: str = "auto",
+                          workers: int = 2, classes: list[str] | None = None
+                          ) -> ArrayDataset | StreamedFolder:
+    """Array datasets as they are; an image folder decoded into memory (cache "true", or
+    "auto" when it takes at most a quarter of the memory) or streamed from disk on every
+    pass ("false", or "auto" when larger)."""
+    if isinstance(ds, ArrayDataset):
+        return ds
+    shape = (ds.in_chans, ds.image_size, ds.image_size)
+    if cache == "true" or (cache == "auto" and fits_in_memory(len(ds), shape)):
+        return materialize(ds, workers, classes)
+    return StreamedFolder(ds, workers, classes)

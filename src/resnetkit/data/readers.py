@@ -1,14 +1,18 @@
 """Dataset readers: IDX (MNIST family), CIFAR python batches, image-folder trees.
 
-Small datasets are held in memory as uint8 tensors (N, C, H, W); image folders decode lazily
-with Pillow in DataLoader workers."""
+Small datasets are held in memory as uint8 tensors (N, C, H, W); image folders are decoded
+with Pillow in DataLoader workers, once into memory or, when too large, on every pass
+(StreamedFolder). Both offer the trainer the same interface: len, labels, classes, shape,
+mean/std, subset() and batches()."""
 from __future__ import annotations
 
 import gzip
 import pickle
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,13 +24,22 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def byte_histogram(images: torch.Tensor) -> torch.Tensor:
+    """(C, 256) counts of each byte value per channel of uint8 images (N, C, H, W)."""
+    return torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256)
+                        for c in range(images.shape[1])])
+
+
+def channel_stats(images: torch.Tensor | None = None, hist: torch.Tensor | None = None
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (unbiased) std of uint8 images scaled to [0, 1], computed exactly
-    from a histogram of the byte values: the same on every machine and thread count."""
+    from a histogram of the byte values (of `images`, or a summed `hist` from
+    byte_histogram): the same on every machine and thread count."""
     mean, std = [], []
     v = torch.arange(256, dtype=torch.float64)
-    for c in range(images.shape[1]):
-        h = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+    hist = byte_histogram(images) if hist is None else hist
+    for c in range(hist.shape[0]):
+        h = hist[c].double()
         n = h.sum()
         m = (h * v).sum() / n
         var = (h * (v - m) ** 2).sum() / max(n - 1, 1)
@@ -56,6 +69,20 @@ class ArrayDataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])
+
+    def subset(self, keep: torch.Tensor) -> "ArrayDataset":
+        """The samples at `keep`, normalised with the statistics of the whole set."""
+        return ArrayDataset(self.images[keep], self.labels[keep], self.classes, self.mean,
+                            self.std)
+
+    def batches(self, index_lists: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The uint8 images of each index list, in order."""
+        return (self.images[idx] for idx in index_lists)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -221,3 +248,72 @@ class ImageFolder(torch.utils.data.Dataset):
         xs = [self[i][0] for i in range(len(self))]
         return ArrayDataset(torch.stack(xs), torch.tensor([s[1] for s in self.samples]),
                             list(self.classes))
+
+
+class _FolderImages(torch.utils.data.Dataset):
+    """Index -> decoded uint8 image of a list of (path, label) samples (for DataLoaders)."""
+
+    def __init__(self, samples: list[tuple[Path, int]], image_size: int, in_chans: int):
+        self.samples, self.image_size, self.in_chans = samples, image_size, in_chans
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_image(self.samples[i][0], self.image_size, self.in_chans)
+
+
+class StreamedFolder:
+    """An image folder decoded from disk on every pass by `workers` DataLoader processes,
+    for folders whose decoded images would not fit in memory. The mean/std are exact (a
+    histogram over one pass, made when first needed)."""
+
+    def __init__(self, folder: ImageFolder, workers: int = 2,
+                 classes: list[str] | None = None,
+                 samples: list[tuple[Path, int]] | None = None,
+                 stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+        self.folder, self.workers = folder, workers
+        self.samples = list(folder.samples if samples is None else samples)
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        self.classes = list(classes or folder.classes)
+        if stats is not None:
+            self.__dict__["_stats"] = stats
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.folder.in_chans, self.folder.image_size, self.folder.image_size)
+
+    @cached_property
+    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        chunks = torch.arange(len(self)).split(256)
+        hist = sum(byte_histogram(x) for x in self.batches(chunks))
+        return channel_stats(hist=hist)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self._stats[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._stats[1]
+
+    def subset(self, keep: torch.Tensor) -> "StreamedFolder":
+        """The samples at `keep`, normalised with the statistics of the whole folder."""
+        return StreamedFolder(self.folder, self.workers, self.classes,
+                              [self.samples[i] for i in keep.tolist()], self._stats)
+
+    def batches(self, index_lists: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The uint8 images of each index list, in order, decoded ahead by the workers."""
+        if not len(index_lists):
+            return iter(())
+        ds = _FolderImages(self.samples, self.folder.image_size, self.folder.in_chans)
+        # Its own generator: starting the workers must not draw from the global RNG (that
+        # would change, e.g., the initial weights against an in-memory run).
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=[idx.tolist() for idx in index_lists], collate_fn=torch.stack,
+            num_workers=self.workers, prefetch_factor=4 if self.workers else None,
+            generator=torch.Generator().manual_seed(0))
+        return iter(loader)

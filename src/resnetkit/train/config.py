@@ -65,6 +65,7 @@ class TrainConfig:
     tensorboard: bool = False
     on_bad_image: str = "skip"          # image folders: skip (warn) or error
     workers: int = 2
+    cache_images: str = "auto"          # image folders: auto | true (decode into memory) | false (stream)
     threads: int = 0                    # 0: torch's default
 
     def __post_init__(self) -> None:
@@ -79,6 +80,9 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
             (0 <= self.random_erasing <= 1, "random_erasing", "in [0, 1]"),
             (self.on_bad_image in ("skip", "error"), "on_bad_image", "skip or error"),
+            (str(self.cache_images).lower() in ("auto", "true", "false"), "cache_images",
+             "auto, true or false"),
+            (self.workers >= 0, "workers", ">= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
             (self.global_batch >= 0, "global_batch", ">= 0"),
             (self.accum_steps >= 1, "accum_steps", ">= 1"),

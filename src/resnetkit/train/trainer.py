@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..data import ArrayDataset, load_dataset, materialize
+from ..data import ArrayDataset, StreamedFolder, in_memory_or_streamed, load_dataset
 from ..data import transforms as T
 from ..errors import UserError
 from ..zoo import create_model
@@ -64,7 +64,8 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, bool
     return prec, channels_last
 
 
-def evaluate(model: torch.nn.Module, data: ArrayDataset, mean, std, image_size: int = 0,
+def evaluate(model: torch.nn.Module, data: ArrayDataset | StreamedFolder, mean, std,
+             image_size: int = 0,
              batch_size: int = 1024, precision: str = "fp32", channels_last: bool = False,
              device: torch.device | str = "cpu",
              dist_info: D.DistInfo | None = None, tta_flip: bool = False) -> dict[str, Any]:
@@ -81,11 +82,11 @@ def evaluate(model: torch.nn.Module, data: ArrayDataset, mean, std, image_size: 
     dtype = torch.float64 if precision == "fp64" else torch.float32
     share = torch.tensor_split(torch.arange(len(data)), info.world)[info.rank]
     lo, hi = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
+    ranges = [torch.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
     with torch.no_grad():
-        for i in range(lo, hi, batch_size):
-            j = min(i + batch_size, hi)
-            x = prepare(data.images[i:j], mean, std, image_size)
-            y = data.labels[i:j]
+        for idx, images in zip(ranges, data.batches(ranges)):
+            x = prepare(images, mean, std, image_size)
+            y = data.labels[idx]
             x = x.to(device, dtype, memory_format=fmt)
             with _autocast(device, precision):
                 out = model(x).float().cpu()
@@ -121,12 +122,11 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def _subset(data: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+def _subset(data: ArrayDataset | StreamedFolder, n: int, seed: int):
     """A fixed random subset of n samples (all when n is 0 or too large)."""
     if not n or n >= len(data):
         return data
-    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-    return ArrayDataset(data.images[keep], data.labels[keep], data.classes, data.mean, data.std)
+    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n])
 
 
 class Trainer:
@@ -149,19 +149,22 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
         self.precision, self.channels_last = resolve_precision(cfg, self.device)
+        # Image folders too large to hold decoded are streamed from disk (cache_images).
+        cache = str(cfg.cache_images).lower()
         train = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size,
                              in_chans=cfg.model_overrides.get("in_chans", 3), on_bad=cfg.on_bad_image)
-        self.train_data = materialize(train, cfg.workers)
-        self.test_data = materialize(load_dataset(cfg.dataset, "test", cfg.data_dir,
-                                                  cfg.image_size, self.train_data.images.shape[1],
-                                                  on_bad=cfg.on_bad_image),
-                                     cfg.workers, self.train_data.classes)
+        self.train_data = in_memory_or_streamed(train, cache, cfg.workers)
+        self.test_data = in_memory_or_streamed(
+            load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.image_size,
+                         self.train_data.shape[0], on_bad=cfg.on_bad_image),
+            cache, cfg.workers, self.train_data.classes)
         self.train_data = _subset(self.train_data, cfg.train_subset, cfg.seed)
         self.test_data = _subset(self.test_data, cfg.test_subset, cfg.seed)
         self.mean, self.std = self.train_data.mean, self.train_data.std
-        self.image_size = cfg.image_size or self.train_data.images.shape[-1]
+        self.image_size = cfg.image_size or self.train_data.shape[-1]
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         model = create_model(cfg.model, **{**cfg.model_overrides,
-                                           "in_chans": self.train_data.images.shape[1],
+                                           "in_chans": self.train_data.shape[0],
                                            "num_classes": len(self.train_data.classes)})
         if self.image_size < model.min_input_size:
             raise UserError(f"image_size {self.image_size} is too small for {cfg.model}: it "
@@ -271,8 +274,8 @@ class Trainer:
         r = self.dist.rank * self.batches.accum + micro
         return ((self.cfg.seed * 100_003 + epoch) * 1_000_003 + step) * 4099 + r
 
-    def _batch(self, idx: torch.Tensor, epoch: int, step: int, micro: int):
-        x = self._augment(self.train_data.images[idx], self._seed(epoch, step, micro))
+    def _batch(self, images: torch.Tensor, idx: torch.Tensor, epoch: int, step: int, micro: int):
+        x = self._augment(images, self._seed(epoch, step, micro))
         x = x.to(self.device, self.dtype, memory_format=self._fmt, non_blocking=True)
         return x, self.train_data.labels[idx].to(self.device, non_blocking=True)
 
@@ -324,11 +327,16 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen, t0 = 0, time.perf_counter()
         progress.start(self.epoch + 1, c.epochs, self.steps_per_epoch, self.step_in_epoch)
-        while self.step_in_epoch < self.steps_per_epoch:
+        # The rest of the epoch's micro-batches, fetched in order (a streamed folder's
+        # workers decode ahead of the step that needs them).
+        plan = [D.step_indices(perm, s, self.batches, info, c.drop_last)
+                for s in range(self.step_in_epoch, self.steps_per_epoch)]
+        images = self.train_data.batches([idx for parts in plan for idx in parts])
+        for parts in plan:
             s = self.step_in_epoch
-            parts = D.step_indices(perm, s, self.batches, info, c.drop_last)
             step_samples = min(self.batches.global_, len(perm) - s * self.batches.global_)
-            micro = [self._batch(idx, self.epoch, s, i) for i, idx in enumerate(parts)]
+            micro = [self._batch(next(images), idx, self.epoch, s, i)
+                     for i, idx in enumerate(parts)]
             step_loss, ok = self.train_step(micro, step_samples)
             n_local = sum(len(idx) for idx in parts)
             bad, stop_now = self._check_step(step_loss, step_samples)
