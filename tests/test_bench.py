@@ -1,5 +1,6 @@
 """bench: the JSON figures and bad input (timings themselves are not asserted)."""
 import pytest
+import torch
 
 from resnetkit.bench import bench, hardware
 from resnetkit.errors import UserError
@@ -33,6 +34,22 @@ def test_bench_bad_input(kw, msg):
         args["num_classes"] = 10
     with pytest.raises(UserError, match=msg):
         bench(**args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_bench_cuda_without_gpu_is_refused():
+    with pytest.raises(UserError, match="no CUDA device"):
+        bench("resnet20", batch=2, image_size=32, rounds=1, num_classes=10, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_gpu():
+    r = bench("resnet20", batch=64, image_size=32, rounds=3, num_classes=10, device="cuda")
+    res = r["results"]
+    assert {"baseline_fp32_nchw", "resnetkit_infer", "resnetkit_infer_compiled",
+            "train_baseline_fp32_nchw", "train_resnetkit"} <= set(res)
+    assert "onnxruntime_fp32" not in res and r["hardware"]["device"] == torch.cuda.get_device_name()
+    assert all(v["img_s"] > 0 for v in res.values())
 
 
 def test_hardware_peak_is_derived():

@@ -77,6 +77,15 @@ def test_optimize_bf16_and_fp32():
     # bf16 keeps 8 bits of mantissa: agreement of the ranking, and a loose bound
     assert torch.equal(bf16.argmax(1), ref.argmax(1))
     assert (bf16 - ref).abs().max() < 0.1 * ref.abs().max()
+    # bf16 weights stored once instead of cast by autocast on each call: the same rounding
+    auto = optimize(m, precision="bf16", bf16_weights=False)
+    stored = optimize(m, precision="bf16")
+    assert stored.bf16_weights and not auto.bf16_weights
+    assert stored.model.fc.weight.dtype == torch.float32
+    assert {p.dtype for n, p in stored.model.named_parameters() if not n.startswith("fc.")} == {torch.bfloat16}
+    with torch.no_grad():
+        a, b = auto(x), stored(x)
+    assert torch.allclose(a, b, atol=1e-2 * ref.abs().max().item(), rtol=0)
     assert all(p.requires_grad for p in m.parameters())  # the original is untouched
     with pytest.raises(UserError, match="precision"):
         optimize(m, precision="fp16")

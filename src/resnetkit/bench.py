@@ -18,11 +18,24 @@ from .train.trainer import cpu_flags, has_native_bf16
 from .zoo import create_model
 
 
-def hardware() -> dict[str, Any]:
+# Dense tensor-core peaks from the vendors' data sheets, TFLOP/s: (fp32 without tensor
+# cores, tf32, bf16); the first name that is part of the device's name wins.
+GPU_PEAKS = (("H100 PCIe", (51.0, 378.0, 756.0)), ("H100", (67.0, 494.7, 989.4)),
+             ("H200", (67.0, 494.7, 989.4)), ("A100", (19.5, 156.0, 312.0)),
+             ("L4", (30.3, 60.0, 121.0)))
+
+
+def hardware(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Device name, cores and peak FLOP/s (fp32 and bf16) where they can be derived."""
     threads = torch.get_num_threads()
-    if torch.cuda.is_available():
-        return {"device": torch.cuda.get_device_name(), "threads": threads}
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peaks = next((v for k, v in GPU_PEAKS if k in name), None)
+        # PyTorch runs fp32 convolutions on TF32 tensor cores unless told not to
+        tf32 = torch.backends.cudnn.allow_tf32
+        return {"device": name, "threads": threads, "fp32_convs": "tf32" if tf32 else "fp32",
+                "peak_fp32_gflops": peaks[1 if tf32 else 0] * 1e3 if peaks else None,
+                "peak_bf16_gflops": peaks[2] * 1e3 if peaks else None}
     flags, name, mhz = cpu_flags(), "cpu", 0.0
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,10 +55,10 @@ def hardware() -> dict[str, Any]:
             "peak_fp32_gflops": threads * fp32 * ghz, "peak_bf16_gflops": threads * bf16 * ghz}
 
 
-def _time(fn: Callable[[], Any]) -> float:
+def _time(fn: Callable[[], Any], cuda: bool) -> float:
     t = time.perf_counter()
     fn()
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t
 
@@ -107,23 +120,31 @@ def _engines(model: torch.nn.Module, image_size: int, x: torch.Tensor,
 
 def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
           rounds: int = 7, warmup: int = 2, in_chans: int = 3, num_classes: int = 1000,
-          train: bool = True, onnx: bool = True, compile: bool = False) -> dict[str, Any]:
+          train: bool = True, onnx: bool = True, compile: bool = False,
+          device: str = "auto") -> dict[str, Any]:
     """Median images/s and ms per batch of each path, their spread, speed-ups against the
-    eager fp32 NCHW baseline and achieved FLOP/s as a fraction of peak."""
+    eager fp32 NCHW baseline and achieved FLOP/s as a fraction of peak. device: "auto"
+    (CUDA when there is one), "cpu" or "cuda[:N]"; ONNX Runtime and OpenVINO run on the CPU
+    only, so they are timed only there."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda asked for, but this PyTorch sees no CUDA device")
     if batch < 1:
         raise UserError(f"batch size must be >= 1, got {batch}")
     if threads < 0:
         raise UserError(f"thread count must be >= 1 (or 0 for the default), got {threads}")
     if threads:
         torch.set_num_threads(threads)
-    base = create_model(model, in_chans=in_chans, num_classes=num_classes).eval()
+    base = create_model(model, in_chans=in_chans, num_classes=num_classes).to(dev).eval()
     if image_size < base.min_input_size:
         raise UserError(f"image size {image_size} is too small for {model}: it needs at least "
                         f"{base.min_input_size}")
     from .analysis.summary import flops as count
     macs = count(model, image_size, in_chans=in_chans, num_classes=num_classes)["macs"]
-    x = torch.randn(batch, in_chans, image_size, image_size)
-    y = torch.randint(0, num_classes, (batch,))
+    x = torch.randn(batch, in_chans, image_size, image_size, device=dev)
+    y = torch.randint(0, num_classes, (batch,), device=dev)
     fast = optimize(base, compile=False)
     paths: dict[str, Callable[[], Any]] = {}
     precision = {"baseline_fp32_nchw": "fp32"}
@@ -141,13 +162,15 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     if compile or auto_compiles:
         paths["resnetkit_infer_compiled"] = infer(optimize(base, compile=True))
         precision["resnetkit_infer_compiled"] = fast.precision
-    if onnx:
+    if onnx and dev.type == "cpu":
         _engines(base, image_size, x, paths, precision, notes)
+    elif onnx:
+        notes.append("ONNX Runtime and OpenVINO are timed on the CPU only (use --device cpu)")
     if train:
-        tb = create_model(model, in_chans=in_chans, num_classes=num_classes).train()
+        tb = create_model(model, in_chans=in_chans, num_classes=num_classes).to(dev).train()
         ob = torch.optim.SGD(tb.parameters(), lr=0.01, momentum=0.9)
         bf16 = has_native_bf16(x.device)
-        tt = create_model(model, in_chans=in_chans, num_classes=num_classes).train()
+        tt = create_model(model, in_chans=in_chans, num_classes=num_classes).to(dev).train()
         if bf16:
             tt = tt.to(memory_format=torch.channels_last)
         ot = torch.optim.SGD(tt.parameters(), lr=0.01, momentum=0.9)
@@ -163,8 +186,8 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     times: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(rounds):
         for k, fn in paths.items():
-            times[k].append(_time(fn))
-    hw = hardware()
+            times[k].append(_time(fn, dev.type == "cuda"))
+    hw = hardware(dev)
     results = {}
     for k, ts in times.items():
         med = statistics.median(ts)

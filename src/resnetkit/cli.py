@@ -320,7 +320,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         return _bench_check(a)
     r = bench(a.model, a.batch, a.image_size, a.threads, a.rounds, in_chans=a.in_chans,
               num_classes=a.num_classes, train=not a.no_train, onnx=not a.no_onnx,
-              compile=a.compile)
+              compile=a.compile, device=a.device)
     if a.json:
         _emit_json(r)
         return 0
@@ -439,8 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--in-chans", type=int, default=3)
     s.add_argument("--num-classes", type=int, default=1000)
     s.add_argument("--no-train", action="store_true")
-    s.add_argument("--no-onnx", action="store_true")
-    s.add_argument("--compile", action="store_true", help="also time torch.compile of the fast path")
+    s.add_argument("--no-onnx", action="store_true",
+                   help="skip the engines that run the exported ONNX file (ONNX Runtime, OpenVINO)")
+    s.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the fast path (always on where optimize() "
+                        "compiles by default: CUDA, AMX CPUs)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda[:N]")
     s.add_argument("--check", metavar="CHECKPOINT", default=None,
                    help="instead of timing: compare every fast path's logits with fp32 on a "
                         "real test set for this trained checkpoint or run folder")

@@ -62,13 +62,14 @@ def fold_model(model: ResNet) -> ResNet:
 
 
 class InferenceModel(nn.Module):
-    """An optimised copy of a ResNet: features under autocast (if bf16), head in fp32."""
+    """An optimised copy of a ResNet: features in bf16 (weights stored in bf16, or cast by
+    autocast on each call) or fp32, the head (pooling and fc) in fp32."""
 
     def __init__(self, model: ResNet, precision: str, channels_last: bool,
-                 compiled: bool = False):
+                 compiled: bool = False, bf16_weights: bool = False):
         super().__init__()
         self.model, self.precision, self.channels_last = model, precision, channels_last
-        self.compiled = compiled
+        self.compiled, self.bf16_weights = compiled, bf16_weights
         self._run = torch.compile(self._forward) if compiled else self._forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,12 @@ class InferenceModel(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            f = self.model.forward_features(x)
+        if self.bf16_weights:
+            f = self.model.forward_features(x.to(torch.bfloat16))
+        else:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bf16"):
+                f = self.model.forward_features(x)
         return self.model.forward_head(f.float())
 
 
@@ -91,13 +96,16 @@ def compile_pays(device: torch.device) -> bool:
 
 
 def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool = "auto",
-             fold: bool = True, compile: str | bool = "auto") -> InferenceModel:
+             fold: bool = True, compile: str | bool = "auto",
+             bf16_weights: bool = True) -> InferenceModel:
     """A fast inference copy of `model` (the original is untouched).
 
     precision: "auto" (bf16 where the hardware has native bf16, else fp32), "bf16", "fp32".
     channels_last: "auto" (on with bf16 or CUDA), True, False. fold: fold BN into convs.
     compile: False, True, or "auto" (`compile_pays`): the first call of each new input shape
-    then compiles, so use it for long-running inference, not for a handful of images."""
+    then compiles, so use it for long-running inference, not for a handful of images.
+    bf16_weights: with bf16, store the feature weights in bf16 once instead of letting
+    autocast cast them on every call (the fc stays fp32 either way)."""
     device = next(model.parameters()).device
     if compile == "auto":
         compile = compile_pays(device)
@@ -116,4 +124,8 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
         m = m.to(memory_format=torch.channels_last)
     for p in m.parameters():
         p.requires_grad_(False)
-    return InferenceModel(m, precision, cl, compile).eval()
+    bf16_weights = bf16_weights and precision == "bf16"
+    if bf16_weights:
+        m.to(torch.bfloat16)
+        m.fc.float()
+    return InferenceModel(m, precision, cl, compile, bf16_weights).eval()
