@@ -5,6 +5,7 @@ import torch
 from resnetkit.bench import bench, hardware
 from resnetkit.errors import UserError
 from resnetkit.infer.export import openvino_precisions
+from resnetkit.infer.optimize import compile_pays
 
 
 def test_bench_small_model_reports_every_path():
@@ -82,6 +83,8 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     r = check(trained, limit=2000)
     res = r["results"]
     engines = {f"openvino_{p}" for p in openvino_precisions()}
+    if compile_pays(torch.device("cpu")):  # optimize() compiles by default here
+        engines.add("resnetkit_infer_compiled")
     assert r["samples"] == 2000 and set(res) == {"baseline_fp32_nchw", "resnetkit_infer",
                                                  "onnxruntime_fp32"} | engines
     base = res["baseline_fp32_nchw"]
@@ -101,12 +104,16 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     if "openvino_bf16" in res:
         ov = res["openvino_bf16"]
         assert ov["agreement_with_fp32"] >= 0.99 and abs(ov["top1"] - base["top1"]) <= 0.01
+    if "resnetkit_infer_compiled" in res:
+        comp = res["resnetkit_infer_compiled"]
+        assert comp["agreement_with_fp32"] >= 0.99 and abs(comp["top1"] - base["top1"]) <= 0.01
     fast = res["resnetkit_infer"]  # bf16 where native: small differences, same classes
     assert fast["agreement_with_fp32"] >= 0.99 and fast["max_abs_diff"] < 0.1 * r["logit_scale"]
     assert abs(fast["top1"] - base["top1"]) <= 0.01
     assert main(["bench", "--check", str(trained), "--limit", "300", "--no-onnx", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["samples"] == 300 and set(out["results"]) == {"baseline_fp32_nchw", "resnetkit_infer"}
+    assert out["samples"] == 300 and set(out["results"]) - {"resnetkit_infer_compiled"} == {
+        "baseline_fp32_nchw", "resnetkit_infer"}
 
 
 def test_check_bad_input(trained, tmp_path):

@@ -79,7 +79,7 @@ def test_optimize_bf16_and_fp32():
     assert (bf16 - ref).abs().max() < 0.1 * ref.abs().max()
     # bf16 weights stored once instead of cast by autocast on each call: the same rounding
     auto = optimize(m, precision="bf16", bf16_weights=False)
-    stored = optimize(m, precision="bf16")
+    stored = optimize(m, precision="bf16", bf16_weights=True)
     assert stored.bf16_weights and not auto.bf16_weights
     assert stored.model.fc.weight.dtype == torch.float32
     assert {p.dtype for n, p in stored.model.named_parameters() if not n.startswith("fc.")} == {torch.bfloat16}
@@ -102,9 +102,10 @@ def test_optimize_compiled_equals_eager_and_auto_follows_the_hardware():
     # fp32: inductor may reorder reductions, nothing more
     assert torch.allclose(b, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
     assert torch.allclose(a, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
-    flags = open("/proc/cpuinfo").read().split()
-    assert compile_pays(torch.device("cpu")) == ("amx_bf16" in flags)
-    assert optimize(m).compiled == ("amx_bf16" in flags)
+    import shutil
+    has_cxx = any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+    assert compile_pays(torch.device("cpu")) == has_cxx
+    assert optimize(m).compiled == has_cxx and not optimize(m, compile=False).compiled
     with pytest.raises(UserError, match="compile must be"):
         optimize(m, compile="yes")
 

@@ -442,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-onnx", action="store_true",
                    help="skip the engines that run the exported ONNX file (ONNX Runtime, OpenVINO)")
     s.add_argument("--compile", action="store_true",
-                   help="also time torch.compile of the fast path (always on where optimize() "
-                        "compiles by default: CUDA, AMX CPUs)")
+                   help="also time torch.compile of the fast path (always timed where "
+                        "optimize() compiles by default: CUDA, or a CPU with a C++ compiler)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda[:N]")
     s.add_argument("--check", metavar="CHECKPOINT", default=None,
                    help="instead of timing: compare every fast path's logits with fp32 on a "
