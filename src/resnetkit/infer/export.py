@@ -3,6 +3,7 @@ with a dynamic batch dimension."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -80,14 +81,24 @@ def onnx_meta(sess) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in props.items() if k in ("classes", "preprocess")}
 
 
+@functools.lru_cache(maxsize=1)
+def _openvino_core():
+    """One OpenVINO runtime per process: its CPU plugin (thread pools, caches) is
+    process-wide state. With a Core per compiled model, an fp32 and a bf16 model compiled
+    side by side led to a segmentation fault later in the same process (when a training run
+    in it was then interrupted with SIGINT)."""
+    import openvino as ov
+    return ov.Core()
+
+
 def openvino_precisions() -> list[str]:
     """The inference precisions OpenVINO's CPU plugin offers here ("fp32", plus "bf16" where
     the CPU has native bf16); empty when OpenVINO is not installed."""
     try:
-        import openvino as ov
+        core = _openvino_core()
     except ImportError:
         return []
-    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return ["fp32"] + (["bf16"] if "BF16" in caps else [])
 
 
@@ -97,12 +108,11 @@ def openvino_model(path: str | Path, precision: str = "fp32", threads: int = 0,
     inference precision ("fp32" or "bf16"); shape fixes the input shape (static shapes let
     the plugin plan its memory; None keeps the dynamic batch). Call it on a numpy array."""
     try:
-        import openvino as ov
+        core = _openvino_core()
     except ImportError:
         raise UserError("OpenVINO is not installed: pip install 'resnetkit[openvino]'") from None
     if precision not in ("fp32", "bf16"):
         raise UserError(f"OpenVINO precision must be fp32 or bf16, got {precision!r}")
-    core = ov.Core()
     try:
         model = core.read_model(str(path))
     except Exception as e:  # OpenVINO raises its own exception types for unreadable files
