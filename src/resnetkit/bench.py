@@ -89,33 +89,29 @@ def _export_onnx(model: torch.nn.Module, image_size: int, notes: list[str]) -> P
     return path
 
 
-def _engines(model: torch.nn.Module, image_size: int, x: torch.Tensor,
-             paths: dict[str, Callable[[], Any]], precision: dict[str, str],
-             notes: list[str]) -> None:
-    """Add ONNX Runtime and OpenVINO (each precision its CPU plugin offers) on the exported
-    file to the timed paths; absent engines are skipped with a note."""
-    from .infer.export import openvino_model, openvino_precisions
+def _engines(model: torch.nn.Module, image_size: int, notes: list[str],
+             shape: tuple[int, ...] | None = None) -> dict[str, tuple[str, Callable]]:
+    """{name: (precision, run)} for ONNX Runtime and OpenVINO (each precision its CPU plugin
+    offers) on the exported file; run maps a numpy batch to numpy logits. shape fixes
+    OpenVINO's input shape (None: dynamic batch). Absent engines are skipped with a note."""
+    from .infer.export import onnx_session, openvino_model, openvino_precisions
     path = _export_onnx(model, image_size, notes)
     if path is None:
-        return
-    xn = x.numpy()
+        return {}
+    runners: dict[str, tuple[str, Callable]] = {}
+    threads = torch.get_num_threads()
     try:
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: xn}
-        paths["onnxruntime_fp32"] = lambda: sess.run(None, feed)
-        precision["onnxruntime_fp32"] = "fp32"
-    except ImportError:
-        notes.append("onnxruntime not installed: skipped (pip install 'resnetkit[export]')")
+        sess = onnx_session(path, threads)
+        name = sess.get_inputs()[0].name
+        runners["onnxruntime_fp32"] = ("fp32", lambda a: sess.run(None, {name: a})[0])
+    except UserError as e:
+        notes.append(f"{e}: skipped")
     precs = openvino_precisions()
     if not precs:
         notes.append("openvino not installed: skipped (pip install 'resnetkit[openvino]')")
     for p in precs:
-        run = openvino_model(path, p, torch.get_num_threads(), tuple(x.shape))
-        paths[f"openvino_{p}"] = lambda run=run: run(xn)
-        precision[f"openvino_{p}"] = p
+        runners[f"openvino_{p}"] = (p, openvino_model(path, p, threads, shape))
+    return runners
 
 
 def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
@@ -163,7 +159,10 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
         paths["resnetkit_infer_compiled"] = infer(optimize(base, compile=True))
         precision["resnetkit_infer_compiled"] = fast.precision
     if onnx and dev.type == "cpu":
-        _engines(base, image_size, x, paths, precision, notes)
+        xn = x.numpy()
+        for name, (prec, run) in _engines(base, image_size, notes, tuple(x.shape)).items():
+            paths[name] = lambda run=run: run(xn)
+            precision[name] = prec
     elif onnx:
         notes.append("ONNX Runtime and OpenVINO are timed on the CPU only (use --device cpu)")
     if train:
@@ -241,23 +240,8 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
     if compile or compile_pays(next(model.parameters()).device):
         paths["resnetkit_infer_compiled"] = (fast.precision, optimize(model, compile=True))
     if onnx:
-        from .infer.export import onnx_session, openvino_model, openvino_precisions
-        path = _export_onnx(model, batches[0].shape[-1], notes)
-        if path is not None:
-            def numpy_fn(run):
-                return lambda x: torch.from_numpy(np.array(run(x.numpy())))
-            try:
-                sess = onnx_session(path)
-                name = sess.get_inputs()[0].name
-                paths["onnxruntime_fp32"] = ("fp32", numpy_fn(
-                    lambda a: sess.run(None, {name: a})[0]))
-            except UserError as e:
-                notes.append(f"{e}: skipped")
-            precs = openvino_precisions()
-            if not precs:
-                notes.append("openvino not installed: skipped (pip install 'resnetkit[openvino]')")
-            for p in precs:
-                paths[f"openvino_{p}"] = (p, numpy_fn(openvino_model(path, p)))
+        for name, (prec, run) in _engines(model, batches[0].shape[-1], notes).items():
+            paths[name] = (prec, lambda x, run=run: torch.from_numpy(np.array(run(x.numpy()))))
     logits = {}
     with torch.inference_mode():
         for k, (_, fn) in paths.items():

@@ -59,14 +59,17 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     return path
 
 
-def onnx_session(path: str | Path):
-    """An ONNX Runtime session on the CPU; checks the file's input layout."""
+def onnx_session(path: str | Path, threads: int = 0):
+    """An ONNX Runtime session on the CPU (threads: 0 for ORT's default); checks the file's
+    input layout."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise UserError("ONNX files need onnxruntime: pip install 'resnetkit[export]'") from None
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for unreadable models
         raise UserError(f"cannot load {path} in ONNX Runtime ({e})") from None
     shape = sess.get_inputs()[0].shape
