@@ -17,6 +17,7 @@ def test_bench_small_model_reports_every_path():
     assert engines and engines <= set(res)  # OpenVINO is part of the [all] install
     assert all(res[k]["precision"] == k.split("_")[1] for k in engines)
     assert res["baseline_fp32_nchw"]["speedup"] == 1.0
+    assert r["allocator"]["allocator"] in ("glibc-tuned", "system")
     for v in res.values():
         assert v["img_s"] > 0 and v["min_ms"] <= v["ms_per_batch"] <= v["max_ms"]
         assert v["img_s"] == pytest.approx(4 / (v["ms_per_batch"] / 1e3))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .infer.optimize import compile_pays, optimize
+from .runtime import allocator_state
 from .train.trainer import cpu_flags, has_native_bf16
 from .zoo import create_model
 
@@ -203,6 +204,7 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw, "results": results,
             "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
+            "allocator": allocator_state(),
             "notes": notes, "pid": os.getpid()}
 
 

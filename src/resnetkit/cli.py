@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "depth", 1) == 0:
         args.depth = None
     try:
+        if args.command in ("train", "eval", "predict", "bench"):
+            from .runtime import tune_allocator
+            tune_allocator()
         return COMMANDS[args.command.replace("-", "_")](args)
     except UserError as e:
         rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
