@@ -102,6 +102,14 @@ def test_optimize_compiled_equals_eager_and_auto_follows_the_hardware():
     # fp32: inductor may reorder reductions, nothing more
     assert torch.allclose(b, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
     assert torch.allclose(a, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    assert comp.frozen  # compiled on the CPU: weights frozen, one graph per input shape
+    comp.MAX_SHAPES = 2
+    with torch.no_grad():
+        for n in (3, 5, 6):  # the third shape is past the limit: eager, the same numbers
+            xn = torch.randn(n, 3, 32, 32)
+            r = m(xn)
+            assert torch.allclose(comp(xn), r, atol=1e-4 * r.abs().max().item(), rtol=0)
+    assert comp._shapes == {(3, 3, 32, 32), (5, 3, 32, 32)}
     import shutil
     has_cxx = any(shutil.which(c) for c in ("g++", "clang++", "c++"))
     assert compile_pays(torch.device("cpu")) == has_cxx
@@ -182,3 +190,29 @@ def test_cli_export_preset(tmp_path, capsys):
     assert main(["export", "resnet20", "in_chans=1", "--image-size", "28", "-o", str(out)]) == 0
     assert out.exists() and "dynamic batch" in capsys.readouterr().out
     assert main(["export", "resnet20", "-o", str(tmp_path / "no" / "x.onnx")]) == 2
+
+
+@pytest.mark.skipif(not compile_pays(torch.device("cpu")), reason="needs a C++ compiler")
+def test_compiled_cpu_path_prepacks_the_weights(capfd):
+    """oneDNN's log of one call: the eager bf16 path reorders every conv weight into the
+    blocked layout on each call; the compiled (frozen) path did that once, at compile time."""
+    m = trained_like("resnet20", num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    calls = {}
+    for name, fast in (("eager", optimize(m, precision="bf16", compile=False)),
+                       ("frozen", optimize(m, precision="bf16", compile=True))):
+        with torch.no_grad():
+            fast(x), fast(x)
+            capfd.readouterr()
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                out = fast(x)
+        log = [line.split(",") for line in capfd.readouterr().out.splitlines()
+               if line.startswith("onednn_verbose") and ",exec," in line]
+        calls[name] = [f[5] for f in log]
+        with torch.no_grad():
+            ref = m(x)
+        assert torch.equal(out.argmax(1), ref.argmax(1))
+    convs = sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())
+    assert calls["eager"].count("convolution") == calls["frozen"].count("convolution") == convs
+    assert calls["eager"].count("reorder") >= convs
+    assert calls["frozen"].count("reorder") == 0

@@ -65,17 +65,44 @@ def fold_model(model: ResNet) -> ResNet:
 
 class InferenceModel(nn.Module):
     """An optimised copy of a ResNet: features in bf16 (weights stored in bf16, or cast by
-    autocast on each call) or fp32, the head (pooling and fc) in fp32."""
+    autocast on each call) or fp32, the head (pooling and fc) in fp32.
+
+    Compiled on the CPU, the weights are frozen: inductor treats them as constants, so each
+    conv's weight is cast and reordered into oneDNN's blocked layout once (prepacked) instead
+    of on every call, and the residual add and ReLU become post-ops of the conv before them.
+    Measured side by side against compiling without it (21 interleaved rounds, 2 threads,
+    AVX512-BF16): ResNet-20 at 28x28, batch 256, +12%; ResNet-50 at 224, batch 16, +3%.
+    Each new input shape compiles once (seconds); past MAX_SHAPES shapes, new ones run
+    eagerly."""
+
+    MAX_SHAPES = 8
 
     def __init__(self, model: ResNet, precision: str, channels_last: bool,
                  compiled: bool = False, bf16_weights: bool = False):
         super().__init__()
         self.model, self.precision, self.channels_last = model, precision, channels_last
         self.compiled, self.bf16_weights = compiled, bf16_weights
-        self._run = torch.compile(self._forward) if compiled else self._forward
+        device = next(model.parameters()).device
+        self.frozen = compiled and device.type == "cpu"
+        # frozen graphs are compiled per input shape: inductor's fused conv lowering fails on
+        # a dynamic batch dimension (stride assertion, torch 2.13)
+        self._run = (torch.compile(self._forward, dynamic=False if self.frozen else None)
+                     if compiled else self._forward)
+        self._shapes: set[tuple[int, ...]] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x)
+        if not self.frozen:
+            return self._run(x)
+        if tuple(x.shape) not in self._shapes:
+            if len(self._shapes) >= self.MAX_SHAPES:  # more shapes run eagerly, uncompiled
+                with torch.no_grad():
+                    return self._forward(x)
+            self._shapes.add(tuple(x.shape))
+        import torch._inductor.config as inductor_config
+        # compiling happens lazily, on the first call of each input shape: freezing must be
+        # on whenever it may happen, and applies only to graphs that need no gradients
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self._run(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -110,7 +137,9 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
     precision: "auto" (bf16 where the hardware has native bf16, else fp32), "bf16", "fp32".
     channels_last: "auto" (on with bf16 or CUDA), True, False. fold: fold BN into convs.
     compile: False, True, or "auto" (`compile_pays`): the first call of each new input shape
-    then compiles, so use it for long-running inference, not for a handful of images.
+    then compiles, so use it for long-running inference, not for a handful of images. On
+    the CPU the compiled graph freezes the weights (prepacked once for oneDNN, residual add
+    and ReLU fused into the convs; see InferenceModel).
     bf16_weights: with bf16, store the feature weights in bf16 once instead of letting
     autocast cast them on every call (the fc stays fp32 either way): half the weight
     memory; no measurable speed difference on AVX512-BF16 (+1.7% ResNet-50 at 224, -0.6%
