@@ -21,6 +21,11 @@ def test_bench_small_model_reports_every_path():
     for v in res.values():
         assert v["img_s"] > 0 and v["min_ms"] <= v["ms_per_batch"] <= v["max_ms"]
         assert v["img_s"] == pytest.approx(4 / (v["ms_per_batch"] / 1e3))
+        assert len(v["round_ms"]) == 2 and min(v["round_ms"]) == v["min_ms"]
+    for k, v in res.items():  # the per-round ratio's median (of two rounds: their mean)
+        ref = res["train_baseline_fp32_nchw" if k.startswith("train") else "baseline_fp32_nchw"]
+        paired = [a / b for a, b in zip(ref["round_ms"], v["round_ms"])]
+        assert v["speedup_paired"] == pytest.approx(sum(paired) / 2)
     # ResNet-20 at 32x32 by hand: stem, 3 stages of 6 3x3 convs (option A: no shortcut convs), fc
     macs = (3 * 16 * 9 * 32 ** 2 + 6 * 16 * 16 * 9 * 32 ** 2
             + (16 * 32 + 5 * 32 * 32) * 9 * 16 ** 2 + (32 * 64 + 5 * 64 * 64) * 9 * 8 ** 2 + 64 * 10)

@@ -120,7 +120,7 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
           train: bool = True, onnx: bool = True, compile: bool = False,
           device: str = "auto") -> dict[str, Any]:
     """Median images/s and ms per batch of each path, their spread, speed-ups against the
-    eager fp32 NCHW baseline and achieved FLOP/s as a fraction of peak. device: "auto"
+    eager fp32 NCHW baseline (ratio of medians, and the median of the per-round ratios) and achieved FLOP/s as a fraction of peak. device: "auto"
     (CUDA when there is one), "cpu" or "cuda[:N]"; ONNX Runtime and OpenVINO run on the CPU
     only, so they are timed only there."""
     if device == "auto":
@@ -196,11 +196,16 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
         peak = hw.get("peak_bf16_gflops" if precision[k] == "bf16" else "peak_fp32_gflops")
         results[k] = {"img_s": ips, "ms_per_batch": med * 1e3,
                       "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
+                      "round_ms": [t * 1e3 for t in ts],
                       "precision": precision[k], "gflops": flop / 1e9,
                       "fraction_of_peak": flop / 1e9 / peak if peak else None}
     for k, r in results.items():
         ref = "train_baseline_fp32_nchw" if k.startswith("train") else "baseline_fp32_nchw"
         r["speedup"] = r["img_s"] / results[ref]["img_s"]
+        # the same ratio taken round by round (both timed within seconds of each other), so
+        # a slow phase of the machine that spans several rounds cancels out
+        r["speedup_paired"] = statistics.median(
+            a / b for a, b in zip(results[ref]["round_ms"], r["round_ms"]))
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw, "results": results,
             "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",

@@ -325,13 +325,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
         _emit_json(r)
         return 0
     from rich.table import Table
-    t = Table("path", "precision", "img/s", "ms/batch", "min-max ms", "speed-up", "of peak",
+    t = Table("path", "precision", "img/s", "ms/batch", "min-max ms", "speed-up (paired)",
+              "of peak",
               title=f"{a.model}, batch {a.batch}, {a.image_size}x{a.image_size}, "
                     f"{r['hardware']['threads']} threads")
     for k, v in r["results"].items():
         frac = f"{100 * v['fraction_of_peak']:.1f}%" if v["fraction_of_peak"] else "-"
         t.add_row(k, v["precision"], f"{v['img_s']:.1f}", f"{v['ms_per_batch']:.1f}",
-                  f"{v['min_ms']:.0f}-{v['max_ms']:.0f}", f"{v['speedup']:.2f}x", frac)
+                  f"{v['min_ms']:.0f}-{v['max_ms']:.0f}",
+                  f"{v['speedup']:.2f}x ({v['speedup_paired']:.2f}x)", frac)
     c = _console()
     c.print(t)
     for n in r["notes"]:
