@@ -192,27 +192,36 @@ def test_cli_export_preset(tmp_path, capsys):
     assert main(["export", "resnet20", "-o", str(tmp_path / "no" / "x.onnx")]) == 2
 
 
+def onednn_calls(fast, x, capfd) -> tuple[torch.Tensor, list[str]]:
+    """The output of one call and the kinds of oneDNN primitives it ran, from oneDNN's log."""
+    with torch.no_grad():
+        fast(x), fast(x)  # compiled on the first call
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            out = fast(x)
+    return out, [line.split(",")[5] for line in capfd.readouterr().out.splitlines()
+                 if line.startswith("onednn_verbose") and ",exec," in line]
+
+
 @pytest.mark.skipif(not compile_pays(torch.device("cpu")), reason="needs a C++ compiler")
 def test_compiled_cpu_path_prepacks_the_weights(capfd):
-    """oneDNN's log of one call: the eager bf16 path reorders every conv weight into the
-    blocked layout on each call; the compiled (frozen) path did that once, at compile time."""
-    m = trained_like("resnet20", num_classes=10)
+    """The eager bf16 path reorders every conv weight into oneDNN's blocked layout on each
+    call; the compiled (frozen) path did that once, at compile time. With torch.compile's
+    graph limit lowered to 1, a second compiled model still compiles: each InferenceModel
+    has a cache of its own."""
+    import torch._dynamo.config as dynamo_config
     x = torch.randn(4, 3, 32, 32)
-    calls = {}
-    for name, fast in (("eager", optimize(m, precision="bf16", compile=False)),
-                       ("frozen", optimize(m, precision="bf16", compile=True))):
-        with torch.no_grad():
-            fast(x), fast(x)
-            capfd.readouterr()
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                out = fast(x)
-        log = [line.split(",") for line in capfd.readouterr().out.splitlines()
-               if line.startswith("onednn_verbose") and ",exec," in line]
-        calls[name] = [f[5] for f in log]
-        with torch.no_grad():
-            ref = m(x)
-        assert torch.equal(out.argmax(1), ref.argmax(1))
-    convs = sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())
-    assert calls["eager"].count("convolution") == calls["frozen"].count("convolution") == convs
-    assert calls["eager"].count("reorder") >= convs
-    assert calls["frozen"].count("reorder") == 0
+    m1, m2 = trained_like("resnet20", num_classes=10), trained_like("resnet20", num_classes=10)
+    convs = sum(isinstance(mod, torch.nn.Conv2d) for mod in m1.modules())
+    with dynamo_config.patch(recompile_limit=1):
+        for m, compiled in ((m1, False), (m1, True), (m2, True)):
+            out, calls = onednn_calls(optimize(m, precision="bf16", compile=compiled), x, capfd)
+            with torch.no_grad():
+                ref = m(x)
+            assert torch.equal(out.argmax(1), ref.argmax(1))
+            assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+            assert calls.count("convolution") == convs
+            if compiled:
+                assert calls.count("reorder") == 0
+            else:
+                assert calls.count("reorder") >= convs

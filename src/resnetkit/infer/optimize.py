@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import types
 
 import torch
 from torch import nn
@@ -63,6 +64,17 @@ def fold_model(model: ResNet) -> ResNet:
     return model
 
 
+def _own_code(method):
+    """The bound method with a code object of its own. torch.compile keeps its compiled
+    graphs, and its limit of 8 of them, per code object: without a copy every InferenceModel
+    of the process would share one cache, and past 8 models or shapes in all, new ones would
+    silently run uncompiled."""
+    f = method.__func__
+    copy_ = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__,
+                               f.__defaults__, f.__closure__)
+    return types.MethodType(copy_, method.__self__)
+
+
 class InferenceModel(nn.Module):
     """An optimised copy of a ResNet: features in bf16 (weights stored in bf16, or cast by
     autocast on each call) or fp32, the head (pooling and fc) in fp32.
@@ -86,7 +98,8 @@ class InferenceModel(nn.Module):
         self.frozen = compiled and device.type == "cpu"
         # frozen graphs are compiled per input shape: inductor's fused conv lowering fails on
         # a dynamic batch dimension (stride assertion, torch 2.13)
-        self._run = (torch.compile(self._forward, dynamic=False if self.frozen else None)
+        self._run = (torch.compile(_own_code(self._forward),
+                                   dynamic=False if self.frozen else None)
                      if compiled else self._forward)
         self._shapes: set[tuple[int, ...]] = set()
 
