@@ -45,7 +45,7 @@ def main() -> None:
     fast = optimize(model)
     out = {"model": a.model, "batch": a.batch, "image_size": a.image_size,
            "threads": torch.get_num_threads(), "precision": fast.precision,
-           "compiled": fast.compiled, "frozen": getattr(fast, "frozen", False)}
+           "compiled": fast.compiled, "frozen": fast.frozen}
     with torch.inference_mode():
         for _ in range(2):
             fast(x)

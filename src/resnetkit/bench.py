@@ -120,9 +120,9 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
           train: bool = True, onnx: bool = True, compile: bool = False,
           device: str = "auto") -> dict[str, Any]:
     """Median images/s and ms per batch of each path, their spread, speed-ups against the
-    eager fp32 NCHW baseline (ratio of medians, and the median of the per-round ratios) and achieved FLOP/s as a fraction of peak. device: "auto"
-    (CUDA when there is one), "cpu" or "cuda[:N]"; ONNX Runtime and OpenVINO run on the CPU
-    only, so they are timed only there."""
+    eager fp32 NCHW baseline (ratio of medians, and the median of the per-round ratios) and
+    achieved FLOP/s as a fraction of peak. device: "auto" (CUDA when there is one), "cpu" or
+    "cuda[:N]"; ONNX Runtime and OpenVINO run on the CPU only, so they are timed only there."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

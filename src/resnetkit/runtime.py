@@ -17,6 +17,8 @@ import ctypes.util
 import os
 from typing import Any
 
+from .errors import UserError
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for this setting on 64-bit systems
 TRIM_THRESHOLD = 1 << 30
@@ -45,7 +47,6 @@ def tune_allocator() -> dict[str, Any]:
         return _state
     choice = os.environ.get(ENV, "tuned").strip().lower()
     if choice not in ("tuned", "system"):
-        from .errors import UserError
         raise UserError(f"{ENV} must be tuned or system, got {choice!r}")
     libc = _libc() if choice == "tuned" else None
     if libc is None:
