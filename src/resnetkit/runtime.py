@@ -4,9 +4,10 @@ glibc's malloc serves a large block (above its mmap threshold, 128 KiB at start)
 fresh mmap and gives it back with munmap when freed, and it trims the top of its heap
 above 128 KiB. A network's activations are such blocks, allocated and freed at every
 layer of every batch, so each new batch touches fresh pages and the kernel zero-fills
-them: hundreds of thousands of page faults per batch (measured on ResNet-50 at batch 16,
-224x224: 382,000 per fp32 forward pass, 37,000 per bf16 channels_last pass), work that a
-dedicated engine, which plans its buffers once, never does. Raising both thresholds keeps
+them: up to hundreds of thousands of page faults per batch, depending on the heap's
+history (measured in fresh processes on ResNet-50 at batch 16, 224x224: 310,000-380,000 per
+fp32 forward pass, 29,000-37,000 per eager bf16 channels_last pass), work that a dedicated
+engine, which plans its buffers once, never does. Raising both thresholds keeps
 freed blocks in the heap for the next batch. PyTorch's CPU tuning guides reach the same
 end by preloading jemalloc or tcmalloc; this needs no extra library.
 """
