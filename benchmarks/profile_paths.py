@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 import resnetkit as rk
 from resnetkit.bench import training_step
 from resnetkit.infer.optimize import optimize
-from resnetkit.train.trainer import has_native_bf16
+from resnetkit.runtime import has_native_bf16
 
 
 def top_ops(prof, n: int) -> list[dict]:

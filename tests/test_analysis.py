@@ -12,7 +12,7 @@ import resnetkit as rk
 from resnetkit.analysis.describe import describe, render_describe
 from resnetkit.analysis.diagram import diagram
 from resnetkit.analysis.summary import block_cost, compare, flops, summary
-from resnetkit.analysis.trace import meta_model, trace
+from resnetkit.analysis.trace import build_model, trace
 from resnetkit.cli import main
 from resnetkit.errors import UserError
 
@@ -93,7 +93,7 @@ def test_summary_params_buffers_and_memory_by_independent_arithmetic():
     assert round(m["torchinfo_pass_mb"], 2) == 177.83 and round(m["torchinfo_total_mb"], 2) == 280.66
     assert m["params_mb"] == 25_557_032 * 4 / 1e6
     # saved activations: at least the input of every conv is kept (fp32)
-    recs = trace(meta_model("resnet50"), (224, 224))
+    recs = trace(build_model("resnet50"), (224, 224))
     main_conv_inputs = sum(math.prod(r.in_shape) for r in recs if r.kind == "conv")
     assert m["saved_activations_mb"] * 1e6 > main_conv_inputs * 4 * 0.5
     s4 = summary("resnet50", batch=4)
@@ -172,7 +172,7 @@ def test_walkthrough_text_folds_blocks():
 def test_formula_agrees_with_forward_for_every_layer(name):
     size = 32 if rk.PRESETS[name].stem == "cifar" else 224
     for hw in ((size, size), (size + 13, size * 2 + 5)):
-        recs = trace(meta_model(name), hw)
+        recs = trace(build_model(name), hw)
         checked = [r for r in recs if r.formula_hw is not None]
         assert checked and all(tuple(r.out_shape[2:]) == r.formula_hw for r in checked)
 

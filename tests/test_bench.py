@@ -84,8 +84,8 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     from resnetkit.bench import check
     from resnetkit.cli import main
     from resnetkit.data import load_dataset
-    from resnetkit.train.checkpoint import load_model
-    from resnetkit.train.trainer import evaluate
+    from resnetkit.weights import load_model
+    from resnetkit.evaluate import evaluate
     r = check(trained, limit=2000)
     res = r["results"]
     engines = {f"openvino_{p}" for p in openvino_precisions()}

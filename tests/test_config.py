@@ -2,7 +2,7 @@
 import pytest
 
 from resnetkit import ResNetConfig
-from resnetkit.config import parse_override
+from resnetkit.options import parse_override
 from resnetkit.errors import UserError
 
 BAD = [

@@ -10,7 +10,7 @@ import torch
 
 from resnetkit.errors import UserError
 from resnetkit.train import Trainer, build_config
-from resnetkit.train import checkpoint as ckpt
+from resnetkit.weights import checkpoint as ckpt
 from resnetkit.train import distributed as D
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))

@@ -12,6 +12,7 @@ from resnetkit.cli import main
 from resnetkit.errors import UserError
 from resnetkit.infer.export import export, onnx_session
 from resnetkit.infer.optimize import compile_pays, fold_bn, fold_model, optimize
+from resnetkit.runtime import has_native_bf16
 
 
 def trained_like(name, **kw):
@@ -204,6 +205,8 @@ def onednn_calls(fast, x, capfd) -> tuple[torch.Tensor, list[str]]:
 
 
 @pytest.mark.skipif(not compile_pays(torch.device("cpu")), reason="needs a C++ compiler")
+@pytest.mark.skipif(not has_native_bf16("cpu"),
+                    reason="oneDNN's bf16 convolutions need a CPU with native bf16 (AVX512-BF16 or AMX)")
 def test_compiled_cpu_path_prepacks_the_weights(capfd):
     """The eager bf16 path reorders every conv weight into oneDNN's blocked layout on each
     call; the compiled (frozen) path did that once, at compile time. With torch.compile's

@@ -12,7 +12,7 @@ from resnetkit.cli import main
 from resnetkit.errors import UserError
 from resnetkit.infer import predict
 from resnetkit.train import NonFiniteLoss, Trainer, build_config
-from resnetkit.train import checkpoint as ckpt
+from resnetkit.weights import checkpoint as ckpt
 from resnetkit.train.optim import lr_factor
 
 TINY = dict(model="resnet20", model_overrides={"widths": (8, 16, 32), "stem_width": 8},
@@ -150,10 +150,10 @@ def test_predict_and_eval_from_checkpoint(tmp_path, capsys):
     assert res[0]["top"][0]["class"] in t.test_data.classes
     assert all(abs(sum(p["prob"] for p in r["top"]) - 1) < 1 for r in res)
     # the same prediction as the model on the dataset tensor itself
-    from resnetkit.train.trainer import prepare
+    from resnetkit.evaluate import preprocess
     model, info = ckpt.load_model(tmp_path / "run")
     with torch.no_grad():
-        ref = model(prepare(t.test_data.images[:3], t.mean, t.std)).softmax(1).argmax(1)
+        ref = model(preprocess(t.test_data.images[:3], t.mean, t.std)).softmax(1).argmax(1)
     assert [r["top"][0]["index"] for r in res] == ref.tolist()
     (tmp_path / "bad.png").write_bytes(b"nope")
     with pytest.raises(UserError, match="cannot decode"):
@@ -228,7 +228,7 @@ def test_dataset_statistics_are_exact():
 
 def test_tta_flip_averages_the_probabilities_of_both_views():
     from resnetkit.data import ArrayDataset
-    from resnetkit.train.trainer import evaluate
+    from resnetkit.evaluate import evaluate
     torch.manual_seed(0)
     model = rk.create_model("resnet20", widths=(4, 8, 8), stem_width=4, in_chans=1, num_classes=3).eval()
     imgs = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)

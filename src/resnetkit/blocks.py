@@ -66,6 +66,11 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc2(s))
 
 
+class Projection(nn.Sequential):
+    """A projection shortcut (options B and C): [avg-pool,] 1x1 conv[, BN]. Its own type, so
+    a block knows whether its shortcut projects without inspecting it."""
+
+
 def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int) -> nn.Module:
     """The shortcut of one block for the config's option (A, B or C) and avg_down."""
     changes = stride != 1 or in_chs != out_chs
@@ -78,48 +83,67 @@ def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int) -> 
     else:
         layers = [conv1x1(in_chs, out_chs, stride)]
     # Pre-activation blocks feed the projection an already normalised input.
-    return nn.Sequential(*layers) if cfg.preact else nn.Sequential(*layers, nn.BatchNorm2d(out_chs))
+    return Projection(*layers) if cfg.preact else Projection(*layers, nn.BatchNorm2d(out_chs))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs. Post-activation (v1): conv-BN-ReLU-conv-BN, add, ReLU.
-    Pre-activation (v2): BN-ReLU-conv-BN-ReLU-conv, add."""
+class _Block(nn.Module):
+    """What every residual block has besides its convs: the shortcut, SE, drop path."""
+
+    preact = False
+
+    def _finish(self, cfg: ResNetConfig, out_chs: int, shortcut: nn.Module,
+                drop_path: float) -> None:
+        self.relu = nn.ReLU(inplace=True)
+        self.se = SqueezeExcite(out_chs, cfg.se_ratio) if cfg.se_ratio else nn.Identity()
+        self.downsample = shortcut
+        # a pre-activation block projects its normalised input; other shortcuts take x as is
+        self.projects = isinstance(shortcut, Projection)
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
+
+    def _shortcut(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        return self.downsample(pre if self.projects else x)
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convs, post-activation (v1): conv-BN-ReLU-conv-BN, add, ReLU."""
 
     def __init__(self, cfg: ResNetConfig, in_chs: int, planes: int, stride: int,
                  shortcut: nn.Module, dilation: int = 1, first_dilation: int = 1,
                  drop_path: float = 0.0):
         super().__init__()
         out_chs = planes * cfg.block_expansion
-        self.preact = cfg.preact
         # Registered in torchvision's order (conv before its BN) so state_dicts list alike;
         # in a pre-activation block bn_i normalises conv_i's input instead of its output.
         self.conv1 = conv3x3(in_chs, planes, stride, dilation=first_dilation)
         self.bn1 = nn.BatchNorm2d(in_chs if self.preact else planes)
         self.conv2 = conv3x3(planes, out_chs, dilation=dilation)
         self.bn2 = nn.BatchNorm2d(planes if self.preact else out_chs)
-        self.relu = nn.ReLU(inplace=True)
-        self.se = SqueezeExcite(out_chs, cfg.se_ratio) if cfg.se_ratio else nn.Identity()
-        self.downsample = shortcut
-        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
+        self._finish(cfg, out_chs, shortcut, drop_path)
 
     def residual_end(self) -> nn.Module:
         """The layer that zero-init sets to zero so the block starts as the identity."""
         return self.conv2 if self.preact else self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.preact:
-            pre = self.relu(self.bn1(x))
-            shortcut = self.downsample(pre) if isinstance(self.downsample, nn.Sequential) else x
-            out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
-            return self.drop_path(self.se(out)) + shortcut
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.se(self.bn2(self.conv2(out)))
         return self.relu(self.drop_path(out) + self.downsample(x))
 
 
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand. The stage stride sits on the 3x3
-    (v1.5) or on the first 1x1 (v1, cfg.stride_in_1x1)."""
+class PreActBasicBlock(BasicBlock):
+    """Two 3x3 convs, pre-activation (v2, He et al. 2016): BN-ReLU-conv-BN-ReLU-conv, add."""
+
+    preact = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        return self.drop_path(self.se(out)) + self._shortcut(x, pre)
+
+
+class Bottleneck(_Block):
+    """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand, post-activation. The stage stride
+    sits on the 3x3 (v1.5) or on the first 1x1 (v1, cfg.stride_in_1x1)."""
 
     def __init__(self, cfg: ResNetConfig, in_chs: int, planes: int, stride: int,
                  shortcut: nn.Module, dilation: int = 1, first_dilation: int = 1,
@@ -128,7 +152,6 @@ class Bottleneck(nn.Module):
         width = int(planes * cfg.width_per_group / 64) * cfg.groups
         out_chs = planes * cfg.block_expansion
         s1, s3 = (stride, 1) if cfg.stride_in_1x1 else (1, stride)
-        self.preact = cfg.preact
         self.conv1 = conv1x1(in_chs, width, s1)
         self.bn1 = nn.BatchNorm2d(in_chs if self.preact else width)
         # A bottleneck has a single 3x3 conv; in the first block of a dilated stage it keeps
@@ -137,23 +160,30 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, out_chs)
         self.bn3 = nn.BatchNorm2d(width if self.preact else out_chs)
-        self.relu = nn.ReLU(inplace=True)
-        self.se = SqueezeExcite(out_chs, cfg.se_ratio) if cfg.se_ratio else nn.Identity()
-        self.downsample = shortcut
-        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
+        self._finish(cfg, out_chs, shortcut, drop_path)
 
     def residual_end(self) -> nn.Module:
         """The layer that zero-init sets to zero so the block starts as the identity."""
         return self.conv3 if self.preact else self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.preact:
-            pre = self.relu(self.bn1(x))
-            shortcut = self.downsample(pre) if isinstance(self.downsample, nn.Sequential) else x
-            out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
-            out = self.conv3(self.relu(self.bn3(out)))
-            return self.drop_path(self.se(out)) + shortcut
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.se(self.bn3(self.conv3(out)))
         return self.relu(self.drop_path(out) + self.downsample(x))
+
+
+class PreActBottleneck(Bottleneck):
+    """The bottleneck in pre-activation form (v2): each conv sees BN-ReLU of its input."""
+
+    preact = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu(self.bn1(x))
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        out = self.conv3(self.relu(self.bn3(out)))
+        return self.drop_path(self.se(out)) + self._shortcut(x, pre)
+
+
+BLOCK_TYPES = {"basic": BasicBlock, "bottleneck": Bottleneck,
+               "preact_basic": PreActBasicBlock, "preact_bottleneck": PreActBottleneck}

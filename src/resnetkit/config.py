@@ -12,10 +12,6 @@ STEMS = ("imagenet", "cifar", "deep")
 SHORTCUTS = ("A", "B", "C")
 
 
-def _bad(name: str, value: Any, allowed: str) -> UserError:
-    return UserError(f"ResNetConfig.{name}={value!r} is invalid: {allowed}")
-
-
 @dataclass(frozen=True)
 class ResNetConfig:
     """The full description of a ResNet; a model is built from this and nothing else.
@@ -70,61 +66,53 @@ class ResNetConfig:
         # Lists are accepted for convenience but stored as tuples so the config stays hashable.
         for name in ("layers", "widths"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.block not in BLOCKS:
-            raise _bad("block", self.block, f"choose one of {', '.join(BLOCKS)}")
-        if not self.layers or any(not isinstance(n, int) or n < 1 for n in self.layers):
-            raise _bad("layers", self.layers, "need one positive block count per stage")
-        if len(self.widths) != len(self.layers) or any(w < 1 for w in self.widths):
-            raise _bad("widths", self.widths,
-                       f"need {len(self.layers)} positive widths, one per stage in layers")
-        if self.expansion is not None and self.expansion < 1:
-            raise _bad("expansion", self.expansion, "must be a positive integer or None")
-        if self.groups < 1:
-            raise _bad("groups", self.groups, "must be >= 1")
-        if self.width_per_group < 1:
-            raise _bad("width_per_group", self.width_per_group, "must be >= 1")
-        if not self.is_bottleneck:
-            if self.groups != 1:
-                raise _bad("groups", self.groups,
-                           "basic blocks support only groups=1; use a bottleneck block for ResNeXt")
-            if self.width_per_group != 64:
-                raise _bad("width_per_group", self.width_per_group,
-                           "basic blocks support only 64; widen a basic ResNet through widths")
-            if self.stride_in_1x1:
-                raise _bad("stride_in_1x1", True,
-                           "basic blocks have no 1x1 conv; v1/v1.5 applies to bottlenecks only")
-        if self.stem not in STEMS:
-            raise _bad("stem", self.stem, f"choose one of {', '.join(STEMS)}")
-        if self.stem_width < 1 or (self.stem == "deep" and self.stem_width % 2):
-            raise _bad("stem_width", self.stem_width,
-                       "must be positive (and even for the deep stem, whose first convs use half)")
-        if self.maxpool_padding not in (0, 1):
-            raise _bad("maxpool_padding", self.maxpool_padding, "choose 0 or 1")
-        if self.stem == "cifar" and self.maxpool_padding != 1:
-            raise _bad("maxpool_padding", self.maxpool_padding, "the cifar stem has no max-pool")
-        if self.shortcut not in SHORTCUTS:
-            raise _bad("shortcut", self.shortcut, "choose A (zero-pad), B or C (projection)")
-        if self.avg_down and self.shortcut == "A":
-            raise _bad("avg_down", True, "needs projection shortcuts (shortcut B or C), not A")
-        if self.shortcut == "A" and any(b < a for a, b in zip(self.channels, self.channels[1:])):
-            raise _bad("shortcut", "A", "zero-padding cannot reduce channels between stages")
-        if self.output_stride is not None:
-            natural = self.natural_stride
-            allowed = [natural >> k for k in range(len(self.layers))
-                       if natural >> k >= self.stem_stride]
-            if self.output_stride not in allowed:
-                raise _bad("output_stride", self.output_stride,
-                           f"choose one of {allowed} (or None) for this stem and stage count")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise _bad("drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
-        if not 0.0 <= self.se_ratio < 1.0:
-            raise _bad("se_ratio", self.se_ratio, "must be in [0, 1); 0 disables SE")
-        if self.se_ratio and int(min(self.channels) * self.se_ratio) < 1:
-            raise _bad("se_ratio", self.se_ratio, "gives an SE bottleneck of 0 channels")
-        if self.in_chans < 1:
-            raise _bad("in_chans", self.in_chans, "must be >= 1")
-        if self.num_classes < 0:
-            raise _bad("num_classes", self.num_classes, "must be >= 0 (0: no classifier)")
+        basic, chs = not self.is_bottleneck, self.channels if self.widths else ()
+        checks = [  # (valid, field, what a valid value is), in dependency order
+            (self.block in BLOCKS, "block", f"choose one of {', '.join(BLOCKS)}"),
+            (bool(self.layers) and all(isinstance(n, int) and n >= 1 for n in self.layers),
+             "layers", "need one positive block count per stage"),
+            (len(self.widths) == len(self.layers) and all(w >= 1 for w in self.widths),
+             "widths", f"need {len(self.layers)} positive widths, one per stage in layers"),
+            (self.expansion is None or self.expansion >= 1, "expansion",
+             "must be a positive integer or None"),
+            (self.groups >= 1, "groups", "must be >= 1"),
+            (self.width_per_group >= 1, "width_per_group", "must be >= 1"),
+            (not basic or self.groups == 1, "groups",
+             "basic blocks support only groups=1; use a bottleneck block for ResNeXt"),
+            (not basic or self.width_per_group == 64, "width_per_group",
+             "basic blocks support only 64; widen a basic ResNet through widths"),
+            (not basic or not self.stride_in_1x1, "stride_in_1x1",
+             "basic blocks have no 1x1 conv; v1/v1.5 applies to bottlenecks only"),
+            (self.stem in STEMS, "stem", f"choose one of {', '.join(STEMS)}"),
+            (self.stem_width >= 1 and not (self.stem == "deep" and self.stem_width % 2),
+             "stem_width",
+             "must be positive (and even for the deep stem, whose first convs use half)"),
+            (self.maxpool_padding in (0, 1), "maxpool_padding", "choose 0 or 1"),
+            (self.stem != "cifar" or self.maxpool_padding == 1, "maxpool_padding",
+             "the cifar stem has no max-pool"),
+            (self.shortcut in SHORTCUTS, "shortcut", "choose A (zero-pad), B or C (projection)"),
+            (not (self.avg_down and self.shortcut == "A"), "avg_down",
+             "needs projection shortcuts (shortcut B or C), not A"),
+            (self.shortcut != "A" or all(b >= a for a, b in zip(chs, chs[1:])), "shortcut",
+             "zero-padding cannot reduce channels between stages"),
+            (self.output_stride in (None, *self._strides()), "output_stride",
+             f"choose one of {self._strides()} (or None) for this stem and stage count"),
+            (0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)"),
+            (0.0 <= self.se_ratio < 1.0, "se_ratio", "must be in [0, 1); 0 disables SE"),
+            (not self.se_ratio or int(min(chs, default=1) * self.se_ratio) >= 1, "se_ratio",
+             "gives an SE bottleneck of 0 channels"),
+            (self.in_chans >= 1, "in_chans", "must be >= 1"),
+            (self.num_classes >= 0, "num_classes", "must be >= 0 (0: no classifier)"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise UserError(f"ResNetConfig.{name}={getattr(self, name)!r} is invalid: "
+                                f"{allowed}")
+
+    def _strides(self) -> list[int]:
+        """The output strides this stem and stage count allow."""
+        natural = self.natural_stride
+        return [natural >> k for k in range(len(self.layers)) if natural >> k >= self.stem_stride]
 
     # Derived properties: computed from the fields, never stored.
     @property
@@ -160,50 +148,11 @@ class ResNetConfig:
         return stem + per_block * sum(self.layers) + (1 if self.num_classes else 0)
 
 
-# Fields whose default is None but whose values are integers.
-_OPTIONAL_INT = ("expansion", "output_stride")
-
-
-def config_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(ResNetConfig)}
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Turn "key=value" (as typed on a command line) into a typed config override.
-
-    Raises ValueError naming the field for an unknown key or a value of the wrong type.
-    """
-    if "=" not in text:
-        raise UserError(f"override {text!r} must look like key=value, e.g. stride_in_1x1=true")
-    key, raw = (s.strip() for s in text.split("=", 1))
-    fields = config_fields()
-    if key not in fields:
-        raise UserError(f"unknown config field {key!r}; fields are: {', '.join(fields)}")
-    default = fields[key].default
-    try:
-        optional = key in _OPTIONAL_INT
-        if optional and raw.lower() == "none":
-            return key, None
-        if isinstance(default, bool):
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return key, raw.lower() in ("true", "1", "yes")
-        if isinstance(default, tuple):
-            return key, tuple(int(v) for v in raw.strip("()[] ").split(",") if v.strip())
-        if isinstance(default, float):
-            return key, float(raw)
-        if isinstance(default, int) or optional:
-            return key, int(raw)
-        return key, raw
-    except ValueError:
-        kind = type(default).__name__ if default is not None else "int"
-        raise UserError(f"config field {key!r} expects a {kind}, got {raw!r}") from None
-
-
 def replace(cfg: ResNetConfig, **overrides: Any) -> ResNetConfig:
     """dataclasses.replace with an error that names unknown fields."""
-    unknown = sorted(set(overrides) - set(config_fields()))
+    fields = [f.name for f in dataclasses.fields(ResNetConfig)]
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(unknown)}; "
-                        f"fields are: {', '.join(config_fields())}")
+                        f"fields are: {', '.join(fields)}")
     return dataclasses.replace(cfg, **overrides)

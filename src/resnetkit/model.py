@@ -4,21 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import BasicBlock, Bottleneck, conv3x3, make_shortcut
+from .blocks import BLOCK_TYPES, conv3x3, make_shortcut
 from .config import ResNetConfig
 from .errors import UserError
-
-
-def out_size(size: int, m: nn.Module, axis: int = 0) -> int:
-    """Output size along one spatial axis of a conv or pool layer:
-    floor((size + 2p - d(k-1) - 1) / s) + 1 (ceil instead of floor for ceil_mode pools)."""
-    pick = lambda v: v[axis] if isinstance(v, tuple) else v  # noqa: E731
-    k, s, p = pick(m.kernel_size), pick(m.stride), pick(m.padding)
-    d = pick(getattr(m, "dilation", 1))
-    num = size + 2 * p - d * (k - 1) - 1
-    if getattr(m, "ceil_mode", False):
-        return -(-num // s) + 1
-    return num // s + 1
+from .geometry import check_input_size, min_input_size
 
 
 class ResNet(nn.Module):
@@ -52,7 +41,7 @@ class ResNet(nn.Module):
         stem_reduction = 1 if cfg.stem == "cifar" else 2
         self.feature_info = [dict(num_chs=w, reduction=stem_reduction, module="relu")]
 
-        block_cls = Bottleneck if cfg.is_bottleneck else BasicBlock
+        block_cls = BLOCK_TYPES[cfg.block]
         target = cfg.output_stride or cfg.natural_stride
         in_chs, reduction, dilation = w, cfg.stem_stride, 1
         n_blocks, idx = sum(cfg.layers), 0
@@ -92,7 +81,7 @@ class ResNet(nn.Module):
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.reset_classifier(cfg.num_classes)
         self._init_weights()
-        self.min_input_size = self._min_input_size()
+        self.min_input_size = min_input_size(self)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -105,39 +94,12 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
         if self.cfg.zero_init_residual:
             for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
+                if isinstance(m, tuple(BLOCK_TYPES.values())):
                     nn.init.zeros_(m.residual_end().weight)
 
     def blocks(self) -> list[nn.Module]:
         """All residual blocks, in order."""
         return [b for name in self.stage_names for b in getattr(self, name)]
-
-    def main_path(self) -> list[tuple[str, nn.Module]]:
-        """(name, layer) of the convs and pools on the main path, in forward order."""
-        stem = [(n, m) for n, m in self.named_modules() if n.split(".")[0] == "conv1"
-                and isinstance(m, nn.Conv2d)]
-        pool = [("maxpool", self.maxpool)] if isinstance(self.maxpool, nn.MaxPool2d) else []
-        body = [(f"{stage}.{i}.{n}", m) for stage in self.stage_names
-                for i, b in enumerate(getattr(self, stage))
-                for n, m in b.named_children() if n.startswith("conv")]
-        return stem + pool + body
-
-    def size_walk(self, size: int) -> list[tuple[str, int, int]]:
-        """(layer, size in, size out) along the main path for a square input of `size`;
-        stops at the first layer whose output would be empty."""
-        walk = []
-        for name, m in self.main_path():
-            walk.append((name, size, out_size(size, m)))
-            size = walk[-1][2]
-            if size < 1:
-                break
-        return walk
-
-    def _min_input_size(self) -> int:
-        size = 1
-        while self.size_walk(size)[-1][2] < 1:
-            size += 1
-        return size
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
@@ -146,12 +108,8 @@ class ResNet(nn.Module):
             raise UserError(f"expected {self.cfg.in_chans} input channels, got {x.shape[1]} "
                             f"(shape {tuple(x.shape)}); build the model with "
                             f"in_chans={x.shape[1]} or convert the images")
-        small = min(x.shape[2], x.shape[3])
-        if small < self.min_input_size:
-            layer = self.size_walk(small)[-1][0]
-            raise UserError(f"input {x.shape[2]}x{x.shape[3]} is too small: {layer} would output "
-                            f"an empty map; this network needs at least "
-                            f"{self.min_input_size}x{self.min_input_size}")
+        if min(x.shape[2], x.shape[3]) < self.min_input_size:
+            check_input_size(self, x.shape[2], x.shape[3])
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one for num_classes outputs (0: none)."""
@@ -161,28 +119,33 @@ class ResNet(nn.Module):
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The final feature map, before pooling: (N, num_features, H/32, W/32) on ImageNet."""
-        if not torch.jit.is_tracing():
-            self._check_input(x)
-        x = self.maxpool(self.forward_stem(x))
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-        return self.relu(self.norm(x)) if self.cfg.preact else x
-
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps at self.out_indices: 0 is the stem (before max-pool), i the i-th stage."""
+    def _stages(self, x: torch.Tensor, keep: tuple[int, ...]) -> list[torch.Tensor]:
+        """The feature maps at levels `keep`: 0 is the stem (before max-pool), i the i-th
+        stage (the last one normalised in a pre-activation net). The one stage loop of
+        forward_features and forward_intermediates."""
         if not torch.jit.is_tracing():
             self._check_input(x)
         x = self.forward_stem(x)
-        feats = [x]
+        feats = [x] if 0 in keep else []
         x = self.maxpool(x)
-        for i, name in enumerate(self.stage_names):
+        last = len(self.stage_names)
+        for i, name in enumerate(self.stage_names, 1):
             x = getattr(self, name)(x)
-            if self.cfg.preact and i == len(self.stage_names) - 1:
+            if i == last and self.cfg.preact:
                 x = self.relu(self.norm(x))
-            feats.append(x)
-        return [feats[i] for i in self.out_indices]
+            if i in keep:
+                feats.append(x)
+        return feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map, before pooling: (N, num_features, H/32, W/32) on ImageNet."""
+        return self._stages(x, (len(self.stage_names),))[0]
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps at self.out_indices: 0 is the stem (before max-pool), i the i-th stage."""
+        feats = self._stages(x, tuple(sorted(set(self.out_indices))))
+        order = sorted(set(self.out_indices))
+        return [feats[order.index(i)] for i in self.out_indices]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool and classifier; pre_logits=True stops before the fc."""

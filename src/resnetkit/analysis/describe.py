@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..model import ResNet
-from .trace import LayerRecord, meta_model, trace
+from .trace import LayerRecord, build_model, trace
 
 
 def _op(r: LayerRecord) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def describe(model: str | ResNet, image_size: int | tuple[int, int] = 224,
     """
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     name = model if isinstance(model, str) else type(model).__name__
-    m = meta_model(model, **overrides)
+    m = build_model(model, **overrides)
     recs = trace(m, hw)
     cfg = m.cfg
     main = [r for r in recs if r.kind in ("conv", "maxpool")]

@@ -6,11 +6,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks import BasicBlock, Bottleneck
+from ..blocks import BLOCK_TYPES, make_shortcut
 from ..config import ResNetConfig
 from ..errors import UserError
 from ..model import ResNet
-from .trace import KINDS, LayerRecord, meta_model, totals, trace
+from ..options import parse_model_spec
+from .trace import KINDS, LayerRecord, build_model, totals, trace
 
 MB = 1e6  # memory is reported in MB = 10^6 bytes, as torchinfo does
 
@@ -45,13 +46,6 @@ def saved_activation_bytes(model: nn.Module, image_size: tuple[int, int], in_cha
     return sum(seen.values())
 
 
-def _real_model(model: str | ResNet, **overrides: Any) -> ResNet:
-    from ..zoo import create_model
-    if isinstance(model, nn.Module):
-        return model
-    return create_model(model, **overrides)
-
-
 def _group(model: nn.Module, records: list[LayerRecord], depth: int | None) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for r in records:
@@ -77,7 +71,7 @@ def summary(model: str | ResNet, image_size: int | tuple[int, int] = 224, batch:
         raise UserError(f"batch must be >= 1, got {batch}")
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     real = isinstance(model, nn.Module)
-    m = model if real else meta_model(model, **overrides)
+    m = model if real else build_model(model, **overrides)
     records = trace(m, hw, batch)
     params = sum(p.numel() for p in m.parameters())
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -94,7 +88,7 @@ def summary(model: str | ResNet, image_size: int | tuple[int, int] = 224, batch:
                              "torchinfo_pass_mb": 2 * with_params * 4 / MB}
     mem["torchinfo_total_mb"] = mem["input_mb"] + mem["params_mb"] + mem["torchinfo_pass_mb"]
     if memory:
-        saved = saved_activation_bytes(_real_model(model, **overrides), hw, cfg.in_chans)
+        saved = saved_activation_bytes(build_model(model, meta=False, **overrides), hw, cfg.in_chans)
         mem["saved_activations_mb"] = saved * batch / MB
         mem["training_total_mb"] = (in_bytes + 3 * trainable * 4 + (params - trainable) * 4
                                     + saved * batch) / MB
@@ -139,7 +133,7 @@ def flops(model: str | ResNet, image_size: int | tuple[int, int] = 224, batch: i
     (BN counted as 2: scale and shift).
     """
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    records = trace(meta_model(model, **overrides), hw, batch)
+    records = trace(build_model(model, **overrides), hw, batch)
     by_kind = totals(records)
     stages: dict[str, dict[str, int]] = {}
     for r in records:
@@ -183,9 +177,7 @@ def block_cost(spec: str, image_size: int = 56) -> dict[str, Any]:
     kind, cin, cout, stride = parse_block_spec(spec)
     cfg = ResNetConfig(block=kind)
     planes = cout // cfg.block_expansion
-    from ..blocks import make_shortcut
-    cls = Bottleneck if kind == "bottleneck" else BasicBlock
-    block = cls(cfg, cin, planes, stride, make_shortcut(cfg, cin, cout, stride))
+    block = BLOCK_TYPES[kind](cfg, cin, planes, stride, make_shortcut(cfg, cin, cout, stride))
     records = trace(block, (image_size, image_size), in_chans=cin)
     convs = [{"layer": r.name, "weights": r.params, "macs": r.macs,
               "in": list(r.in_shape[1:]), "out": list(r.out_shape[1:])}
@@ -198,13 +190,17 @@ def block_cost(spec: str, image_size: int = 56) -> dict[str, Any]:
             "macs": sum(c["macs"] for c in convs)}
 
 
-def compare(models: list[tuple[str, dict[str, Any]]], image_size: int = 224,
-            memory: bool = True) -> list[dict[str, Any]]:
-    """Side by side: depth, params, MACs, FLOPs, memory at batch 1 and feature-map sizes."""
+def compare(models: list[str | tuple[str, dict[str, Any]]], image_size: int = 224,
+            memory: bool = True, common: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Side by side: depth, params, MACs, FLOPs, memory at batch 1 and feature-map sizes.
+    models: (name, overrides) pairs or "NAME[:key=value,key=value]" specs; `common`
+    overrides apply to every model (a model's own win)."""
     rows = []
-    for name, overrides in models:
+    for spec in models:
+        name, own = parse_model_spec(spec) if isinstance(spec, str) else spec
+        overrides = {**(common or {}), **own}
         s = summary(name, image_size, depth=1, memory=memory, **overrides)
-        m = meta_model(name, **overrides)
+        m = build_model(name, **overrides)
         feats = []
         with torch.no_grad():
             x = torch.empty(1, m.cfg.in_chans, image_size, image_size, device="meta")

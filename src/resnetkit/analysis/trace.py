@@ -1,6 +1,6 @@
 """One forward pass with hooks: what every layer receives, produces and costs.
 
-Cost conventions (REFERENCE.md section 2):
+Cost conventions (those of torchvision's published GFLOPS, which count multiply-adds):
 - conv MACs = output elements x (in_channels / groups) x kernel_h x kernel_w; fc MACs =
   in_features x out_features per sample; no bias terms. This is torchvision's "GFLOPS".
 - the other ops are counted in elements: BN (output elements), ReLU (elements, every call of
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocks import BasicBlock, Bottleneck, ZeroPadShortcut
-from ..errors import UserError
-from ..model import ResNet, out_size
+from ..blocks import BLOCK_TYPES, ZeroPadShortcut
+from ..geometry import check_input_size, out_size
+from ..model import ResNet
 
 KINDS = ("conv", "fc", "bn", "relu", "maxpool", "avgpool", "add", "fc_bias")
 
@@ -58,33 +58,22 @@ def _cost(name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerRec
     return rec
 
 
-def check_size(model: ResNet, hw: tuple[int, int]) -> None:
-    """Raise a UserError naming the first layer whose output would be empty."""
-    for size in hw:
-        walk = model.size_walk(size)
-        if walk[-1][2] < 1:
-            name, s_in, _ = walk[-1]
-            raise UserError(f"at input {hw[0]}x{hw[1]}, layer {name} gets {s_in}x{s_in} and "
-                            f"would output 0x0; use an input of at least "
-                            f"{model.min_input_size}x{model.min_input_size}")
-
-
 def trace(model: nn.Module, image_size: tuple[int, int], batch: int = 1,
           in_chans: int | None = None) -> list[LayerRecord]:
     """Run one forward pass and record every layer call in execution order.
 
     The pass runs wherever the model's parameters live; a model built on the meta device
-    gives every shape and count without any arithmetic (see `meta_model`).
+    gives every shape and count without any arithmetic (see `build_model`).
     """
     if isinstance(model, ResNet):
-        check_size(model, image_size)
+        check_input_size(model, *image_size)
         in_chans = model.cfg.in_chans
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     records: list[LayerRecord] = []
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, (BasicBlock, Bottleneck)):
+        if isinstance(m, tuple(BLOCK_TYPES.values())):
             hooks.append(m.register_forward_hook(
                 lambda mod, inp, out, n=name: records.append(LayerRecord(
                     f"{n}.add", "ResidualAdd", tuple(out.shape), tuple(out.shape), 0,
@@ -108,12 +97,13 @@ def trace(model: nn.Module, image_size: tuple[int, int], batch: int = 1,
     return records
 
 
-def meta_model(name_or_model, **overrides) -> nn.Module:
-    """A preset (or config) built on the meta device: shapes and counts, no memory, no math."""
+def build_model(name_or_model, meta: bool = True, **overrides) -> nn.Module:
+    """A preset (or config) built on the meta device (shapes and counts, no memory, no
+    math), or for real with meta=False; a module is returned as it is."""
     from ..zoo import create_model
     if isinstance(name_or_model, nn.Module):
         return name_or_model
-    with torch.device("meta"):
+    with torch.device("meta" if meta else "cpu"):
         return create_model(name_or_model, **overrides)
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import urllib.request
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -161,15 +162,15 @@ def fits_in_memory(n: int, shape: tuple[int, ...], share: float = 0.25,
     return not total or n * math.prod(shape) <= share * total
 
 
-def in_memory_or_streamed(ds: ArrayDataset | ImageFolder, cache: str = "auto",
+def in_memory_or_streamed(ds: ArrayDataset | ImageFolder, cache: Literal["auto"] | bool = "auto",
                           workers: int = 2, classes: list[str] | None = None
                           ) -> ArrayDataset | StreamedFolder:
-    """Array datasets as they are; an image folder decoded into memory (cache "true", or
+    """Array datasets as they are; an image folder decoded into memory (cache True, or
     "auto" when it takes at most a quarter of the memory) or streamed from disk on every
-    pass ("false", or "auto" when larger)."""
+    pass (False, or "auto" when larger)."""
     if isinstance(ds, ArrayDataset):
         return ds
     shape = (ds.in_chans, ds.image_size, ds.image_size)
-    if cache == "true" or (cache == "auto" and fits_in_memory(len(ds), shape)):
+    if cache is True or (cache == "auto" and fits_in_memory(len(ds), shape)):
         return materialize(ds, workers, classes)
     return StreamedFolder(ds, workers, classes)

@@ -243,12 +243,6 @@ class ImageFolder(torch.utils.data.Dataset):
         path, label = self.samples[i]
         return load_image(path, self.image_size, self.in_chans), label
 
-    def to_array_dataset(self) -> ArrayDataset:
-        """Decode everything into memory (for small folders)."""
-        xs = [self[i][0] for i in range(len(self))]
-        return ArrayDataset(torch.stack(xs), torch.tensor([s[1] for s in self.samples]),
-                            list(self.classes))
-
 
 class _FolderImages(torch.utils.data.Dataset):
     """Index -> decoded uint8 image of a list of (path, label) samples (for DataLoaders)."""

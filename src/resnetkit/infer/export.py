@@ -11,7 +11,11 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..geometry import check_input_size
 from ..model import ResNet
+from ..options import parse_overrides
+from ..weights import load_model
+from ..zoo import create_model
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 FORMATS = tuple(SUFFIX)
@@ -28,9 +32,7 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     path = Path(path)
     if not path.parent.exists() or not path.parent.is_dir():
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
-    if image_size < model.min_input_size:
-        raise UserError(f"image size {image_size} is too small for this model (needs at least "
-                        f"{model.min_input_size})")
+    check_input_size(model, image_size)
     m = copy.deepcopy(model).eval()
     if fold:
         fold_model(m)
@@ -57,6 +59,28 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     except PermissionError as e:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+def export_source(source: str | Path, overrides: list[str] | None = None, fmt: str = "onnx",
+                  output: str | Path | None = None, image_size: int = 0,
+                  fold: bool = True) -> tuple[Path, ResNet, int]:
+    """Export a checkpoint (a .safetensors file or a run folder: its classes and
+    preprocessing go along, at its input size unless `image_size` says otherwise) or a preset
+    name with "key=value" overrides (at 224 unless told). Returns (path, model, input size)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    meta: dict[str, Any] = {}
+    if Path(source).exists():
+        if overrides:
+            raise UserError("config overrides apply to a preset name, not to a checkpoint")
+        model, info = load_model(source)
+        meta = {k: info[k] for k in ("classes", "preprocess") if k in info}
+        size = image_size or meta.get("preprocess", {}).get("image_size", 224)
+    else:
+        model = create_model(str(source), **parse_overrides(overrides)).eval()
+        size = image_size or 224
+    out = Path(output) if output else Path(Path(source).stem + SUFFIX[fmt])
+    return export(model, out, fmt, size, fold=fold, meta=meta), model, size
 
 
 def onnx_session(path: str | Path, threads: int = 0):

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..model import ResNet
-from ..train.trainer import has_native_bf16
+from ..runtime import decide_channels_last, decide_precision
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -137,7 +137,7 @@ def compile_pays(device: torch.device) -> bool:
     on the CPU, a C++ compiler). For inference it was faster in every case measured: on an
     AVX512-BF16 CPU without AMX, bf16 ResNet-50 at 224 ran at 46.9 img/s compiled against
     44.8 eager and ResNet-20 at 28 at 6,072 against 5,603 (`resnetkit bench --compile`);
-    on an AMX CPU 100 against 73 (REFERENCE.md section 5). The price is tens of seconds of
+    on an AMX Sapphire Rapids 100 against 73. The price is tens of seconds of
     compiling on the first call of each new input shape. (Training is not compiled: there
     it was slower for small images.)"""
     if device.type == "cuda":
@@ -165,12 +165,8 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
         compile = compile_pays(device)
     if compile not in (True, False):
         raise UserError(f"compile must be auto, True or False, got {compile!r}")
-    if precision == "auto":
-        precision = "bf16" if has_native_bf16(device) else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise UserError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    cl = (precision == "bf16" or device.type == "cuda") if channels_last == "auto" \
-        else bool(channels_last)
+    precision = decide_precision(precision, device, choices=("bf16", "fp32"))
+    cl = decide_channels_last(channels_last, precision, device, training=False)
     m = copy.deepcopy(model).eval()
     if fold:
         fold_model(m)

@@ -8,8 +8,8 @@ import torch
 
 from ..data.readers import IMAGE_SUFFIXES, load_image
 from ..errors import UserError
-from ..train.checkpoint import load_model
-from ..train.trainer import prepare
+from ..evaluate import preprocess
+from ..weights import load_model
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
@@ -57,7 +57,7 @@ def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
     results = []
     with torch.no_grad():
         for i in range(0, len(files), batch_size):
-            probs = run(prepare(x[i:i + batch_size], pre["mean"], pre["std"])).softmax(1)
+            probs = run(preprocess(x[i:i + batch_size], pre["mean"], pre["std"])).softmax(1)
             classes = info.get("classes") or [str(j) for j in range(probs.shape[1])]
             p, idx = probs.topk(min(top_k, probs.shape[1]), 1)
             for f, pr, ix in zip(files[i:i + batch_size], p.tolist(), idx.tolist()):

@@ -1,6 +1,6 @@
-"""Training: TrainConfig, recipes, the Trainer, checkpoints."""
-from .config import TrainConfig, build_config, load_recipe, recipe_names
-from .trainer import NonFiniteLoss, Trainer, evaluate
+"""Training: TrainConfig, recipes, the Trainer."""
+from .config import RESUMABLE, TrainConfig, build_config, load_recipe, recipe_names
+from .trainer import NonFiniteLoss, Trainer, start_run
 
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLoss", "build_config", "evaluate", "load_recipe",
-           "recipe_names"]
+__all__ = ["RESUMABLE", "TrainConfig", "Trainer", "NonFiniteLoss", "build_config", "load_recipe",
+           "recipe_names", "start_run"]

@@ -1,19 +1,32 @@
 """TrainConfig: every training choice as data; recipes are TOML files of its fields."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import UserError
+from ..options import convert, parse_fields
 
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp64")
 LR_SCALES = ("linear", "sqrt", "none")
+# What a resumed run may change: it may run longer, or split its steps differently.
+RESUMABLE = ("epochs", "accum_steps")
+Auto = Literal["auto"]
+
+
+def opt(default: Any, help: str) -> Any:
+    """A TrainConfig field with its help text (shown by `resnetkit train --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -21,67 +34,78 @@ class TrainConfig:
     """A training run. `model_overrides` are ResNetConfig fields (in_chans and num_classes
     are set from the data)."""
 
-    model: str = "resnet20"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    image_size: int = 0                 # 0: the dataset's own size
-    epochs: int = 2
-    batch_size: int = 256               # per process and forward pass (unless global_batch)
-    global_batch: int = 0               # samples per optimizer step over all processes
-    accum_steps: int = 1                # forward/backward passes per optimizer step
-    drop_last: bool = True              # skip the N mod global_batch samples left each epoch
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    lr_batch: int = 0                   # the global batch lr is meant for (0: batch_size)
-    lr_scale: str = "linear"            # linear | sqrt | none: lr for the real global batch
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    warmup_epochs: float = 0.0
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    ema_decay: float = 0.0              # 0: no EMA of weights
-    grad_clip: float = 0.0              # 0: no clipping (max global L2 norm otherwise)
-    crop_padding: int = 0               # pad-and-random-crop
-    hflip: bool = False
-    random_resized_crop: bool = False
-    random_erasing: float = 0.0         # probability
-    tta_flip: bool = False              # final test: average each image and its mirror image
-    precision: str = "auto"
-    channels_last: str = "auto"         # auto | true | false
-    seed: int = 0
-    deterministic: bool = False
-    train_subset: int = 0               # 0: all training samples
-    test_subset: int = 0                # 0: all test samples
-    eval_every: int = 1                 # test every N epochs (and after the last)
-    sync_bn: bool = False               # batch statistics over all processes
-    dist_timeout: float = 300.0         # seconds a collective may wait for the other ranks
-    out_dir: str = "runs"
-    name: str = ""
-    plots: bool = True
-    tensorboard: bool = False
-    on_bad_image: str = "skip"          # image folders: skip (warn) or error
-    workers: int = 2
-    cache_images: str = "auto"          # image folders: auto | true (decode into memory) | false (stream)
-    threads: int = 0                    # 0: torch's default
+    model: str = opt("resnet20", "preset name (see `resnetkit models`)")
+    model_overrides: dict[str, Any] = opt({}, "ResNetConfig fields, key=value;key=value "
+                                              "(in_chans and num_classes come from the data)")
+    dataset: str = opt("fashion-mnist", "fashion-mnist, idx:DIR, cifar:DIR or folder:DIR")
+    data_dir: str | None = opt(None, "folder of the dataset's files (default: its usual place)")
+    image_size: int = opt(0, "input side the images are resized to (0: the dataset's own)")
+    epochs: int = opt(2, "passes over the training set")
+    batch_size: int = opt(256, "samples per process and forward pass (unless global_batch)")
+    global_batch: int = opt(0, "samples per optimizer step over all processes (0: batch_size "
+                               "x processes x accum_steps)")
+    accum_steps: int = opt(1, "forward/backward passes per optimizer step")
+    drop_last: bool = opt(True, "skip the N mod global_batch samples left each epoch")
+    optimizer: str = opt("sgd", f"one of {', '.join(OPTIMIZERS)}")
+    lr: float = opt(0.1, "peak learning rate, for lr_batch samples per step")
+    lr_batch: int = opt(0, "the global batch lr is meant for (0: batch_size)")
+    lr_scale: str = opt("linear", "linear | sqrt | none: lr for the real global batch")
+    momentum: float = opt(0.9, "SGD momentum (AdamW's beta1)")
+    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
+    weight_decay: float = opt(5e-4, "L2 weight decay (not on BN parameters and biases)")
+    schedule: str = opt("onecycle", f"learning-rate schedule: one of {', '.join(SCHEDULES)}")
+    warmup_epochs: float = opt(0.0, "linear warm-up, in epochs")
+    milestones: list[float] = opt([0.5, 0.75], "step schedule: where lr drops, as fractions "
+                                                "of the run, e.g. 0.5,0.75")
+    gamma: float = opt(0.1, "step schedule: lr factor at each milestone")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy, in [0, 1)")
+    ema_decay: float = opt(0.0, "exponential moving average of the weights (0: none)")
+    grad_clip: float = opt(0.0, "max global L2 norm of the gradients (0: no clipping)")
+    crop_padding: int = opt(0, "pad by N pixels, then crop at random (0: off)")
+    hflip: bool = opt(False, "random horizontal flips")
+    random_resized_crop: bool = opt(False, "random resized crops (Inception-style)")
+    random_erasing: float = opt(0.0, "probability of erasing a random rectangle")
+    tta_flip: bool = opt(False, "final test: average each image and its mirror image")
+    precision: str = opt("auto", "auto (bf16 where native, fp16 on other GPUs, else fp32), "
+                                 "bf16, fp16, fp32 or fp64")
+    channels_last: Auto | bool = opt("auto", "channels_last memory format: auto, true or false")
+    seed: int = opt(0, "seed of the initial weights, the order and the augmentation")
+    deterministic: bool = opt(False, "deterministic algorithms only (bitwise-repeatable)")
+    train_subset: int = opt(0, "train on a fixed random N samples (0: all)")
+    test_subset: int = opt(0, "test on a fixed random N samples (0: all)")
+    eval_every: int = opt(1, "test every N epochs (and after the last)")
+    sync_bn: bool = opt(False, "batch statistics over all processes")
+    dist_timeout: float = opt(300.0, "seconds a collective may wait for the other ranks")
+    out_dir: str = opt("runs", "folder of the run folders")
+    name: str = opt("", "run folder name (default: model-dataset-time)")
+    plots: bool = opt(True, "write curves and a confusion matrix (PNG) at the end")
+    tensorboard: bool = opt(False, "write TensorBoard logs to RUN/tb")
+    on_bad_image: str = opt("skip", "image folders: skip (warn) or error")
+    workers: int = opt(2, "image folders: decoding processes")
+    cache_images: Auto | bool = opt("auto", "image folders: auto, true (decode into memory) or "
+                                            "false (stream from disk)")
+    threads: int = opt(0, "CPU threads (0: torch's default)")
 
     def __post_init__(self) -> None:
+        for name in ("channels_last", "cache_images"):  # "true" from a recipe or a caller
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, convert(Auto | bool, value))
+                except ValueError:
+                    pass  # reported by the check below
         checks = [
             (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
             (self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
             (self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}"),
-            (str(self.channels_last).lower() in ("auto", "true", "false"), "channels_last",
-             "auto, true or false"),
+            (self.channels_last in ("auto", True, False), "channels_last", "auto, true or false"),
             (self.epochs >= 1, "epochs", ">= 1"), (self.batch_size >= 1, "batch_size", ">= 1"),
-            (self.lr > 0, "lr", "> 0"), (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "> 0 and finite"),
+            (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),
             (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
             (0 <= self.random_erasing <= 1, "random_erasing", "in [0, 1]"),
             (self.on_bad_image in ("skip", "error"), "on_bad_image", "skip or error"),
-            (str(self.cache_images).lower() in ("auto", "true", "false"), "cache_images",
-             "auto, true or false"),
+            (self.cache_images in ("auto", True, False), "cache_images", "auto, true or false"),
             (self.workers >= 0, "workers", ">= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
             (self.global_batch >= 0, "global_batch", ">= 0"),
@@ -96,27 +120,6 @@ class TrainConfig:
             if not ok:
                 raise UserError(f"train option {name}={getattr(self, name)!r} is invalid: "
                                 f"must be {allowed}")
-
-
-def _coerce(name: str, raw: str, current: Any) -> Any:
-    try:
-        if isinstance(current, bool):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return raw.lower() in ("true", "1")
-        if isinstance(current, int):
-            return int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if isinstance(current, list):
-            return [float(v) for v in raw.split(",") if v]
-        if isinstance(current, dict):
-            from ..config import parse_override
-            return dict(parse_override(t) for t in raw.split(";") if t)
-        return None if raw.lower() == "none" and current is None else raw
-    except ValueError:
-        raise UserError(f"train option {name} expects a {type(current).__name__}, "
-                        f"got {raw!r}") from None
 
 
 def recipe_names() -> list[str]:
@@ -145,16 +148,14 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 
 def build_config(recipe: str | None = None, overrides: dict[str, str] | None = None,
                  **values: Any) -> TrainConfig:
-    """A recipe, then typed values, then "--key value" strings from the command line."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    """A recipe, then typed values, then "--key value" strings from the command line (parsed
+    by the field types, as every command-line value is)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     data: dict[str, Any] = load_recipe(recipe) if recipe else {}
     data.update(values)
-    unknown = sorted(set(data) - set(fields)) + sorted(set(overrides or {}) - set(fields))
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise UserError(f"unknown train option(s) {', '.join(unknown)}; options: "
-                        f"{', '.join(fields)}")
-    cfg = TrainConfig(**data)
-    for k, raw in (overrides or {}).items():
-        setattr(cfg, k, _coerce(k, raw, getattr(cfg, k)))
-    cfg.__post_init__()
-    return cfg
+                        f"{', '.join(sorted(fields))}")
+    data.update(parse_fields(TrainConfig, overrides or {}, "train option"))
+    return TrainConfig(**data)

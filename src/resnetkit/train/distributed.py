@@ -251,3 +251,22 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         return m
     return swap(model)
 
+
+
+def torchrun(nproc: int, argv: list[str]) -> int:
+    """`resnetkit train --nproc N ...` = torchrun --standalone --nproc-per-node N on this
+    machine, with the same arguments minus --nproc; returns torchrun's exit status."""
+    import subprocess
+    import sys
+    rest, skip = [], False
+    for t in argv:
+        if skip:
+            skip = False
+        elif t == "--nproc":
+            skip = True
+        elif not t.startswith("--nproc="):
+            rest.append(t)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "resnetkit", *rest]
+    print("launching: torchrun " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import platform
-import resource
 import signal
 import sys
 import threading
@@ -19,107 +18,23 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from .. import weights as ckpt
 from ..data import ArrayDataset, StreamedFolder, in_memory_or_streamed, load_dataset
 from ..data import transforms as T
 from ..errors import UserError
+from ..evaluate import autocast, evaluate
+from ..geometry import check_input_size
+from ..options import parse_fields
+from ..runtime import decide_channels_last, decide_precision, peak_memory_mb
 from ..zoo import create_model
-from . import checkpoint as ckpt
 from . import distributed as D
-from .config import TrainConfig
+from .config import RESUMABLE, TrainConfig, build_config
 from .optim import build_ema, build_optimizer, lr_factor
+from .progress import Progress
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where unreadable)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """x86 CPUs with AVX512-BF16 or AMX-BF16 instructions; any bf16-capable CUDA device."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
-
-
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
-    """(precision, channels_last) for the device. bf16 on the CPU pays off only with
-    channels_last (REFERENCE.md section 5); fp32 on the CPU trains faster in NCHW."""
-    prec = cfg.precision  # fp64 is for numerical checks (e.g. DDP against one process)
-    if prec == "auto":
-        prec = "bf16" if has_native_bf16(device) else ("fp16" if device.type == "cuda" else "fp32")
-    if prec == "fp16" and device.type != "cuda":
-        raise UserError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    cl = str(cfg.channels_last).lower()
-    channels_last = (prec in ("bf16", "fp16") or device.type == "cuda") if cl == "auto" else cl == "true"
-    return prec, channels_last
-
-
-def evaluate(model: torch.nn.Module, data: ArrayDataset | StreamedFolder, mean, std,
-             image_size: int = 0,
-             batch_size: int = 1024, precision: str = "fp32", channels_last: bool = False,
-             device: torch.device | str = "cpu",
-             dist_info: D.DistInfo | None = None, tta_flip: bool = False) -> dict[str, Any]:
-    """Top-1, top-5, loss, per-class accuracy and the confusion matrix on a dataset. Under
-    DDP (`dist_info`), each rank evaluates its share and the counts are summed. With
-    `tta_flip`, the class probabilities of each image and its mirror image are averaged."""
-    device = torch.device(device)
-    info = dist_info or D.DistInfo()
-    n_cls = len(data.classes)
-    conf = torch.zeros(n_cls, n_cls, dtype=torch.long)
-    sums = torch.zeros(2, dtype=torch.float64)  # loss, top-5 hits
-    model.eval()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    dtype = torch.float64 if precision == "fp64" else torch.float32
-    share = torch.tensor_split(torch.arange(len(data)), info.world)[info.rank]
-    lo, hi = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
-    ranges = [torch.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
-    with torch.no_grad():
-        for idx, images in zip(ranges, data.batches(ranges)):
-            x = prepare(images, mean, std, image_size)
-            y = data.labels[idx]
-            x = x.to(device, dtype, memory_format=fmt)
-            with _autocast(device, precision):
-                out = model(x).float().cpu()
-                if tta_flip:  # log of the mean probability, so loss and top-k stay meaningful
-                    flipped = model(x.flip(-1)).float().cpu()
-                    out = torch.logsumexp(torch.stack([out.log_softmax(1), flipped.log_softmax(1)]),
-                                          0) - math.log(2)
-            sums[0] += F.cross_entropy(out, y, reduction="sum").item()
-            k = min(5, out.shape[1])
-            sums[1] += (out.topk(k, 1).indices == y[:, None]).any(1).sum().item()
-            conf += torch.bincount(y * n_cls + out.argmax(1), minlength=n_cls * n_cls).view(n_cls, n_cls)
-    conf, sums = D.all_sum(conf, sums, info=info)
-    loss_sum, top5 = sums.tolist()
-    n = max(len(data), 1)
-    per_class = (conf.diag().float() / conf.sum(1).clamp(min=1)).tolist()
-    return {"top1": conf.diag().sum().item() / n, "top5": top5 / n, "loss": loss_sum / n,
-            "per_class": dict(zip(data.classes, per_class)), "confusion": conf.tolist(),
-            "samples": len(data)}
-
-
-def prepare(images: torch.Tensor, mean, std, image_size: int = 0) -> torch.Tensor:
-    """uint8 images -> normalised float batch at the eval size (resize + centre crop)."""
-    x = images.float() / 255
-    if image_size and x.shape[-1] != image_size:
-        x = T.resize_center_crop(x, image_size)
-    return T.normalize(x, mean, std)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    return nullcontext()
 
 
 def _subset(data: ArrayDataset | StreamedFolder, n: int, seed: int):
@@ -127,6 +42,19 @@ def _subset(data: ArrayDataset | StreamedFolder, n: int, seed: int):
     if not n or n >= len(data):
         return data
     return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n])
+
+
+def _load_data(cfg: TrainConfig) -> tuple[ArrayDataset | StreamedFolder, ArrayDataset | StreamedFolder]:
+    """The training and test splits, subset as asked. Image folders too large to hold
+    decoded are streamed from disk (cache_images)."""
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size,
+                         in_chans=cfg.model_overrides.get("in_chans", 3), on_bad=cfg.on_bad_image)
+    train = in_memory_or_streamed(train, cfg.cache_images, cfg.workers)
+    test = in_memory_or_streamed(
+        load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.image_size, train.shape[0],
+                     on_bad=cfg.on_bad_image),
+        cfg.cache_images, cfg.workers, train.classes)
+    return _subset(train, cfg.train_subset, cfg.seed), _subset(test, cfg.test_subset, cfg.seed)
 
 
 class Trainer:
@@ -148,27 +76,16 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
-        self.precision, self.channels_last = resolve_precision(cfg, self.device)
-        # Image folders too large to hold decoded are streamed from disk (cache_images).
-        cache = str(cfg.cache_images).lower()
-        train = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size,
-                             in_chans=cfg.model_overrides.get("in_chans", 3), on_bad=cfg.on_bad_image)
-        self.train_data = in_memory_or_streamed(train, cache, cfg.workers)
-        self.test_data = in_memory_or_streamed(
-            load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.image_size,
-                         self.train_data.shape[0], on_bad=cfg.on_bad_image),
-            cache, cfg.workers, self.train_data.classes)
-        self.train_data = _subset(self.train_data, cfg.train_subset, cfg.seed)
-        self.test_data = _subset(self.test_data, cfg.test_subset, cfg.seed)
+        self.precision = decide_precision(cfg.precision, self.device)
+        self.channels_last = decide_channels_last(cfg.channels_last, self.precision, self.device)
+        self.train_data, self.test_data = _load_data(cfg)
         self.mean, self.std = self.train_data.mean, self.train_data.std
         self.image_size = cfg.image_size or self.train_data.shape[-1]
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         model = create_model(cfg.model, **{**cfg.model_overrides,
                                            "in_chans": self.train_data.shape[0],
                                            "num_classes": len(self.train_data.classes)})
-        if self.image_size < model.min_input_size:
-            raise UserError(f"image_size {self.image_size} is too small for {cfg.model}: it "
-                            f"needs at least {model.min_input_size}")
+        check_input_size(model, self.image_size)
         # The resolved global batch and lr reference are written back into the config, so a
         # resumed run keeps them whatever its number of processes.
         self.batches = D.resolve_batches(cfg.batch_size, cfg.global_batch, cfg.accum_steps,
@@ -245,7 +162,7 @@ class Trainer:
             last = i == len(micro) - 1
             sync = nullcontext() if last or self.net is self.model else self.net.no_sync()
             with sync:
-                with _autocast(self.device, self.precision):
+                with autocast(self.device, self.precision):
                     out = self.net(x)
                     logits = out if out.dtype == torch.float64 else out.float()
                     loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
@@ -287,7 +204,7 @@ class Trainer:
             self._prepare_run_dir()
         c, info = self.cfg, self.dist
         stop = min(until_epoch or c.epochs, c.epochs)
-        progress = _Progress(self.quiet)
+        progress = Progress(self.quiet)
         restore = self._catch_signals()
         try:
             while self.epoch < stop:
@@ -313,12 +230,12 @@ class Trainer:
             restore()
         return self._finish()
 
-    def train_epoch(self, progress: "_Progress | None" = None):
+    def train_epoch(self, progress: "Progress | None" = None):
         """Train from the current position to the end of the epoch; returns this rank's
         (loss sum, number correct, samples, seconds). Raises NonFiniteLoss, or
         KeyboardInterrupt once every rank has stopped after the same whole step."""
         c, info = self.cfg, self.dist
-        progress = progress or _Progress(True)
+        progress = progress or Progress(True)
         perm = self._epoch_perm(self.epoch)
         if self.step_in_epoch == 0:  # drop path: a different stream per rank and epoch
             torch.manual_seed(self._seed(self.epoch, -1))
@@ -418,8 +335,9 @@ class Trainer:
             D.broadcast_buffers([self.model] + ([self.ema] if self.ema is not None else []),
                                 self.dist)
         return evaluate(self.eval_model, self.test_data, self.mean, self.std, 0, 1024,
-                        self.precision, self.channels_last, self.device, self.dist,
-                        tta_flip)
+                        self.precision, self.channels_last, self.device,
+                        shard=(self.dist.rank, self.dist.world),
+                        reduce=lambda *t: D.all_sum(*t, info=self.dist), tta_flip=tta_flip)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -504,10 +422,10 @@ class Trainer:
             info = json.loads((run_dir / "config.json").read_text())
         except FileNotFoundError:
             raise UserError(f"{run_dir} is not a run folder (no config.json)") from None
-        bad = set(changes) - {"epochs", "accum_steps"}
+        bad = set(changes) - set(RESUMABLE)
         if bad:
-            raise UserError(f"a resumed run keeps its config; only epochs and accum_steps can "
-                            f"change, not {', '.join(sorted(bad))}")
+            raise UserError(f"a resumed run keeps its config; only {' and '.join(RESUMABLE)} "
+                            f"can change, not {', '.join(sorted(bad))}")
         cfg = TrainConfig(**{**info["train"], **changes})
         t = cls(cfg, run_dir=run_dir, device=device, quiet=quiet)
         s = ckpt.load_state(run_dir / "last.state.pt")
@@ -525,49 +443,17 @@ class Trainer:
         return t
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e6
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux reports KiB
-
-
-class _Progress:
-    """A rich progress bar on a terminal; one line per epoch otherwise (CI, logs)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.live = sys.stdout.isatty() and not quiet
-        self.bar = None
-
-    def start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
-        self.epoch, self.epochs, self.steps = epoch, epochs, steps
-        if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
-            self.bar = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(),
-                                MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                                TimeRemainingColumn())
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=steps, completed=done, stats="")
-
-    def update(self, step: int, loss_sum, correct, seen: int, t0: float) -> None:
-        if self.bar is not None and (step % 10 == 0 or step == self.steps):
-            rate = seen / max(time.perf_counter() - t0, 1e-9)
-            self.bar.update(self.task, completed=step,
-                            stats=f"loss {loss_sum.item() / seen:.4f} acc "
-                                  f"{100 * correct.item() / seen:.2f}% {rate:.0f} img/s")
-
-    def epoch_done(self, row: dict[str, Any]) -> None:
-        self.stop()
-        if not self.quiet:
-            test = "not evaluated (eval_every)" if row["val_acc"] is None else \
-                f"loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}% " \
-                f"top5 {100 * row['val_top5']:.2f}%"
-            print(f"epoch {row['epoch']}/{self.epochs}: train loss {row['train_loss']:.4f} "
-                  f"acc {100 * row['train_acc']:.2f}% | test {test} | "
-                  f"{row['images_per_s']:.0f} img/s, {row['epoch_s']:.1f} s", flush=True)
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+def start_run(recipe: str | None = None, options: dict[str, str] | None = None,
+              resume: str | Path | None = None) -> Trainer:
+    """A Trainer from command-line text: a new run from a recipe and "--key value" options,
+    or the run folder `resume` continued (then only RESUMABLE options may be given)."""
+    options = options or {}
+    if resume is None:
+        return Trainer(build_config(recipe, options))
+    if recipe:
+        raise UserError("--resume continues a run with its own recipe; drop --recipe")
+    changes = parse_fields(TrainConfig, options, "train option")
+    if set(changes) - set(RESUMABLE):
+        raise UserError(f"with --resume only {' and '.join('--' + k for k in RESUMABLE)} "
+                        f"may be given")
+    return Trainer.resume(resume, **changes)

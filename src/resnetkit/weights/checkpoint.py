@@ -3,6 +3,7 @@ preprocessing in its metadata) plus training state read with torch.load(weights_
 Every file is written atomically: temporary file, fsync, rename."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -68,7 +69,7 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def config_to_dict(cfg: ResNetConfig) -> dict[str, Any]:
-    import dataclasses
+    """The config as JSON-ready data (tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 

@@ -1,0 +1,67 @@
+"""Conv arithmetic along a network's main path, and the one input-size rule derived from it.
+
+Every place that needs to know whether an input is large enough (the model's forward, the
+analysis verbs, the trainer, bench, export) calls `check_input_size`, so the rule and its
+wording exist once."""
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import UserError
+
+
+def out_size(size: int, m: nn.Module, axis: int = 0) -> int:
+    """Output size along one spatial axis of a conv or pool layer:
+    floor((size + 2p - d(k-1) - 1) / s) + 1 (ceil instead of floor for ceil_mode pools)."""
+    pick = lambda v: v[axis] if isinstance(v, tuple) else v  # noqa: E731
+    k, s, p = pick(m.kernel_size), pick(m.stride), pick(m.padding)
+    d = pick(getattr(m, "dilation", 1))
+    num = size + 2 * p - d * (k - 1) - 1
+    if getattr(m, "ceil_mode", False):
+        return -(-num // s) + 1
+    return num // s + 1
+
+
+def main_path(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the convs and pools on a ResNet's main path, in forward order."""
+    stem = [(n, m) for n, m in model.named_modules() if n.split(".")[0] == "conv1"
+            and isinstance(m, nn.Conv2d)]
+    pool = [("maxpool", model.maxpool)] if isinstance(model.maxpool, nn.MaxPool2d) else []
+    body = [(f"{stage}.{i}.{n}", m) for stage in model.stage_names
+            for i, b in enumerate(getattr(model, stage))
+            for n, m in b.named_children() if n.startswith("conv")]
+    return stem + pool + body
+
+
+def size_walk(model: nn.Module, size: int) -> list[tuple[str, int, int]]:
+    """(layer, size in, size out) along the main path for an input side of `size`; stops at
+    the first layer whose output would be empty."""
+    walk = []
+    for name, m in main_path(model):
+        walk.append((name, size, out_size(size, m)))
+        size = walk[-1][2]
+        if size < 1:
+            break
+    return walk
+
+
+def min_input_size(model: nn.Module) -> int:
+    """The smallest input side for which no layer's output is empty."""
+    size = 1
+    while size_walk(model, size)[-1][2] < 1:
+        size += 1
+    return size
+
+
+def check_input_size(model: nn.Module, height: int, width: int | None = None) -> None:
+    """Raise a UserError naming the first layer whose output would be empty at this input
+    size, and the smallest size that works."""
+    width = height if width is None else width
+    for side in (height, width):
+        walk = size_walk(model, side)
+        if walk[-1][2] < 1:
+            name, s_in, _ = walk[-1]
+            low = min_input_size(model)
+            raise UserError(f"input {height}x{width} is too small: {name} would output an "
+                            f"empty map (layer {name} gets {s_in}x{s_in} and would output 0x0); "
+                            f"use an input of at least {low}x{low}")

@@ -1,0 +1,157 @@
+"""How the `resnetkit` command shows each verb's result on a terminal: rich tables and plain
+lines. Every function takes the library's result (the data `--json` prints) and prints it."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def console() -> Console:
+    """A console 100 columns wide when not on a terminal (logs, pipes)."""
+    return Console(width=100) if not sys.stdout.isatty() else Console()
+
+
+def _n(n: int) -> str:
+    return f"{n:,}"
+
+
+def models(rows: dict[str, Any]) -> None:
+    t = Table("model", "block", "layers", "depth", "groups x width", "stem", "shortcut")
+    for name, c in rows.items():
+        t.add_row(name, c.block, str(list(c.layers)), str(c.depth),
+                  f"{c.groups}x{c.width_per_group}", c.stem, c.shortcut)
+    console().print(t)
+
+
+def summary(s: dict[str, Any]) -> None:
+    t = Table("layer", "type", "input", "output", "params", "MACs", title=f"{s['model']} summary")
+    for r in s["layers"]:
+        t.add_row(r["name"], r["type"], "x".join(map(str, r["input"][1:])),
+                  "x".join(map(str, r["output"][1:])), _n(r["params"]), _n(r["macs"]))
+    c = console()
+    c.print(t)
+    tot, mem = s["totals"], s["memory"]
+    c.print(f"input {s['image_size'][0]}x{s['image_size'][1]}, batch {s['batch']}")
+    c.print(f"parameters {tot['params']:,} (trainable {tot['trainable']:,}, non-trainable "
+            f"{tot['non_trainable']:,}); buffers {tot['buffers']:,} (BN running mean/var "
+            f"{tot['bn_running_stats']:,})")
+    c.print(f"reconcile: {s['reconcile']}")
+    c.print(f"MACs {tot['macs']:,} ({tot['macs'] / 1e9:.2f} G); FLOPs {tot['flops']:,}")
+    c.print("memory (MB = 10^6 bytes): " + ", ".join(f"{k.removesuffix('_mb')} {v:.2f}"
+                                                    for k, v in mem.items()))
+    c.print("conventions: " + "; ".join(f"{k}: {v}" for k, v in s["conventions"].items()))
+
+
+def block_costs(rows: list[dict[str, Any]], image_size: int) -> None:
+    t = Table("block", "conv", "in", "out", "weights", "MACs",
+              title=f"block costs at {image_size}x{image_size}")
+    for r in rows:
+        for cv in r["convs"]:
+            t.add_row(r["spec"], cv["layer"], "x".join(map(str, cv["in"])),
+                      "x".join(map(str, cv["out"])), _n(cv["weights"]), _n(cv["macs"]))
+        t.add_row(r["spec"], "[b]total", "", "", _n(r["conv_weights"]), f"[b]{r['macs']:,}",
+                  end_section=True)
+    console().print(t)
+    if len(rows) == 2:
+        d = rows[0]["macs"] - rows[1]["macs"]
+        print(f"difference: {rows[0]['spec']} - {rows[1]['spec']} = {d:,} MACs")
+
+
+def flops(f: dict[str, Any]) -> None:
+    kinds = list(f["by_kind"])
+    size = f["image_size"]
+    t = Table("part", *kinds, title=f"{f['model']} at {size[0]}x{size[1]}: MACs (conv, fc) "
+              "and elements (others)")
+    for st, v in f["per_stage"].items():
+        t.add_row(st, *(_n(v[k]) for k in kinds))
+    t.add_row("[b]total", *(f"[b]{f['by_kind'][k]:,}" for k in kinds))
+    c = console()
+    c.print(t)
+    c.print(f"MACs {f['macs']:,} ({f['macs'] / 1e9:.3f} G)  FLOPs {f['flops']:,}  "
+            f"FLOPs incl. BN/ReLU/pool/add/bias {f['flops_all_ops']:,}")
+    c.print(f"convention: {f['convention']}")
+
+
+def compare(rows: list[dict[str, Any]], image_size: int) -> None:
+    t = Table("model", "depth", "params", "MACs (G)", "FLOPs (G)", "train MB (b=1)",
+              "feature maps", title=f"at {image_size}x{image_size}")
+    for r in rows:
+        t.add_row(r["model"], str(r["depth"]), _n(r["params"]), f"{r['macs'] / 1e9:.2f}",
+                  f"{r['flops'] / 1e9:.2f}",
+                  f"{r['training_mb']:.0f}" if r["training_mb"] is not None else "-",
+                  "/".join(map(str, r["feature_maps"])))
+    console().print(t)
+
+
+def train_start(trainer) -> str:
+    """The line that opens a training run: folder, precision, layout, processes."""
+    b, d = trainer.batches, trainer.dist
+    return (f"run folder: {trainer.run_dir} ({trainer.precision}, channels_last="
+            f"{trainer.channels_last}, {trainer.device}" +
+            (f", {d.world} processes ({d.backend}), {b.per_rank} per rank x {b.accum} "
+             f"accumulation = global batch {b.global_}, lr {b.lr:g}"
+             if d.active or b.accum > 1 else "") + ")")
+
+
+def train_result(r: dict[str, Any]) -> str:
+    lines = []
+    if "test_top1_without_tta" in r:
+        lines.append(f"test top-1 without test-time flips {100 * r['test_top1_without_tta']:.2f}%")
+    lines.append(f"test top-1 {100 * r['test']['top1']:.2f}%  top-5 {100 * r['test']['top5']:.2f}%  "
+                 f"best {100 * r['best_top1']:.2f}%  train time {r['wall_s']:.0f} s  "
+                 f"peak memory {r['peak_mem_mb']:.0f} MB  -> {r['run_dir']}")
+    return "\n".join(lines)
+
+
+def evaluation(r: dict[str, Any], title: str) -> None:
+    t = Table("class", "accuracy", title=f"{title}: top-1 {100 * r['top1']:.2f}%, top-5 "
+              f"{100 * r['top5']:.2f}%, loss {r['loss']:.4f}")
+    for name, acc in r["per_class"].items():
+        t.add_row(name, f"{100 * acc:.2f}%")
+    c = console()
+    c.print(t)
+    c.print("confusion matrix (rows: true, columns: predicted)")
+    for name, row in zip(r["per_class"], r["confusion"]):
+        c.print(f"{name[:12]:>12} " + " ".join(f"{v:5d}" for v in row))
+
+
+def predictions(res: list[dict[str, Any]]) -> None:
+    t = Table("file", "class", "probability")
+    for r in res:
+        for k, p in enumerate(r["top"]):
+            t.add_row(r["file"] if k == 0 else "", p["class"], f"{p['prob']:.4f}",
+                      end_section=k == len(r["top"]) - 1)
+    console().print(t)
+
+
+def bench(r: dict[str, Any]) -> None:
+    t = Table("path", "precision", "img/s", "ms/batch", "min-max ms", "speed-up (paired)",
+              "of peak",
+              title=f"{r['model']}, batch {r['batch']}, {r['image_size']}x{r['image_size']}, "
+                    f"{r['hardware']['threads']} threads")
+    for k, v in r["results"].items():
+        frac = f"{100 * v['fraction_of_peak']:.1f}%" if v["fraction_of_peak"] else "-"
+        t.add_row(k, v["precision"], f"{v['img_s']:.1f}", f"{v['ms_per_batch']:.1f}",
+                  f"{v['min_ms']:.0f}-{v['max_ms']:.0f}",
+                  f"{v['speedup']:.2f}x ({v['speedup_paired']:.2f}x)", frac)
+    c = console()
+    c.print(t)
+    for n in r["notes"]:
+        c.print(n)
+
+
+def check(r: dict[str, Any]) -> None:
+    t = Table("path", "precision", "top-1", "agreement with fp32", "max |diff|", "mean |diff|",
+              title=f"{r['checkpoint']} ({r['model']}) on {r['samples']:,} {r['dataset']} test "
+                    f"images; largest fp32 logit {r['logit_scale']:.2f}")
+    for k, v in r["results"].items():
+        t.add_row(k, v["precision"], f"{100 * v['top1']:.2f}%",
+                  f"{100 * v['agreement_with_fp32']:.2f}%", f"{v['max_abs_diff']:.2e}",
+                  f"{v['mean_abs_diff']:.2e}")
+    c = console()
+    c.print(t)
+    for n in r["notes"]:
+        c.print(n)

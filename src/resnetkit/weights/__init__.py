@@ -1,0 +1,6 @@
+"""Weights on disk: the checkpoint format every verb reads and writes."""
+from .checkpoint import (atomic_write, config_to_dict, load_model, load_state, load_weights_into,
+                         read_checkpoint, save_state, save_weights)
+
+__all__ = ["atomic_write", "config_to_dict", "load_model", "load_state", "load_weights_into",
+           "read_checkpoint", "save_state", "save_weights"]
