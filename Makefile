@@ -1,13 +1,25 @@
 # The two commands of the README: `make demo` (install + train on Fashion-MNIST) and `make test`.
-PY ?= python3
-PIP := $(PY) -m pip
+# Everything installs into a project virtual environment (.venv), so the same commands work
+# where the system Python refuses `pip install` (PEP 668: stock Debian and Ubuntu).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install data demo test bench
+.PHONY: install data demo test bench venv
 
-install:
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[all]"
+# Debian and Ubuntu ship venv's pip bootstrap separately (python3-venv): installed when missing.
+$(PY):
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q python3-venv || (apt-get update -q && apt-get install -y -q python3-venv)) >/dev/null; \
+	  fi; $(PYTHON) -m venv $(VENV); }
+
+venv: $(PY)
+
+install: $(PY)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[all]"
 
 # Debian ships Fashion-MNIST; elsewhere `resnetkit` downloads it with checksums on first use.
 data:
@@ -17,7 +29,7 @@ data:
 	else echo "no apt: Fashion-MNIST will be downloaded on first use"; fi
 
 demo: install data
-	resnetkit train --recipe fashion-mnist-quick
+	$(VENV)/bin/resnetkit train --recipe fashion-mnist-quick
 
 test: install data
 	$(PY) -m pytest -q

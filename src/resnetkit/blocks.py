@@ -67,8 +67,7 @@ class SqueezeExcite(nn.Module):
 
 
 class Projection(nn.Sequential):
-    """A projection shortcut (options B and C): [avg-pool,] 1x1 conv[, BN]. Its own type, so
-    a block knows whether its shortcut projects without inspecting it."""
+    """A projection shortcut (options B and C): [avg-pool,] 1x1 conv[, BN]."""
 
 
 def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int) -> nn.Module:
@@ -86,30 +85,35 @@ def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int) -> 
     return Projection(*layers) if cfg.preact else Projection(*layers, nn.BatchNorm2d(out_chs))
 
 
-class _Block(nn.Module):
-    """What every residual block has besides its convs: the shortcut, SE, drop path."""
+class ResidualBlock(nn.Module):
+    """What every residual block has besides its convs: the shortcut, SE, drop path. Blocks
+    take (cfg, in_chs, planes, stride, dilation of later convs, of the first, drop path)."""
 
     preact = False
 
-    def _finish(self, cfg: ResNetConfig, out_chs: int, shortcut: nn.Module,
+    def _finish(self, cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int,
                 drop_path: float) -> None:
         self.relu = nn.ReLU(inplace=True)
         self.se = SqueezeExcite(out_chs, cfg.se_ratio) if cfg.se_ratio else nn.Identity()
-        self.downsample = shortcut
+        self.downsample = make_shortcut(cfg, in_chs, out_chs, stride)
         # a pre-activation block projects its normalised input; other shortcuts take x as is
-        self.projects = isinstance(shortcut, Projection)
+        self.projects = isinstance(self.downsample, Projection)
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def _shortcut(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return self.downsample(pre if self.projects else x)
 
+    def residual_end(self) -> nn.Module:
+        """What zero-init zeroes: the last BN (post-activation) or conv (pre-activation)."""
+        last = 3 if hasattr(self, "conv3") else 2
+        return getattr(self, f"conv{last}" if self.preact else f"bn{last}")
 
-class BasicBlock(_Block):
+
+class BasicBlock(ResidualBlock):
     """Two 3x3 convs, post-activation (v1): conv-BN-ReLU-conv-BN, add, ReLU."""
 
     def __init__(self, cfg: ResNetConfig, in_chs: int, planes: int, stride: int,
-                 shortcut: nn.Module, dilation: int = 1, first_dilation: int = 1,
-                 drop_path: float = 0.0):
+                 dilation: int = 1, first_dilation: int = 1, drop_path: float = 0.0):
         super().__init__()
         out_chs = planes * cfg.block_expansion
         # Registered in torchvision's order (conv before its BN) so state_dicts list alike;
@@ -118,11 +122,7 @@ class BasicBlock(_Block):
         self.bn1 = nn.BatchNorm2d(in_chs if self.preact else planes)
         self.conv2 = conv3x3(planes, out_chs, dilation=dilation)
         self.bn2 = nn.BatchNorm2d(planes if self.preact else out_chs)
-        self._finish(cfg, out_chs, shortcut, drop_path)
-
-    def residual_end(self) -> nn.Module:
-        """The layer that zero-init sets to zero so the block starts as the identity."""
-        return self.conv2 if self.preact else self.bn2
+        self._finish(cfg, in_chs, out_chs, stride, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -141,30 +141,24 @@ class PreActBasicBlock(BasicBlock):
         return self.drop_path(self.se(out)) + self._shortcut(x, pre)
 
 
-class Bottleneck(_Block):
+class Bottleneck(ResidualBlock):
     """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand, post-activation. The stage stride
     sits on the 3x3 (v1.5) or on the first 1x1 (v1, cfg.stride_in_1x1)."""
 
     def __init__(self, cfg: ResNetConfig, in_chs: int, planes: int, stride: int,
-                 shortcut: nn.Module, dilation: int = 1, first_dilation: int = 1,
-                 drop_path: float = 0.0):
+                 dilation: int = 1, first_dilation: int = 1, drop_path: float = 0.0):
         super().__init__()
         width = int(planes * cfg.width_per_group / 64) * cfg.groups
         out_chs = planes * cfg.block_expansion
         s1, s3 = (stride, 1) if cfg.stride_in_1x1 else (1, stride)
         self.conv1 = conv1x1(in_chs, width, s1)
         self.bn1 = nn.BatchNorm2d(in_chs if self.preact else width)
-        # A bottleneck has a single 3x3 conv; in the first block of a dilated stage it keeps
-        # the previous dilation (as torchvision does), so `dilation` only matters for basic blocks.
+        # its one 3x3 keeps the previous dilation in a dilated stage's first block (torchvision)
         self.conv2 = conv3x3(width, width, s3, cfg.groups, first_dilation)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, out_chs)
         self.bn3 = nn.BatchNorm2d(width if self.preact else out_chs)
-        self._finish(cfg, out_chs, shortcut, drop_path)
-
-    def residual_end(self) -> nn.Module:
-        """The layer that zero-init sets to zero so the block starts as the identity."""
-        return self.conv3 if self.preact else self.bn3
+        self._finish(cfg, in_chs, out_chs, stride, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

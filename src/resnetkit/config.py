@@ -1,9 +1,7 @@
 """ResNetConfig: every architectural choice of a ResNet, as one validated value."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import UserError
 
@@ -14,53 +12,36 @@ SHORTCUTS = ("A", "B", "C")
 
 @dataclass(frozen=True)
 class ResNetConfig:
-    """The full description of a ResNet; a model is built from this and nothing else.
+    """The full description of a ResNet; a model is built from this and nothing else. Each
+    field's comment says what it chooses; a bad value raises UserError naming the field."""
 
-    Fields:
-        block: "basic" (two 3x3 convs), "bottleneck" (1x1-3x3-1x1), or their pre-activation
-            forms "preact_basic"/"preact_bottleneck" (ResNet v2, He et al. 2016).
-        layers: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
-        widths: the "planes" of each stage; a stage outputs width * expansion channels.
-        expansion: output/planes ratio of a block; None means 1 (basic) or 4 (bottleneck).
-        groups, width_per_group: the 3x3 conv of a bottleneck has
-            int(width * width_per_group / 64) * groups channels (ResNeXt, Wide ResNet).
-        stride_in_1x1: True puts the stage's stride on the first 1x1 conv of a bottleneck (v1,
-            the paper); False on the 3x3 (v1.5, torchvision's default).
-        stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (3x3/1 conv, no pooling),
-            "deep" (three 3x3 convs + max-pool, "ResNet-C").
-        stem_width: channels out of the stem.
-        maxpool_padding: padding of the stem's max-pool, 1 (torchvision) or 0.
-        shortcut: "A" zero-padded identity, "B" projection where the shape changes,
-            "C" projection in every block.
-        avg_down: projection shortcuts average-pool before a stride-1 1x1 conv ("ResNet-D").
-        output_stride: total stride of the final feature map; stages past it use dilation
-            instead of stride. None keeps the natural stride (32 ImageNet, 4 CIFAR).
-        zero_init_residual: start each residual branch at zero (last BN gamma, or last conv
-            for pre-activation blocks), so every block starts as the identity.
-        drop_path_rate: stochastic-depth rate of the last block; earlier blocks get a rate
-            growing linearly from 0.
-        se_ratio: squeeze-and-excitation bottleneck ratio (e.g. 0.0625); 0 disables it.
-        in_chans, num_classes: input channels and classifier outputs (0: no classifier).
-    """
-
+    # "basic" (two 3x3 convs), "bottleneck" (1x1-3x3-1x1), or their pre-activation forms
+    # "preact_basic"/"preact_bottleneck" (ResNet v2, He et al. 2016)
     block: str = "bottleneck"
-    layers: tuple[int, ...] = (3, 4, 6, 3)
-    widths: tuple[int, ...] = (64, 128, 256, 512)
-    expansion: int | None = None
+    layers: tuple[int, ...] = (3, 4, 6, 3)          # blocks per stage
+    widths: tuple[int, ...] = (64, 128, 256, 512)   # "planes"; a stage outputs width x expansion
+    expansion: int | None = None                    # None: 1 (basic) or 4 (bottleneck)
+    # a bottleneck's 3x3 conv has int(width * width_per_group / 64) * groups channels (ResNeXt,
+    # Wide ResNet)
     groups: int = 1
     width_per_group: int = 64
-    stride_in_1x1: bool = False
+    stride_in_1x1: bool = False     # stage stride on the first 1x1 (v1, the paper), not the 3x3
+    # "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (3x3/1 conv, no pooling), "deep"
+    # (three 3x3 convs + max-pool, "ResNet-C")
     stem: str = "imagenet"
-    stem_width: int = 64
-    maxpool_padding: int = 1
+    stem_width: int = 64            # channels out of the stem
+    maxpool_padding: int = 1        # of the stem's max-pool: 1 (torchvision) or 0
+    # "A" zero-padded identity, "B" projection where the shape changes, "C" projection always
     shortcut: str = "B"
-    avg_down: bool = False
+    avg_down: bool = False          # projections average-pool before a stride-1 1x1 ("ResNet-D")
+    # total stride of the last feature map; later stages dilate instead of striding (None:
+    # the natural stride, 32 ImageNet, 4 CIFAR)
     output_stride: int | None = None
-    zero_init_residual: bool = False
-    drop_path_rate: float = 0.0
-    se_ratio: float = 0.0
+    zero_init_residual: bool = False  # each residual branch starts at zero (block = identity)
+    drop_path_rate: float = 0.0     # stochastic depth of the last block, linear from 0 before
+    se_ratio: float = 0.0           # squeeze-and-excitation ratio, e.g. 0.0625; 0: none
     in_chans: int = 3
-    num_classes: int = 1000
+    num_classes: int = 1000         # 0: no classifier
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience but stored as tuples so the config stays hashable.
@@ -146,13 +127,3 @@ class ResNetConfig:
         stem = 3 if self.stem == "deep" else 1
         per_block = 3 if self.is_bottleneck else 2
         return stem + per_block * sum(self.layers) + (1 if self.num_classes else 0)
-
-
-def replace(cfg: ResNetConfig, **overrides: Any) -> ResNetConfig:
-    """dataclasses.replace with an error that names unknown fields."""
-    fields = [f.name for f in dataclasses.fields(ResNetConfig)]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise UserError(f"unknown config field(s) {', '.join(unknown)}; "
-                        f"fields are: {', '.join(fields)}")
-    return dataclasses.replace(cfg, **overrides)

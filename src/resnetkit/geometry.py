@@ -1,10 +1,12 @@
-"""Conv arithmetic along a network's main path, and the one input-size rule derived from it.
+"""Conv arithmetic along a network's main path, the one input-size rule derived from it, and
+the check of a batch against a model's input.
 
 Every place that needs to know whether an input is large enough (the model's forward, the
 analysis verbs, the trainer, bench, export) calls `check_input_size`, so the rule and its
 wording exist once."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -65,3 +67,16 @@ def check_input_size(model: nn.Module, height: int, width: int | None = None) ->
             raise UserError(f"input {height}x{width} is too small: {name} would output an "
                             f"empty map (layer {name} gets {s_in}x{s_in} and would output 0x0); "
                             f"use an input of at least {low}x{low}")
+
+
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise a UserError unless x is a 4-D batch with the model's input channels and a size
+    large enough for every layer (model: a ResNet, with cfg and min_input_size)."""
+    if x.dim() != 4:
+        raise UserError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != model.cfg.in_chans:
+        raise UserError(f"expected {model.cfg.in_chans} input channels, got {x.shape[1]} "
+                        f"(shape {tuple(x.shape)}); build the model with "
+                        f"in_chans={x.shape[1]} or convert the images")
+    if min(x.shape[2], x.shape[3]) < model.min_input_size:
+        check_input_size(model, x.shape[2], x.shape[3])

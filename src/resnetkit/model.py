@@ -4,21 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import BLOCK_TYPES, conv3x3, make_shortcut
+from .blocks import BLOCK_TYPES, ResidualBlock, conv3x3
 from .config import ResNetConfig
 from .errors import UserError
-from .geometry import check_input_size, min_input_size
+from .geometry import check_input, min_input_size
 
 
 class ResNet(nn.Module):
-    """A ResNet of any configuration.
-
-    Args:
-        cfg: the architecture.
-        features_only: build a backbone whose forward returns a list of feature maps (stem and
-            every stage, selected by out_indices) instead of logits; it has no classifier.
-        out_indices: which entries of feature_info to return in features_only mode.
-    """
+    """A ResNet of any configuration `cfg`. With features_only, a backbone without classifier
+    whose forward returns the feature maps (stem and every stage) selected by out_indices."""
 
     def __init__(self, cfg: ResNetConfig, features_only: bool = False,
                  out_indices: tuple[int, ...] | None = None):
@@ -38,9 +32,8 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = (nn.Identity() if cfg.stem == "cifar"
                         else nn.MaxPool2d(3, 2, cfg.maxpool_padding))
-        stem_reduction = 1 if cfg.stem == "cifar" else 2
-        self.feature_info = [dict(num_chs=w, reduction=stem_reduction, module="relu")]
-
+        self.feature_info = [dict(num_chs=w, reduction=1 if cfg.stem == "cifar" else 2,
+                                  module="relu")]
         block_cls = BLOCK_TYPES[cfg.block]
         target = cfg.output_stride or cfg.natural_stride
         in_chs, reduction, dilation = w, cfg.stem_stride, 1
@@ -54,11 +47,9 @@ class ResNet(nn.Module):
             out_chs = planes * cfg.block_expansion
             blocks = []
             for j in range(n):
-                s = stride if j == 0 else 1
-                blocks.append(block_cls(
-                    cfg, in_chs, planes, s, make_shortcut(cfg, in_chs, out_chs, s),
-                    dilation=dilation, first_dilation=first_dilation if j == 0 else dilation,
-                    drop_path=cfg.drop_path_rate * idx / max(n_blocks - 1, 1)))
+                blocks.append(block_cls(cfg, in_chs, planes, stride if j == 0 else 1, dilation,
+                                        first_dilation if j == 0 else dilation,
+                                        cfg.drop_path_rate * idx / max(n_blocks - 1, 1)))
                 in_chs, idx = out_chs, idx + 1
             name = f"layer{i + 1}"
             self.add_module(name, nn.Sequential(*blocks))
@@ -84,32 +75,20 @@ class ResNet(nn.Module):
         self.min_input_size = min_input_size(self)
 
     def _init_weights(self) -> None:
+        # He et al.'s init for the convs; BN layers start at weight 1, bias 0 (their default)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         if self.cfg.zero_init_residual:
             for m in self.modules():
-                if isinstance(m, tuple(BLOCK_TYPES.values())):
+                if isinstance(m, ResidualBlock):
                     nn.init.zeros_(m.residual_end().weight)
 
     def blocks(self) -> list[nn.Module]:
         """All residual blocks, in order."""
         return [b for name in self.stage_names for b in getattr(self, name)]
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise UserError(f"expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.cfg.in_chans:
-            raise UserError(f"expected {self.cfg.in_chans} input channels, got {x.shape[1]} "
-                            f"(shape {tuple(x.shape)}); build the model with "
-                            f"in_chans={x.shape[1]} or convert the images")
-        if min(x.shape[2], x.shape[3]) < self.min_input_size:
-            check_input_size(self, x.shape[2], x.shape[3])
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one for num_classes outputs (0: none)."""
@@ -119,33 +98,31 @@ class ResNet(nn.Module):
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
 
-    def _stages(self, x: torch.Tensor, keep: tuple[int, ...]) -> list[torch.Tensor]:
-        """The feature maps at levels `keep`: 0 is the stem (before max-pool), i the i-th
-        stage (the last one normalised in a pre-activation net). The one stage loop of
-        forward_features and forward_intermediates."""
+    def _stages(self, x: torch.Tensor, keep: set[int]) -> dict[int, torch.Tensor]:
+        """{level: feature map} for the levels in `keep` (0: stem before max-pool, i: stage i,
+        the last one normalised in a pre-activation net), by the one stage loop."""
         if not torch.jit.is_tracing():
-            self._check_input(x)
+            check_input(self, x)
         x = self.forward_stem(x)
-        feats = [x] if 0 in keep else []
+        feats = {0: x} if 0 in keep else {}
         x = self.maxpool(x)
-        last = len(self.stage_names)
         for i, name in enumerate(self.stage_names, 1):
             x = getattr(self, name)(x)
-            if i == last and self.cfg.preact:
+            if i == len(self.stage_names) and self.cfg.preact:
                 x = self.relu(self.norm(x))
             if i in keep:
-                feats.append(x)
+                feats[i] = x
         return feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map, before pooling: (N, num_features, H/32, W/32) on ImageNet."""
-        return self._stages(x, (len(self.stage_names),))[0]
+        last = len(self.stage_names)
+        return self._stages(x, {last})[last]
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps at self.out_indices: 0 is the stem (before max-pool), i the i-th stage."""
-        feats = self._stages(x, tuple(sorted(set(self.out_indices))))
-        order = sorted(set(self.out_indices))
-        return [feats[order.index(i)] for i in self.out_indices]
+        feats = self._stages(x, set(self.out_indices))
+        return [feats[i] for i in self.out_indices]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool and classifier; pre_logits=True stops before the fc."""

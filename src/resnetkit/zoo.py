@@ -1,12 +1,13 @@
 """Named presets (one line each) and create_model / list_models."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 from functools import partial
 from typing import Any
 
-from .config import ResNetConfig, replace
+from .config import ResNetConfig
 from .errors import UserError
 from .model import ResNet
 
@@ -36,6 +37,16 @@ PRESETS: dict[str, ResNetConfig] = {
     "resnet50v2": ResNetConfig(block="preact_bottleneck", layers=(3, 4, 6, 3)),
     **{f"resnet{6 * n + 2}": Cifar(layers=(n, n, n)) for n in (3, 5, 7, 9, 18, 200)},
 }
+
+
+def replace(cfg: ResNetConfig, **overrides: Any) -> ResNetConfig:
+    """dataclasses.replace with an error that names unknown fields."""
+    fields = [f.name for f in dataclasses.fields(ResNetConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise UserError(f"unknown config field(s) {', '.join(unknown)}; "
+                        f"fields are: {', '.join(fields)}")
+    return dataclasses.replace(cfg, **overrides)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks import BLOCK_TYPES, make_shortcut
+from ..blocks import BLOCK_TYPES
 from ..config import ResNetConfig
 from ..errors import UserError
 from ..model import ResNet
@@ -177,7 +177,7 @@ def block_cost(spec: str, image_size: int = 56) -> dict[str, Any]:
     kind, cin, cout, stride = parse_block_spec(spec)
     cfg = ResNetConfig(block=kind)
     planes = cout // cfg.block_expansion
-    block = BLOCK_TYPES[kind](cfg, cin, planes, stride, make_shortcut(cfg, cin, cout, stride))
+    block = BLOCK_TYPES[kind](cfg, cin, planes, stride)
     records = trace(block, (image_size, image_size), in_chans=cin)
     convs = [{"layer": r.name, "weights": r.params, "macs": r.macs,
               "in": list(r.in_shape[1:]), "out": list(r.out_shape[1:])}

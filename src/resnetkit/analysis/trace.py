@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocks import BLOCK_TYPES, ZeroPadShortcut
+from ..blocks import ResidualBlock, ZeroPadShortcut
 from ..geometry import check_input_size, out_size
 from ..model import ResNet
 
@@ -73,7 +73,7 @@ def trace(model: nn.Module, image_size: tuple[int, int], batch: int = 1,
     records: list[LayerRecord] = []
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, tuple(BLOCK_TYPES.values())):
+        if isinstance(m, ResidualBlock):
             hooks.append(m.register_forward_hook(
                 lambda mod, inp, out, n=name: records.append(LayerRecord(
                     f"{n}.add", "ResidualAdd", tuple(out.shape), tuple(out.shape), 0,

@@ -11,13 +11,13 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
 from .. import weights as ckpt
 from ..data import ArrayDataset, StreamedFolder, in_memory_or_streamed, load_dataset
 from ..data import transforms as T
@@ -379,7 +379,7 @@ class Trainer:
                                  "world_size": self.dist.world, "backend": self.dist.backend,
                                  "per_rank_batch": self.batches.per_rank,
                                  "global_batch": self.batches.global_, "lr": self.batches.lr},
-                    "versions": {"resnetkit": __version__, "torch": torch.__version__,
+                    "versions": {"resnetkit": version("resnetkit"), "torch": torch.__version__,
                                  "python": platform.python_version()},
                     "command": sys.argv}
             ckpt.atomic_write(self.run_dir / "config.json",
