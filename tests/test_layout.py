@@ -10,7 +10,7 @@ ROOT = Path(resnetkit.__file__).parent
 CORE = {"errors", "config", "blocks", "geometry", "model", "zoo", "options"}
 BASE = {"runtime", "data", "weights", "evaluate"}
 FEATURES = {"analysis", "train", "infer"}
-TOP = {"bench", "render", "cli", "__main__", "__init__"}
+TOP = {"bench", "render", "cli", "cli_parser", "__main__", "__init__"}
 
 
 def _part(module: str) -> str:

@@ -2,8 +2,10 @@
 from .config import ResNetConfig
 from .model import ResNet
 from .runtime import tune_allocator
-from .zoo import PRESETS, create_model, get_config, list_models
+from .weights.pretrained import create_model
+from .weights.registry import list_weights
+from .zoo import PRESETS, get_config, list_models
 
 __version__ = "0.1.0"
 __all__ = ["ResNetConfig", "ResNet", "PRESETS", "create_model", "get_config", "list_models",
-           "tune_allocator", "__version__"]
+           "list_weights", "tune_allocator", "__version__"]

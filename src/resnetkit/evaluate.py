@@ -16,7 +16,7 @@ from .data import ArrayDataset, StreamedFolder, load_dataset, materialize
 from .data import transforms as T
 from .errors import UserError
 from .model import ResNet
-from .weights import load_model
+from .weights.pretrained import load_source
 
 # all_sum: sums tensors over the processes of a distributed run (see train.distributed)
 Reduce = Callable[..., list[torch.Tensor]]
@@ -114,12 +114,13 @@ class EvalInput:
 
 def open_eval(checkpoint: str | Path, dataset: str = "fashion-mnist", split: str = "test",
               data_dir: str | None = None, limit: int = 0) -> EvalInput:
-    """Load a checkpoint (a .safetensors file or a run folder) and the dataset split at the
+    """Load a checkpoint (a .safetensors file, a run folder, a registry tag or a foreign
+    weights file: see weights.load_source) and the dataset split at the
     checkpoint's input size and channels, with the checkpoint's class order; `limit` keeps
     the first N samples. Raises UserError when the class counts differ."""
     if limit < 0:
         raise UserError(f"limit must be >= 0 (0: every sample), got {limit}")
-    model, info = load_model(checkpoint)
+    model, info = load_source(checkpoint)
     pre = info.get("preprocess", {})
     size = pre.get("image_size", 0)
     data = materialize(load_dataset(dataset, split, data_dir, size, model.cfg.in_chans),

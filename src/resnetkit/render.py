@@ -155,3 +155,18 @@ def check(r: dict[str, Any]) -> None:
     c.print(t)
     for n in r["notes"]:
         c.print(n)
+
+
+def recipes(rows: dict[str, dict[str, Any]]) -> None:
+    for n, r in rows.items():
+        print(f"{n}: model {r.get('model')}, {r.get('epochs')} epochs, {r.get('dataset')}")
+
+
+def weights(rows: list[dict[str, Any]]) -> None:
+    t = Table("tag", "publisher", "top-1", "top-5", "size MB", "eval transform", "license")
+    for w in rows:
+        pct = lambda v: f"{v:.2f}%" if v is not None else "-"  # noqa: E731
+        t.add_row(w["tag"], w["publisher"], pct(w["top1"]), pct(w["top5"]),
+                  f"{w['size_mb']:.1f}" if w["size_mb"] else "-",
+                  f"{w['resize']} -> {w['crop']} {w['interpolation']}", w["license"])
+    console().print(t)

@@ -176,25 +176,44 @@ def to_array(img: Image.Image, in_chans: int) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def resize_center(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (bilinear), then crop the centre square."""
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def resize_center(img: Image.Image, size: int, resize: int = 0,
+                  interpolation: str = "bilinear") -> Image.Image:
+    """Resize the shorter side to `resize` (default `size`), then crop the centre
+    size x size: torchvision's Resize + CenterCrop on PIL images (the longer side truncated,
+    the crop offset rounded), which timm's eval transform also uses with resize =
+    floor(size / crop_pct)."""
+    resize = resize or size
+    if interpolation not in _RESAMPLE:
+        raise UserError(f"interpolation must be one of {', '.join(_RESAMPLE)}, got {interpolation!r}")
     w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+    if w <= h:
+        new = (resize, int(resize * h / w))
+    else:
+        new = (int(resize * w / h), resize)
+    if new != (w, h):
+        img = img.resize(new, _RESAMPLE[interpolation])
     w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 
-def load_image(path: str | Path, size: int, in_chans: int) -> torch.Tensor:
-    """One image file as a (C, size, size) uint8 tensor. Raises UserError if undecodable."""
+def load_image(path: str | Path, size: int, in_chans: int, resize: int = 0,
+               interpolation: str = "bilinear") -> torch.Tensor:
+    """One image file as a (C, size, size) uint8 tensor (see resize_center). Raises
+    UserError if undecodable."""
     try:
         with Image.open(path) as img:
             img.load()
-            arr = to_array(resize_center(img, size) if size else img, in_chans)
+            img = resize_center(img, size, resize, interpolation) if size else img
+            arr = to_array(img, in_chans)
     except FileNotFoundError:
         raise UserError(f"no such image file {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"cannot decode {path} as an image ({e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 

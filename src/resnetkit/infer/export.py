@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..geometry import check_input_size
 from ..model import ResNet
 from ..options import parse_overrides
-from ..weights import load_model
+from ..weights.pretrained import REGISTRY, load_source
 from ..zoo import create_model
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
@@ -64,22 +64,24 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
 def export_source(source: str | Path, overrides: list[str] | None = None, fmt: str = "onnx",
                   output: str | Path | None = None, image_size: int = 0,
                   fold: bool = True) -> tuple[Path, ResNet, int]:
-    """Export a checkpoint (a .safetensors file or a run folder: its classes and
+    """Export a checkpoint (a .safetensors file, a run folder, a registry tag or a foreign
+    weights file: its classes and
     preprocessing go along, at its input size unless `image_size` says otherwise) or a preset
     name with "key=value" overrides (at 224 unless told). Returns (path, model, input size)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     meta: dict[str, Any] = {}
-    if Path(source).exists():
+    if Path(source).exists() or str(source) in REGISTRY:
         if overrides:
             raise UserError("config overrides apply to a preset name, not to a checkpoint")
-        model, info = load_model(source)
+        model, info = load_source(source)
         meta = {k: info[k] for k in ("classes", "preprocess") if k in info}
         size = image_size or meta.get("preprocess", {}).get("image_size", 224)
     else:
         model = create_model(str(source), **parse_overrides(overrides)).eval()
         size = image_size or 224
-    out = Path(output) if output else Path(Path(source).stem + SUFFIX[fmt])
+    stem = Path(source).stem if Path(source).exists() else str(source)  # a tag keeps its dots
+    out = Path(output) if output else Path(stem + SUFFIX[fmt])
     return export(model, out, fmt, size, fold=fold, meta=meta), model, size
 
 

@@ -9,7 +9,7 @@ import torch
 from ..data.readers import IMAGE_SUFFIXES, load_image
 from ..errors import UserError
 from ..evaluate import preprocess
-from ..weights import load_model
+from ..weights.pretrained import load_source
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
@@ -48,12 +48,13 @@ def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     else:
-        model, info = load_model(checkpoint)
+        model, info = load_source(checkpoint)
         run = model
     pre = info["preprocess"]
     size, chans = pre["image_size"], pre["in_chans"]
     files = expand_inputs(images)
-    x = torch.stack([load_image(f, size, chans) for f in files])
+    x = torch.stack([load_image(f, size, chans, pre.get("resize", 0),
+                                pre.get("interpolation", "bilinear")) for f in files])
     results = []
     with torch.no_grad():
         for i in range(0, len(files), batch_size):

@@ -1,4 +1,5 @@
-"""Weights on disk: the checkpoint format every verb reads and writes."""
+"""Weights on disk: the checkpoint format every verb reads and writes, foreign formats
+(torchvision, timm, Paddle), the registry of published weights and their downloads."""
 from .checkpoint import (atomic_write, config_to_dict, load_model, load_state, load_weights_into,
                          read_checkpoint, save_state, save_weights)
 

@@ -1,0 +1,138 @@
+"""The grammar of the `resnetkit` command: every verb, its arguments and their help texts.
+cli.py holds what each verb does."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+DESCRIPTION = "resnetkit: the ResNet family and its whole life cycle (inspect, train, " \
+              "evaluate, predict, export, benchmark)."
+
+
+def _verb(sub, name: str, help: str, json: bool = True) -> argparse.ArgumentParser:
+    s = sub.add_parser(name, help=help, allow_abbrev=False)  # --epoch is a mistake, not --epochs
+    if json:
+        s.add_argument("--json", action="store_true",
+                       help="print JSON (schemas in resnetkit/analysis/schemas/)")
+    return s
+
+
+def _model_args(s: argparse.ArgumentParser, image: int = 224, model_required: bool = True) -> None:
+    s.add_argument("model", nargs=None if model_required else "?",
+                   help="preset name (see `resnetkit models`)")
+    s.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    s.add_argument("--image-size", type=int, default=image, help="input side in pixels")
+
+
+def _train_args(s: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as --field (and --field-with-dashes), help from the field."""
+    from .options import field_types, kind_name
+    from .train import TrainConfig
+    s.add_argument("--recipe", default=None, help="recipe name or .toml path")
+    s.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run")
+    s.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (DDP under torchrun; default 1)")
+    types = field_types(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flags = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        s.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS,
+                       metavar=kind_name(types[f.name]).replace(" or ", "|").upper(),
+                       help=f"{f.metadata['help']} (default: {default!r})")
+
+
+def _verb_args(sub) -> None:
+    s = _verb(sub, "describe", "layer-by-layer walk-through with sizes and depth")
+    _model_args(s)
+    s.add_argument("--expand", action="store_true", help="show every block, unfolded")
+
+    s = _verb(sub, "summary", "per-layer table, params, MACs, memory")
+    _model_args(s)
+    s.add_argument("--batch", type=int, default=1, help="batch size for the memory figures")
+    s.add_argument("--depth", type=int, default=2, help="nesting depth of the table (0: all)")
+
+    s = _verb(sub, "flops", "MACs/FLOPs by op kind and stage, or of single blocks")
+    _model_args(s, model_required=False)
+    s.add_argument("--block", action="append",
+                   help="KIND:IN[->OUT][/STRIDE], e.g. basic:64 or bottleneck:256 (repeatable)")
+
+    s = _verb(sub, "compare", "models side by side (paper table 1)")
+    s.add_argument("models", nargs="+", help="NAME or NAME:key=value,key=value")
+    s.add_argument("--override", action="append", help="key=value applied to every model")
+    s.add_argument("--image-size", type=int, default=224, help="input side in pixels")
+    s.add_argument("--no-memory", action="store_true", help="skip the measured memory column")
+
+    s = _verb(sub, "diagram", "draw the network (SVG, or PNG)", json=False)
+    _model_args(s)
+    s.add_argument("-o", "--output", default=None, help="file .svg or .png (default MODEL.svg)")
+
+    s = _verb(sub, "train", "train (see `resnetkit recipes`); --key value overrides", json=False)
+    _train_args(s)
+
+    s = _verb(sub, "eval", "top-1/top-5, per-class accuracy, confusion matrix")
+    s.add_argument("checkpoint", help="a .safetensors file or a run folder")
+    _data_args(s)
+    s.add_argument("--split", default="test", choices=["train", "test"], help="which split")
+    s.add_argument("--tta-flip", action="store_true",
+                   help="average the probabilities of each image and its mirror image")
+
+
+def _data_args(s: argparse.ArgumentParser, when: str = "") -> None:
+    s.add_argument("--dataset", default="fashion-mnist",
+                   help=f"fashion-mnist, idx:DIR, cifar:DIR or folder:DIR{when}")
+    s.add_argument("--data-dir", default=None, help=f"folder of the dataset's files{when}")
+
+
+def _runtime_args(sub) -> None:
+    s = _verb(sub, "predict", "top-k classes for image files or folders")
+    s.add_argument("checkpoint", help="a .safetensors file, a run folder or an exported .onnx")
+    s.add_argument("images", nargs="+", help="image files or folders of them")
+    s.add_argument("--top-k", type=int, default=5, help="classes to show per image")
+
+    s = _verb(sub, "bench", "side-by-side throughput against plain PyTorch")
+    s.add_argument("model", nargs="?", default="resnet50", help="preset name")
+    s.add_argument("--batch", type=int, default=16, help="images per batch")
+    s.add_argument("--image-size", type=int, default=224, help="input side in pixels")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    s.add_argument("--rounds", type=int, default=7, help="timed rounds of every path")
+    s.add_argument("--in-chans", type=int, default=3, help="input channels")
+    s.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
+    s.add_argument("--no-train", action="store_true", help="skip the training-step paths")
+    s.add_argument("--no-onnx", action="store_true",
+                   help="skip the engines that run the exported ONNX file (ONNX Runtime, OpenVINO)")
+    s.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the fast path (always timed where "
+                        "optimize() compiles by default: CUDA, or a CPU with a C++ compiler)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda[:N]")
+    s.add_argument("--check", metavar="CHECKPOINT", default=None,
+                   help="instead of timing: compare every fast path's logits with fp32 on a "
+                        "real test set for this trained checkpoint or run folder")
+    _data_args(s, " (with --check)")
+    s.add_argument("--limit", type=int, default=0, help="with --check: first N test images")
+
+    s = _verb(sub, "export", "ONNX, TorchScript or ExportedProgram, dynamic batch", json=False)
+    s.add_argument("source", help="checkpoint (.safetensors or run folder) or preset name")
+    s.add_argument("overrides", nargs="*", help="config overrides for a preset, key=value")
+    s.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "exported-program"],
+                   help="file format")
+    s.add_argument("-o", "--output", default=None, help="output file (default SOURCE.FORMAT)")
+    s.add_argument("--image-size", type=int, default=0, help="default: the checkpoint's, or 224")
+    s.add_argument("--no-fold", action="store_true", help="keep BN layers unfolded")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resnetkit", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = _verb(sub, "models", "list the presets")
+    s.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnext*'")
+    _verb_args(sub)
+    _runtime_args(sub)
+    _verb(sub, "recipes", "list the shipped training recipes", json=False)
+    s = _verb(sub, "weights", "published weights: list, download, convert to a checkpoint")
+    s.add_argument("action", choices=["list", "download", "convert"], help="what to do")
+    s.add_argument("target", nargs="?", help="list: a tag pattern; download: a TAG; convert: "
+                   "a TAG or a torchvision/timm/Paddle weights file")
+    s.add_argument("-o", "--output", help="convert: the .safetensors to write")
+    return p
+
+

@@ -1,0 +1,141 @@
+"""Foreign checkpoint files: torchvision's and timm's (.pth, .bin, .safetensors) and
+PaddlePaddle's (.pdparams), read safely and mapped onto resnetkit's parameter names.
+
+All the name mapping lives here. resnetkit's names are torchvision's, and timm's ResNets use
+the same names (deep stem conv1.0/1/3/4/6, avg-down shortcut downsample.0/1/2 included), so
+torchvision and timm files need no renaming. PaddlePaddle's `paddle.vision.models` ResNet uses
+the same module names too, but stores BatchNorm statistics as `_mean`/`_variance` and the fc
+weight as [in, out] (Paddle's Linear computes x @ W). Files written before PyTorch 0.4.1
+(torchvision's first ResNet weights) lack BatchNorm's `num_batches_tracked`, which is filled
+with 0.
+
+Nothing is unpickled beyond tensors and arrays: .pth/.bin go through
+torch.load(weights_only=True), and .pdparams (a pickle of numpy arrays) through an unpickler
+that admits only numpy arrays, dtypes and plain containers.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+# The globals a .pdparams pickle may name: numpy's array reconstruction, dtypes and
+# OrderedDict; `_codecs.encode` is how protocol-2 pickles spell bytes.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+}
+_PADDLE_BN = {"_mean": "running_mean", "_variance": "running_var"}
+SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pdparams")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are allowed")
+
+
+def read_pdparams(path: str | Path) -> dict[str, torch.Tensor]:
+    """A PaddlePaddle parameter file (paddle.save of a state_dict) as float tensors, with no
+    code run: anything but numpy arrays and plain containers is refused."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ArraysOnly(io.BytesIO(f.read())).load()
+    except FileNotFoundError:
+        raise UserError(f"no file at {path}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError) as e:
+        raise UserError(f"{path} is not a PaddlePaddle parameter file that can be read "
+                        f"safely ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a dict of parameters")
+    obj.pop("StructuredToParameterName@@", None)  # paddle.save's name table, not a parameter
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype == object:
+            raise UserError(f"{path}: entry {k!r} is not a numeric array")
+        out[k] = torch.from_numpy(np.ascontiguousarray(v))
+    return out
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict inside a training checkpoint ({"state_dict": ...}, {"model": ...})."""
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state_dict of tensors")
+    # DataParallel/DDP and timm's EMA prefixes
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, publisher format: "torch" or "paddle") of a weights file of any supported
+    kind. Raises UserError for a missing, unreadable or unsafe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no weights file at {path}")
+    if path.suffix == ".pdparams":
+        return read_pdparams(path), "paddle"
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path)), "torch"
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path} is not a safetensors file ({e})") from None
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # refused unpickling or a damaged file
+            raise UserError(f"{path} cannot be read as PyTorch weights (only tensors are "
+                            f"loaded; {str(e).splitlines()[0]})") from None
+        return _unwrap(obj, path), "torch"
+    raise UserError(f"{path}: unknown weights format {path.suffix!r}; supported: "
+                    f"{', '.join(SUFFIXES)}")
+
+
+def to_resnetkit(state: dict[str, torch.Tensor], kind: str,
+                 reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A foreign state_dict under resnetkit's names. `reference` is the target model's own
+    state_dict (for the buffers older files lack)."""
+    out = {}
+    for k, v in state.items():
+        if kind == "paddle":
+            head, _, leaf = k.rpartition(".")
+            k = f"{head}.{_PADDLE_BN.get(leaf, leaf)}" if head else k
+            if k.endswith("fc.weight") and v.dim() == 2:
+                v = v.t()
+        out[k] = v.float() if v.is_floating_point() else v
+    for k, v in reference.items():
+        if k.endswith("num_batches_tracked") and k not in out:
+            out[k] = torch.zeros_like(v)
+    return out
+
+
+def guess_preset(state: dict[str, torch.Tensor]) -> str | None:
+    """The preset whose parameter names and shapes a state_dict matches exactly (the head may
+    have any number of classes), or None."""
+    from ..zoo import PRESETS, create_model
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    stem = shapes.get("conv1.weight") or shapes.get("conv1.0.weight")
+    if stem is None or len(stem) != 4:
+        return None
+    n_cls = shapes.get("fc.weight", (0,))[0]
+    for name in PRESETS:
+        with torch.device("meta"):
+            own = create_model(name, num_classes=n_cls, in_chans=stem[1]).state_dict()
+        if {k: tuple(v.shape) for k, v in own.items()
+                if not k.endswith("num_batches_tracked")} == shapes:
+            return name
+    return None

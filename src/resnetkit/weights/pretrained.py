@@ -1,0 +1,164 @@
+"""Models that start from weights: a registry tag, a foreign file or a resnetkit checkpoint.
+
+`create_model(name, pretrained=...)` is `zoo.create_model` plus the weights; `load_source`
+gives the verbs (`predict`, `eval`, `export`) a model with its classes and preprocessing from
+any of those sources."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..model import ResNet
+from ..zoo import create_model as build, get_config
+from .checkpoint import load_weights_into, read_checkpoint
+from .download import download
+from .formats import guess_preset, read_state_dict, to_resnetkit
+from .registry import REGISTRY, Weights, default_weights, get_weights
+
+# ImageNet statistics and torchvision's evaluation transform: the default for foreign files
+# that carry no preprocessing of their own (torchvision's ImageClassification preset).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_EVAL = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "image_size": 224,
+                 "resize": 256, "interpolation": "bilinear", "in_chans": 3}
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (torchvision's list)."""
+    text = resources.files("resnetkit").joinpath("weights", "imagenet_classes.json").read_text()
+    return json.loads(text)
+
+
+def fetch(tag: str, progress: bool = True) -> tuple[Weights, Path]:
+    """A registry entry and its file in the cache (downloaded and checked when missing)."""
+    w = get_weights(tag)
+    return w, download(w.url, w.filename, w.hash, w.hash_kind, progress=progress)
+
+
+def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A stem conv's RGB filters for another number of input channels, as timm does: summed
+    over RGB for one channel; for more, the RGB filters repeated and scaled by 3 / in_chans
+    so the response to a uniform input is unchanged."""
+    have = weight.shape[1]
+    if in_chans == have:
+        return weight
+    if in_chans == 1:
+        return weight.sum(1, keepdim=True)
+    reps = math.ceil(in_chans / have)
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (have / in_chans)
+
+
+def _mismatch(model: ResNet, state: dict[str, torch.Tensor], source: str) -> UserError:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    looks = guess_preset(state)
+    parts = ([f"first missing key {missing[0]}"] if missing else []) + \
+        ([f"first unexpected key {extra[0]}"] if extra else []) + \
+        ([f"{shape[0]} has shape {tuple(state[shape[0]].shape)}, the model "
+          f"{tuple(own[shape[0]].shape)}"] if shape else [])
+    hint = f"; the file looks like {looks}" if looks else "; the file matches no preset"
+    return UserError(f"{source} does not fit {model.cfg.block} model: {', '.join(parts)}{hint}")
+
+
+def load_into(model: ResNet, state: dict[str, torch.Tensor], source: str,
+              kind: str = "torch") -> None:
+    """Load foreign or own weights into `model`: names mapped, the stem adapted to the model's
+    in_chans, a head of another size (or none) left as the model has it, with a warning."""
+    state = to_resnetkit(state, kind, model.state_dict())
+    for key in ("conv1.weight", "conv1.0.weight"):
+        if key in state and state[key].dim() == 4:
+            state[key] = adapt_stem(state[key], model.cfg.in_chans)
+    own, full = model.state_dict(), dict(state)
+    fc, mine = state.get("fc.weight"), own.get("fc.weight")
+    if fc is not None and mine is None:  # a features_only model: no head to load
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    elif fc is not None and fc.dim() == 2 and fc.shape[1:] == mine.shape[1:] \
+            and fc.shape[0] != mine.shape[0]:
+        warnings.warn(f"{source}: the checkpoint's classifier has {fc.shape[0]} outputs, the "
+                      f"model {mine.shape[0]}; the head starts fresh", stacklevel=3)
+        state.update({k: own[k] for k in ("fc.weight", "fc.bias")})
+    if set(state) != set(own) or any(own[k].shape != state[k].shape for k in own):
+        raise _mismatch(model, full, source)
+    model.load_state_dict(state, strict=True)
+
+
+def create_model(name: str, pretrained: bool | str = False, checkpoint_path: str | Path | None = None,
+                 features_only: bool = False, out_indices: tuple[int, ...] | None = None,
+                 **overrides: Any) -> ResNet:
+    """A preset, optionally with weights: pretrained=True (the preset's default published
+    weights), a registry tag ("resnet50.tv2_in1k"), or checkpoint_path (any supported file).
+    num_classes other than the checkpoint's starts a fresh head (with a warning); in_chans
+    other than 3 adapts the stem's filters (summed over RGB for 1 channel)."""
+    model = build(name, features_only=features_only, out_indices=out_indices, **overrides)
+    if checkpoint_path is not None:
+        state, kind = read_state_dict(checkpoint_path)
+        source = str(checkpoint_path)
+    elif pretrained:
+        w = default_weights(name) if pretrained is True else get_weights(str(pretrained))
+        if get_config(w.preset) != get_config(name):
+            raise UserError(f"weights {w.tag} are for {w.preset}, not {name}")
+        w, path = fetch(w.tag)
+        state, kind = read_state_dict(path)
+        source = w.tag
+    else:
+        return model
+    load_into(model, state, source, kind)
+    return model
+
+
+def load_source(source: str | Path) -> tuple[ResNet, dict[str, Any]]:
+    """(model in eval mode, {"classes", "preprocess"}) from a resnetkit checkpoint or run
+    folder, a registry tag, or a torchvision/timm/Paddle weights file (its preset guessed
+    from the names and shapes; ImageNet classes and torchvision's eval preprocessing)."""
+    path = Path(source)
+    if str(source) in REGISTRY and not path.exists():
+        w, file = fetch(str(source))
+        model = build(w.preset)
+        state, kind = read_state_dict(file)
+        load_into(model, state, w.tag, kind)
+        return model.eval(), {"classes": imagenet_classes(), "preprocess": w.eval_preprocess()}
+    if path.is_dir() or path.suffix == ".safetensors":
+        try:
+            cfg, weights, info = read_checkpoint(path)
+        except UserError as e:
+            if "resnet_config" not in str(e):
+                raise
+        else:
+            model = ResNet(cfg)
+            load_weights_into(model, weights, str(path))
+            return model.eval(), info
+    if not path.exists():
+        raise UserError(f"{source} is neither a file, a run folder nor a registry tag "
+                        f"(see `resnetkit weights list`)")
+    state, kind = read_state_dict(path)
+    mapped = to_resnetkit(state, kind, {})
+    preset = guess_preset(mapped)
+    if preset is None:
+        raise UserError(f"{path} matches no preset's parameter names and shapes; load it with "
+                        f"create_model(NAME, checkpoint_path=...) to see what differs")
+    n_cls = mapped["fc.weight"].shape[0] if "fc.weight" in mapped else 0
+    model = build(preset, num_classes=n_cls)
+    load_into(model, state, str(path), kind)
+    classes = imagenet_classes() if n_cls == 1000 else [str(i) for i in range(n_cls)]
+    return model.eval(), {"classes": classes, "preprocess": dict(IMAGENET_EVAL)}
+
+
+def convert(source: str | Path, output: str | Path) -> Path:
+    """Write any weights source (tag, foreign file, checkpoint) as a resnetkit checkpoint:
+    safetensors with the architecture, classes and preprocessing in its metadata, so that
+    `eval`, `predict` and `export` take it."""
+    from .checkpoint import save_weights
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise UserError(f"the converted checkpoint is a .safetensors file, not {output.name}")
+    model, info = load_source(source)
+    save_weights(output, model, {k: info[k] for k in ("classes", "preprocess") if k in info})
+    return output

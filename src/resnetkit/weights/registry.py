@@ -1,0 +1,150 @@
+"""The published ImageNet-1k checkpoints resnetkit knows, as data: where each file is, how to
+check it, what it scored, and the preprocessing it expects.
+
+Sources (facts copied, with the publishers' own numbers):
+- torchvision: torchvision/models/resnet.py (pytorch/vision), the `*_Weights` enums: URL (its
+  file name ends in the first 8 hex digits of the file's SHA-256), acc@1/acc@5 on the
+  ImageNet-1k validation set, num_params, _file_size, transforms (ImageClassification:
+  resize_size, crop_size, bilinear, ImageNet mean/std), recipe. License: BSD-3-Clause.
+- timm: timm/models/resnet.py (huggingface/pytorch-image-models) default_cfgs (hf_hub_id,
+  crop_pct, interpolation, input size, mean/std) and results/results-imagenet.csv for top-1 and
+  top-5 at the model's test size; files on the Hugging Face hub. License: Apache-2.0.
+- PaddlePaddle: python/paddle/vision/models/resnet.py (PaddlePaddle/Paddle) model_urls, each
+  URL paired with the file's MD5. License: Apache-2.0.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UserError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, all three
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One published checkpoint."""
+
+    tag: str                    # "<preset>.<weights>", e.g. resnet50.tv2_in1k
+    preset: str                 # the resnetkit preset whose architecture it fits
+    publisher: str              # torchvision | timm | paddle
+    url: str
+    hash: str | None            # see hash_kind
+    hash_kind: str | None       # sha256 | sha256_prefix | md5 | None (not published)
+    format: str                 # pth | safetensors | pdparams
+    top1: float | None          # ImageNet-1k validation accuracy, %, as published
+    top5: float | None
+    recipe: str
+    license: str
+    crop: int = 224
+    resize: int | None = None   # shorter side before the centre crop; None: from crop_pct
+    crop_pct: float | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
+    size_mb: float | None = None
+    default: bool = False       # the preset's weights for pretrained=True
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def filename(self) -> str:
+        """The name in the cache: the publisher's file name, or the tag for hub files that
+        are all called model.safetensors."""
+        name = self.url.rsplit("/", 1)[-1]
+        return f"{self.tag}.{self.format}" if name.startswith("model.") else name
+
+    @property
+    def resize_to(self) -> int:
+        """The shorter side before the crop: `resize`, or floor(crop / crop_pct) (timm)."""
+        if self.resize:
+            return self.resize
+        return int(self.crop / self.crop_pct) if self.crop_pct else self.crop
+
+    def summary(self) -> dict[str, Any]:
+        """The facts `resnetkit weights list` shows, as JSON-ready data."""
+        return {"tag": self.tag, "preset": self.preset, "publisher": self.publisher,
+                "top1": self.top1, "top5": self.top5, "size_mb": self.size_mb,
+                "resize": self.resize_to, "crop": self.crop,
+                "interpolation": self.interpolation, "license": self.license,
+                "url": self.url, "hash": self.hash, "hash_kind": self.hash_kind,
+                "recipe": self.recipe, "default": self.default}
+
+    def eval_preprocess(self) -> dict[str, Any]:
+        """The checkpoint metadata's "preprocess" entry for this publisher's eval transform."""
+        return {"mean": list(self.mean), "std": list(self.std), "image_size": self.crop,
+                "resize": self.resize_to, "interpolation": self.interpolation, "in_chans": 3}
+
+
+TV_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification"
+
+
+def _tv(preset: str, version: int, file: str, top1: float, top5: float, size_mb: float,
+        resize: int, recipe: str, default: bool = False) -> Weights:
+    return Weights(f"{preset}.tv{version}_in1k", preset, "torchvision", f"https://download.pytorch.org/models/{file}",
+                   file.rsplit("-", 1)[1].split(".")[0], "sha256_prefix", "pth", top1, top5,
+                   recipe, "BSD-3-Clause", 224, resize, None, "bilinear", size_mb=size_mb,
+                   default=default)
+
+
+# torchvision: (preset, version, file, acc@1, acc@5, file size MB, resize); V1 weights resize to
+# 256, V2 (the new recipe, TorchVision's "DEFAULT" where it exists) to 232; both crop 224.
+_TV = [
+    ("resnet18", 1, "resnet18-f37072fd.pth", 69.758, 89.078, 44.661, 256),
+    ("resnet34", 1, "resnet34-b627a593.pth", 73.314, 91.420, 83.275, 256),
+    ("resnet50", 1, "resnet50-0676ba61.pth", 76.130, 92.862, 97.781, 256),
+    ("resnet50", 2, "resnet50-11ad3fa6.pth", 80.858, 95.434, 97.790, 232),
+    ("resnet101", 1, "resnet101-63fe2227.pth", 77.374, 93.546, 170.511, 256),
+    ("resnet101", 2, "resnet101-cd907fc2.pth", 81.886, 95.780, 170.530, 232),
+    ("resnet152", 1, "resnet152-394f9c45.pth", 78.312, 94.046, 230.434, 256),
+    ("resnet152", 2, "resnet152-f82ba261.pth", 82.284, 96.002, 230.474, 232),
+    ("resnext50_32x4d", 1, "resnext50_32x4d-7cdf4587.pth", 77.618, 93.698, 95.789, 256),
+    ("resnext50_32x4d", 2, "resnext50_32x4d-1a0047aa.pth", 81.198, 95.340, 95.833, 232),
+    ("resnext101_32x8d", 1, "resnext101_32x8d-8ba56ff5.pth", 79.312, 94.526, 339.586, 256),
+    ("resnext101_32x8d", 2, "resnext101_32x8d-110c445d.pth", 82.834, 96.228, 339.673, 232),
+    ("resnext101_64x4d", 1, "resnext101_64x4d-173b62eb.pth", 83.246, 96.454, 319.318, 232),
+    ("wide_resnet50_2", 1, "wide_resnet50_2-95faca4d.pth", 78.468, 94.086, 131.820, 256),
+    ("wide_resnet50_2", 2, "wide_resnet50_2-9ba9bcbe.pth", 81.602, 95.758, 263.124, 232),
+    ("wide_resnet101_2", 1, "wide_resnet101_2-32ee1156.pth", 78.848, 94.284, 242.896, 256),
+    ("wide_resnet101_2", 2, "wide_resnet101_2-d733dc28.pth", 82.510, 96.020, 484.747, 232),
+]
+_TV_DEFAULT = {(p, max(v for q, v, *_ in _TV if q == p)) for p, *_ in _TV}  # the newest version
+TV_RECIPES = {1: TV_RECIPE + "#resnet", 2: "https://github.com/pytorch/vision/issues/3995"}
+
+REGISTRY: dict[str, Weights] = {}
+
+
+def _register(entries: list[Weights]) -> None:
+    for w in entries:
+        if w.tag in REGISTRY:
+            raise ValueError(f"duplicate registry tag {w.tag}")  # a bug in the table
+        REGISTRY[w.tag] = w
+
+
+def list_weights(pattern: str = "*") -> list[Weights]:
+    """Registry entries whose tag matches a shell-style pattern, e.g. "resnet50*"."""
+    return [REGISTRY[t] for t in sorted(REGISTRY) if fnmatch.fnmatch(t, pattern)]
+
+
+def get_weights(tag: str) -> Weights:
+    """The entry for a tag; unknown tags suggest the closest ones."""
+    if tag not in REGISTRY:
+        import difflib
+        close = difflib.get_close_matches(tag, REGISTRY, n=4, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `resnetkit weights list`"
+        raise UserError(f"unknown weights tag {tag!r}; {hint}")
+    return REGISTRY[tag]
+
+
+def default_weights(preset: str) -> Weights:
+    """The weights pretrained=True loads for a preset."""
+    for w in REGISTRY.values():
+        if w.preset == preset and w.default:
+            return w
+    raise UserError(f"no published weights for {preset}; presets with weights: "
+                    f"{', '.join(sorted({w.preset for w in REGISTRY.values()}))}")
+
+
+_register([_tv(p, v, f, t1, t5, mb, rs, TV_RECIPES[v], (p, v) in _TV_DEFAULT)
+           for p, v, f, t1, t5, mb, rs in _TV])
