@@ -32,6 +32,7 @@ demo: install data
 	$(VENV)/bin/resnetkit train --recipe fashion-mnist-quick
 
 test: install data
+	$(PY) -m pip install -q -e ".[all,paddle]"
 	$(PY) -m pytest -q
 
 bench: install

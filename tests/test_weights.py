@@ -316,3 +316,36 @@ def test_eval_transform_matches_the_publishers_recipe(tmp_path, resize, crop, in
     left, top = int(round((img.width - crop) / 2.0)), int(round((img.height - crop) / 2.0))
     ref = np.asarray(img.crop((left, top, left + crop, top + crop)))
     assert np.array_equal(ours, ref)
+
+
+PADDLE_SCRIPT = """
+import sys, numpy as np, paddle
+paddle.seed(0)
+rs = np.random.RandomState(1)
+m = paddle.vision.models.resnet18(num_classes=10)
+for name, p in m.state_dict().items():  # BN statistics and affine away from their defaults
+    if name.endswith("_variance") or (".bn" in name or "bn1" in name or "downsample.1" in name) \\
+            and name.endswith("weight"):
+        p.set_value(rs.uniform(0.5, 1.5, p.shape).astype("float32"))
+    elif name.endswith(("_mean", "bias")):
+        p.set_value((rs.randn(*p.shape) * 0.1).astype("float32"))
+m.eval()
+x = rs.randn(2, 3, 64, 64).astype("float32")
+paddle.save(m.state_dict(), sys.argv[1] + "/r18.pdparams")
+np.save(sys.argv[1] + "/x.npy", x)
+np.save(sys.argv[1] + "/y.npy", m(paddle.to_tensor(x)).numpy())
+"""
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("paddle") is None,
+                    reason="needs paddlepaddle (pip install 'resnetkit[paddle]')")
+def test_a_file_written_by_paddle_itself_gives_paddles_logits(tmp_path):
+    import subprocess
+    import sys
+    # paddle runs in its own process: it and torch each bring their own native libraries
+    subprocess.run([sys.executable, "-c", PADDLE_SCRIPT, str(tmp_path)], check=True,
+                   capture_output=True, timeout=300)
+    model = rk.create_model("resnet18", num_classes=10, checkpoint_path=tmp_path / "r18.pdparams")
+    x, ref = torch.from_numpy(np.load(tmp_path / "x.npy")), torch.from_numpy(np.load(tmp_path / "y.npy"))
+    with torch.no_grad():
+        assert _close(model.eval()(x), ref)

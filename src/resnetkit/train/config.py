@@ -40,6 +40,13 @@ class TrainConfig:
     dataset: str = opt("fashion-mnist", "fashion-mnist, idx:DIR, cifar:DIR or folder:DIR")
     data_dir: str | None = opt(None, "folder of the dataset's files (default: its usual place)")
     image_size: int = opt(0, "input side the images are resized to (0: the dataset's own)")
+    classes: list[int] = opt([], "keep only these class indices, renumbered from 0 (e.g. 5,6,7,8,9)")
+    per_class: int = opt(0, "train on a fixed random N images of each class (0: all)")
+    init: str = opt("", "start from these weights: a registry tag, a weights file or a run "
+                        "folder (a head of another size starts fresh)")
+    freeze: list[str] = opt([], "parts that do not learn: stem, layer1..layer4 or backbone")
+    freeze_bn: bool = opt(False, "BatchNorm with fixed statistics and affine (FrozenBatchNorm2d)")
+    head_lr_mult: float = opt(1.0, "learning-rate multiplier of the classifier")
     epochs: int = opt(2, "passes over the training set")
     batch_size: int = opt(256, "samples per process and forward pass (unless global_batch)")
     global_batch: int = opt(0, "samples per optimizer step over all processes (0: batch_size "
@@ -115,6 +122,10 @@ class TrainConfig:
             (self.dist_timeout > 0, "dist_timeout", "> 0"),
             (self.eval_every >= 1, "eval_every", ">= 1"),
             (self.train_subset >= 0 and self.test_subset >= 0, "train_subset", ">= 0"),
+            (self.per_class >= 0, "per_class", ">= 0"),
+            (all(isinstance(c, int) and c >= 0 for c in self.classes), "classes",
+             "class indices >= 0"),
+            (self.head_lr_mult > 0 and math.isfinite(self.head_lr_mult), "head_lr_mult", "> 0"),
         ]
         for ok, name, allowed in checks:
             if not ok:

@@ -11,14 +11,19 @@ from .config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW at `lr` (default cfg.lr). 1-D parameters
-    (BN gamma/beta, biases) get no weight decay: decaying them only shrinks the scale BN
-    restores anyway."""
+    """SGD (momentum, optional Nesterov) or AdamW at `lr` (default cfg.lr), over the
+    parameters that learn (frozen ones are left out). 1-D parameters (BN gamma/beta, biases)
+    get no weight decay: decaying them only shrinks the scale BN restores anyway."""
     lr = cfg.lr if lr is None else lr
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # the classifier in groups of its own when it learns at another rate (head_lr_mult)
+    parts = [(named, 1.0)] if cfg.head_lr_mult == 1 else \
+        [([(n, p) for n, p in named if not n.startswith("fc.")], 1.0),
+         ([(n, p) for n, p in named if n.startswith("fc.")], cfg.head_lr_mult)]
+    groups = [{"params": [p for _, p in part if (p.ndim > 1) == decayed], "lr": lr * mult,
+               "weight_decay": cfg.weight_decay if decayed else 0.0}
+              for part, mult in parts for decayed in (True, False)]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=lr)

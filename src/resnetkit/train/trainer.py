@@ -29,6 +29,7 @@ from ..runtime import decide_channels_last, decide_precision, peak_memory_mb
 from ..zoo import create_model
 from . import distributed as D
 from .config import RESUMABLE, TrainConfig, build_config
+from .finetune import freeze, freeze_batchnorm, start_from
 from .optim import build_ema, build_optimizer, lr_factor
 from .progress import Progress
 
@@ -54,7 +55,29 @@ def _load_data(cfg: TrainConfig) -> tuple[ArrayDataset | StreamedFolder, ArrayDa
         load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.image_size, train.shape[0],
                      on_bad=cfg.on_bad_image),
         cfg.cache_images, cfg.workers, train.classes)
+    train, test = _select(train, cfg.classes, cfg.per_class, cfg.seed), _select(test, cfg.classes)
     return _subset(train, cfg.train_subset, cfg.seed), _subset(test, cfg.test_subset, cfg.seed)
+
+
+def _select(data: ArrayDataset | StreamedFolder, classes: list[int], per_class: int = 0,
+            seed: int = 0) -> ArrayDataset | StreamedFolder:
+    """Only the given classes (renumbered from 0 in the order given), and at most per_class
+    samples of each (a fixed random choice)."""
+    if not classes and not per_class:
+        return data
+    if not isinstance(data, ArrayDataset):
+        raise UserError("classes and per_class need a dataset held in memory (cache_images)")
+    classes = classes or list(range(len(data.classes)))
+    bad = [c for c in classes if c >= len(data.classes)]
+    if bad or len(set(classes)) != len(classes):
+        raise UserError(f"classes {classes}: need distinct indices below {len(data.classes)}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    keep = [order[data.labels[order] == c][:per_class or None] for c in classes]
+    idx = torch.cat(keep).sort().values
+    remap = torch.full((len(data.classes),), -1, dtype=torch.long)
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
+    return ArrayDataset(data.images[idx], remap[data.labels[idx]],
+                        [data.classes[c] for c in classes], data.mean, data.std)
 
 
 class Trainer:
@@ -66,7 +89,8 @@ class Trainer:
     deterministic mode)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None,
-                 device: str | torch.device | None = None, quiet: bool = False):
+                 device: str | torch.device | None = None, quiet: bool = False,
+                 load_init: bool = True):
         # Under torchrun every rank builds the same Trainer; DDP keeps the replicas equal.
         self.dist, self.device = D.setup(device, cfg.dist_timeout)
         self.quiet = quiet or not self.dist.main
@@ -86,6 +110,7 @@ class Trainer:
                                            "in_chans": self.train_data.shape[0],
                                            "num_classes": len(self.train_data.classes)})
         check_input_size(model, self.image_size)
+        self._start_from(model, cfg, load_init)
         # The resolved global batch and lr reference are written back into the config, so a
         # resumed run keeps them whatever its number of processes.
         self.batches = D.resolve_batches(cfg.batch_size, cfg.global_batch, cfg.accum_steps,
@@ -118,6 +143,18 @@ class Trainer:
         self.aug_gen = torch.Generator()
         self._tb, self._interrupted = None, False
         self.run_dir = Path(D.broadcast_object(str(run_dir or self._new_run_dir()), self.dist))
+
+    def _start_from(self, model, cfg: TrainConfig, load_init: bool) -> None:
+        """Fine-tuning: initial weights (cfg.init; a resumed run has its own), their
+        normalisation when it fits the data, frozen BatchNorm and frozen parts."""
+        if cfg.init and load_init:
+            pre = start_from(model, cfg.init).get("preprocess", {})
+            if len(pre.get("mean", ())) == len(self.mean):  # the weights' own normalisation
+                self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
+        if cfg.freeze_bn:
+            freeze_batchnorm(model)
+        if cfg.freeze:
+            freeze(model, cfg.freeze)
 
     @property
     def _fmt(self) -> torch.memory_format:
@@ -427,7 +464,10 @@ class Trainer:
             raise UserError(f"a resumed run keeps its config; only {' and '.join(RESUMABLE)} "
                             f"can change, not {', '.join(sorted(bad))}")
         cfg = TrainConfig(**{**info["train"], **changes})
-        t = cls(cfg, run_dir=run_dir, device=device, quiet=quiet)
+        t = cls(cfg, run_dir=run_dir, device=device, quiet=quiet, load_init=False)
+        resolved = info.get("resolved", {})
+        if "mean" in resolved:  # the run's normalisation (an init checkpoint's, if it had one)
+            t.mean, t.std = tuple(resolved["mean"]), tuple(resolved["std"])
         s = ckpt.load_state(run_dir / "last.state.pt")
         ckpt.load_weights_into(t.model, s["model"], str(run_dir / "last.state.pt"))
         t.optimizer.load_state_dict(s["optimizer"])

@@ -30,7 +30,8 @@ IMAGENET_EVAL = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "image_
 
 
 def imagenet_classes() -> list[str]:
-    """The 1000 ImageNet-1k class names in index order (torchvision's list)."""
+    """The 1000 ImageNet-1k class names in index order: torchvision's list
+    (_IMAGENET_CATEGORIES in torchvision/models/_meta.py, torchvision 0.29.1)."""
     text = resources.files("resnetkit").joinpath("weights", "imagenet_classes.json").read_text()
     return json.loads(text)
 
@@ -149,6 +150,28 @@ def load_source(source: str | Path) -> tuple[ResNet, dict[str, Any]]:
     load_into(model, state, str(path), kind)
     classes = imagenet_classes() if n_cls == 1000 else [str(i) for i in range(n_cls)]
     return model.eval(), {"classes": classes, "preprocess": dict(IMAGENET_EVAL)}
+
+
+def read_source(source: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
+    """(state_dict, format kind, metadata) of a registry tag, a resnetkit checkpoint or run
+    folder (its best, else last, weights), or a foreign weights file."""
+    path = Path(source)
+    if str(source) in REGISTRY and not path.exists():
+        w, file = fetch(str(source))
+        state, kind = read_state_dict(file)
+        return state, kind, {"classes": imagenet_classes(), "preprocess": w.eval_preprocess()}
+    if path.is_dir() or path.suffix == ".safetensors":
+        try:
+            _, weights, info = read_checkpoint(path)
+            return weights, "torch", info
+        except UserError as e:
+            if "resnet_config" not in str(e):
+                raise
+    if not path.exists():
+        raise UserError(f"{source} is neither a file, a run folder nor a registry tag "
+                        f"(see `resnetkit weights list`)")
+    state, kind = read_state_dict(path)
+    return state, kind, {}
 
 
 def convert(source: str | Path, output: str | Path) -> Path:

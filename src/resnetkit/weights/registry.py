@@ -77,9 +77,6 @@ class Weights:
                 "resize": self.resize_to, "interpolation": self.interpolation, "in_chans": 3}
 
 
-TV_RECIPE = "https://github.com/pytorch/vision/tree/main/references/classification"
-
-
 def _tv(preset: str, version: int, file: str, top1: float, top5: float, size_mb: float,
         resize: int, recipe: str, default: bool = False) -> Weights:
     return Weights(f"{preset}.tv{version}_in1k", preset, "torchvision", f"https://download.pytorch.org/models/{file}",
@@ -88,29 +85,48 @@ def _tv(preset: str, version: int, file: str, top1: float, top5: float, size_mb:
                    default=default)
 
 
-# torchvision: (preset, version, file, acc@1, acc@5, file size MB, resize); V1 weights resize to
-# 256, V2 (the new recipe, TorchVision's "DEFAULT" where it exists) to 232; both crop 224.
+# torchvision 0.29.1, torchvision/models/resnet.py: (preset, version, file, acc@1, acc@5,
+# _file_size MB, resize_size, recipe). V1 uses ImageClassification's default resize of 256,
+# V2 (the newer recipe) 232; both crop 224, bilinear. `default` follows torchvision's
+# `DEFAULT` (V2 where it exists).
+_R = "https://github.com/pytorch/vision/"
 _TV = [
-    ("resnet18", 1, "resnet18-f37072fd.pth", 69.758, 89.078, 44.661, 256),
-    ("resnet34", 1, "resnet34-b627a593.pth", 73.314, 91.420, 83.275, 256),
-    ("resnet50", 1, "resnet50-0676ba61.pth", 76.130, 92.862, 97.781, 256),
-    ("resnet50", 2, "resnet50-11ad3fa6.pth", 80.858, 95.434, 97.790, 232),
-    ("resnet101", 1, "resnet101-63fe2227.pth", 77.374, 93.546, 170.511, 256),
-    ("resnet101", 2, "resnet101-cd907fc2.pth", 81.886, 95.780, 170.530, 232),
-    ("resnet152", 1, "resnet152-394f9c45.pth", 78.312, 94.046, 230.434, 256),
-    ("resnet152", 2, "resnet152-f82ba261.pth", 82.284, 96.002, 230.474, 232),
-    ("resnext50_32x4d", 1, "resnext50_32x4d-7cdf4587.pth", 77.618, 93.698, 95.789, 256),
-    ("resnext50_32x4d", 2, "resnext50_32x4d-1a0047aa.pth", 81.198, 95.340, 95.833, 232),
-    ("resnext101_32x8d", 1, "resnext101_32x8d-8ba56ff5.pth", 79.312, 94.526, 339.586, 256),
-    ("resnext101_32x8d", 2, "resnext101_32x8d-110c445d.pth", 82.834, 96.228, 339.673, 232),
-    ("resnext101_64x4d", 1, "resnext101_64x4d-173b62eb.pth", 83.246, 96.454, 319.318, 232),
-    ("wide_resnet50_2", 1, "wide_resnet50_2-95faca4d.pth", 78.468, 94.086, 131.820, 256),
-    ("wide_resnet50_2", 2, "wide_resnet50_2-9ba9bcbe.pth", 81.602, 95.758, 263.124, 232),
-    ("wide_resnet101_2", 1, "wide_resnet101_2-32ee1156.pth", 78.848, 94.284, 242.896, 256),
-    ("wide_resnet101_2", 2, "wide_resnet101_2-d733dc28.pth", 82.510, 96.020, 484.747, 232),
+    ("resnet18", 1, "resnet18-f37072fd.pth", 69.758, 89.078, 44.661, 256,
+     _R + "tree/main/references/classification#resnet"),
+    ("resnet34", 1, "resnet34-b627a593.pth", 73.314, 91.420, 83.275, 256,
+     _R + "tree/main/references/classification#resnet"),
+    ("resnet50", 1, "resnet50-0676ba61.pth", 76.130, 92.862, 97.781, 256,
+     _R + "tree/main/references/classification#resnet"),
+    ("resnet50", 2, "resnet50-11ad3fa6.pth", 80.858, 95.434, 97.79, 232,
+     _R + "issues/3995#issuecomment-1013906621"),
+    ("resnet101", 1, "resnet101-63fe2227.pth", 77.374, 93.546, 170.511, 256,
+     _R + "tree/main/references/classification#resnet"),
+    ("resnet101", 2, "resnet101-cd907fc2.pth", 81.886, 95.780, 170.53, 232,
+     _R + "issues/3995#new-recipe"),
+    ("resnet152", 1, "resnet152-394f9c45.pth", 78.312, 94.046, 230.434, 256,
+     _R + "tree/main/references/classification#resnet"),
+    ("resnet152", 2, "resnet152-f82ba261.pth", 82.284, 96.002, 230.474, 232,
+     _R + "issues/3995#new-recipe"),
+    ("resnext50_32x4d", 1, "resnext50_32x4d-7cdf4587.pth", 77.618, 93.698, 95.789, 256,
+     _R + "tree/main/references/classification#resnext"),
+    ("resnext50_32x4d", 2, "resnext50_32x4d-1a0047aa.pth", 81.198, 95.340, 95.833, 232,
+     _R + "issues/3995#new-recipe"),
+    ("resnext101_32x8d", 1, "resnext101_32x8d-8ba56ff5.pth", 79.312, 94.526, 339.586, 256,
+     _R + "tree/main/references/classification#resnext"),
+    ("resnext101_32x8d", 2, "resnext101_32x8d-110c445d.pth", 82.834, 96.228, 339.673, 232,
+     _R + "issues/3995#new-recipe-with-fixres"),
+    ("resnext101_64x4d", 1, "resnext101_64x4d-173b62eb.pth", 83.246, 96.454, 319.318, 232,
+     _R + "pull/5935"),
+    ("wide_resnet50_2", 1, "wide_resnet50_2-95faca4d.pth", 78.468, 94.086, 131.82, 256,
+     _R + "pull/912#issue-445437439"),
+    ("wide_resnet50_2", 2, "wide_resnet50_2-9ba9bcbe.pth", 81.602, 95.758, 263.124, 232,
+     _R + "issues/3995#new-recipe-with-fixres"),
+    ("wide_resnet101_2", 1, "wide_resnet101_2-32ee1156.pth", 78.848, 94.284, 242.896, 256,
+     _R + "pull/912#issue-445437439"),
+    ("wide_resnet101_2", 2, "wide_resnet101_2-d733dc28.pth", 82.510, 96.020, 484.747, 232,
+     _R + "issues/3995#new-recipe"),
 ]
-_TV_DEFAULT = {(p, max(v for q, v, *_ in _TV if q == p)) for p, *_ in _TV}  # the newest version
-TV_RECIPES = {1: TV_RECIPE + "#resnet", 2: "https://github.com/pytorch/vision/issues/3995"}
+_TV_DEFAULT = {(p, max(v for q, v, *_ in _TV if q == p)) for p, *_ in _TV}  # the newest
 
 REGISTRY: dict[str, Weights] = {}
 
@@ -146,5 +162,5 @@ def default_weights(preset: str) -> Weights:
                     f"{', '.join(sorted({w.preset for w in REGISTRY.values()}))}")
 
 
-_register([_tv(p, v, f, t1, t5, mb, rs, TV_RECIPES[v], (p, v) in _TV_DEFAULT)
-           for p, v, f, t1, t5, mb, rs in _TV])
+_register([_tv(p, v, f, t1, t5, mb, rs, recipe, (p, v) in _TV_DEFAULT)
+           for p, v, f, t1, t5, mb, rs, recipe in _TV])
