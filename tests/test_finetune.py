@@ -70,3 +70,18 @@ def test_init_from_a_run_keeps_the_backbone_and_starts_a_new_head(tmp_path):
     assert torch.equal(ft.model.layer3[2].conv2.weight, src.layer3[2].conv2.weight)
     assert ft.model.fc.out_features == 2
     assert ft.mean == pytest.approx(pre.mean)  # the initial weights' own normalisation
+
+
+@pytest.mark.slow
+def test_transfer_recipe_beats_training_from_scratch(tmp_path):
+    """The full transfer recipe (about 4 minutes on 2 cores): pretraining on classes 0-4
+    helps on 500 images of classes 5-9. Run with `pytest -m slow`."""
+    pre = Trainer(build_config("fashion-mnist-0to4", out_dir=str(tmp_path), plots=False), quiet=True)
+    pre.fit()
+    ft = Trainer(build_config("fashion-mnist-transfer", init=str(tmp_path / "fashion-mnist-0to4"),
+                              out_dir=str(tmp_path), name="ft", plots=False), quiet=True).fit()
+    scratch = Trainer(build_config("fashion-mnist-transfer", init="", head_lr_mult=1.0,
+                                   out_dir=str(tmp_path), name="scratch", plots=False),
+                      quiet=True).fit()
+    assert ft["test"]["samples"] == 5000
+    assert ft["test"]["top1"] > scratch["test"]["top1"]

@@ -154,17 +154,19 @@ def _paddle_layout(sd):
     return out
 
 
-def test_paddle_parameter_file_loads_with_names_mapped(tmp_path):
-    sd = publisher_state_dict("resnet18", num_classes=10)
-    with open(tmp_path / "r18.pdparams", "wb") as f:
-        pickle.dump(_paddle_layout(sd), f, protocol=4)
-    model = rk.create_model("resnet18", num_classes=10, checkpoint_path=tmp_path / "r18.pdparams")
+@pytest.mark.parametrize("preset", sorted({w.preset for w in REGISTRY.values()
+                                            if w.publisher == "paddle"}))
+def test_paddle_parameter_file_loads_with_names_mapped(tmp_path, preset):
+    sd = publisher_state_dict(preset, num_classes=10)
+    with open(tmp_path / "w.pdparams", "wb") as f:
+        pickle.dump(_paddle_layout(sd), f, protocol=2)  # the oldest protocol paddle.save wrote
+    model = rk.create_model(preset, num_classes=10, checkpoint_path=tmp_path / "w.pdparams")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert _close(model.eval()(x), reference_forward("resnet18", sd, x))
+        assert _close(model.eval()(x), reference_forward(preset, sd, x))
     # a file alone: its preset is recognised from the names and shapes
-    model, info = P.load_source(tmp_path / "r18.pdparams")
-    assert model.cfg == rk.get_config("resnet18", num_classes=10) and len(info["classes"]) == 10
+    model, info = P.load_source(tmp_path / "w.pdparams")
+    assert model.cfg == rk.get_config(preset, num_classes=10) and len(info["classes"]) == 10
 
 
 class _RunsCode:
@@ -349,3 +351,29 @@ def test_a_file_written_by_paddle_itself_gives_paddles_logits(tmp_path):
     x, ref = torch.from_numpy(np.load(tmp_path / "x.npy")), torch.from_numpy(np.load(tmp_path / "y.npy"))
     with torch.no_grad():
         assert _close(model.eval()(x), ref)
+
+
+def test_convert_then_predict_and_export_a_foreign_file(tmp_path, capsys):
+    from resnetkit.cli import main
+    sd = publisher_state_dict("resnet18")
+    torch.save(sd, tmp_path / "resnet18-test.pth")
+    out = tmp_path / "r18.safetensors"
+    assert main(["weights", "convert", str(tmp_path / "resnet18-test.pth"), "-o", str(out)]) == 0
+    photo = _photo(tmp_path)
+    assert main(["predict", str(out), str(photo), "--top-k", "2", "--json"]) == 0
+    import json
+    res = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    # the class the publisher's forward gives on the publisher's eval transform of the file
+    from resnetkit.data import load_image
+    x = load_image(photo, 224, 3, 256, "bilinear").float()[None] / 255
+    x = (x - torch.tensor(P.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(P.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        best = reference_forward("resnet18", sd, x).argmax(1).item()
+    assert res[0]["top"][0]["index"] == best
+    assert res[0]["top"][0]["class"] == P.imagenet_classes()[best]
+    assert main(["predict", str(tmp_path / "resnet18-test.pth"), str(photo), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["index"] == best
+    assert main(["weights", "list", "resnet50*", "--json"]) == 0
+    tags = {w["tag"] for w in json.loads(capsys.readouterr().out)}
+    assert {"resnet50.tv1_in1k", "resnet50.tv2_in1k"} <= tags
+    assert main(["weights", "download"]) == 2

@@ -164,3 +164,46 @@ def default_weights(preset: str) -> Weights:
 
 _register([_tv(p, v, f, t1, t5, mb, rs, recipe, (p, v) in _TV_DEFAULT)
            for p, v, f, t1, t5, mb, rs, recipe in _TV])
+
+# timm (huggingface/pytorch-image-models@aa4b585, timm/models/resnet.py default_cfgs: crop_pct
+# 0.95, bicubic, 224 for the "a1" tags; top-1/top-5 at 224 from results/results-imagenet.csv;
+# SHA-256 and size of model.safetensors from each file's Hugging Face page). Only tags whose
+# architecture is a resnetkit preset and whose file hash is published are listed.
+_A1 = ("ResNet Strikes Back A1 recipe (arXiv:2110.00476): LAMB, BCE loss, cosine lr with "
+       "warm-up, 600 epochs")
+_TIMM = [
+    ("resnet18", "a1", "80c49dee3da4822c009c5a7fe591e9223c5a2cfcf95a4067ca4dfb5a7b89c612",
+     71.504, 90.086, 46.8),
+    ("resnet50", "a1", "773525d5821de224f8f30c33377b7a795d7863e08522698200d3217d3f2a41bb",
+     80.382, 94.598, 102.0),
+    ("resnet101", "a1", "1ba5b660e7c175b3c27c557fc7dc8b2815be830c516815b0155f61b403f27380",
+     81.494, 95.164, 179.0),
+    ("resnet50d", "a1", "0b4f757b0732eb4c6584d2c3692923c3b92efe116b8a383fd4b5eb62fda660cb",
+     80.73, 94.678, 103.0),
+]
+_register([Weights(f"{p}.{v}_in1k", p, "timm",
+                   f"https://huggingface.co/timm/{p}.{v}_in1k/resolve/main/model.safetensors",
+                   sha, "sha256", "safetensors", t1, t5, _A1, "Apache-2.0", 224, None, 0.95,
+                   "bicubic", size_mb=mb, default=p == "resnet50d")
+           for p, v, sha, t1, t5, mb in _TIMM])
+
+# PaddlePaddle (python/paddle/vision/models/resnet.py model_urls with each file's MD5;
+# accuracies, recipes and the eval transform, resize 256 + centre crop 224, bilinear, from
+# the PaddlePaddle/hapi repository's image_classification README, scripts and
+# imagenet_dataset.py). Paddle's ResNeXt and Wide ResNet files publish no accuracy: not listed.
+_PADDLE = [
+    ("resnet18", "cf548f46534aa3560945be4b95cd11c4", 71.72, 90.60,
+     "hapi scripts/resnet18.sh: 120 epochs, batch 256, lr 0.1, cosine"),
+    ("resnet34", "8d2275cf8706028345f78ac0e1d31969", 75.02, 92.31,
+     "hapi scripts/resnet34.sh: 120 epochs, batch 256, lr 0.1, cosine"),
+    ("resnet50", "ca6f485ee1ab0492d38f323885b0ad80", 76.27, 93.03,
+     "hapi scripts/resnet50.sh: 90 epochs, batch 256, lr 0.1, piecewise decay"),
+    ("resnet101", "02f35f034ca3858e1e54d4036443c92d", 78.33, 94.04,
+     "hapi scripts/resnet101.sh: 90 epochs, batch 256, lr 0.1, piecewise decay"),
+    ("resnet152", "7ad16a2f1e7333859ff986138630fd7a", 78.78, 94.40,
+     "hapi scripts/resnet152.sh: 90 epochs, batch 256, lr 0.1, piecewise decay"),
+]
+_register([Weights(f"{p}.paddle_in1k", p, "paddle",
+                   f"https://paddle-hapi.bj.bcebos.com/models/{p}.pdparams", md5, "md5",
+                   "pdparams", t1, t5, recipe, "Apache-2.0", 224, 256)
+           for p, md5, t1, t5, recipe in _PADDLE])
