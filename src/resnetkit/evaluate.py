@@ -123,7 +123,9 @@ def open_eval(checkpoint: str | Path, dataset: str = "fashion-mnist", split: str
     model, info = load_source(checkpoint)
     pre = info.get("preprocess", {})
     size = pre.get("image_size", 0)
-    data = materialize(load_dataset(dataset, split, data_dir, size, model.cfg.in_chans),
+    data = materialize(load_dataset(dataset, split, data_dir, size, model.cfg.in_chans,
+                                    resize=pre.get("resize", 0),
+                                    interpolation=pre.get("interpolation", "bilinear")),
                        classes=info.get("classes"))
     if len(data.classes) != model.num_classes:
         raise UserError(f"dataset {dataset} has {len(data.classes)} classes, the checkpoint "

@@ -106,10 +106,13 @@ DATASETS = ("fashion-mnist", "idx:DIR", "cifar:DIR", "folder:DIR")
 
 
 def load_dataset(name: str, split: str, data_dir: str | None = None, image_size: int = 0,
-                 in_chans: int = 3, on_bad: str = "skip") -> ArrayDataset | ImageFolder:
+                 in_chans: int = 3, on_bad: str = "skip", resize: int = 0,
+                 interpolation: str = "bilinear") -> ArrayDataset | ImageFolder:
     """A dataset split ("train" or "test") by name: "fashion-mnist" (built in), "idx:DIR"
     (any MNIST-style folder), "cifar:DIR" (CIFAR-10/100 python batches), "folder:DIR"
-    (DIR/train/CLASS/*.png and DIR/test/..., or DIR/CLASS/* for both splits)."""
+    (DIR/train/CLASS/*.png and DIR/test/..., or DIR/CLASS/* for both splits; each image's
+    shorter side resized to `resize`, default image_size, with `interpolation`, then
+    centre-cropped to image_size)."""
     if split not in ("train", "test"):
         raise UserError(f"split must be train or test, got {split!r}")
     kind, _, path = name.partition(":")
@@ -132,7 +135,8 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, image_size:
         return cifar_dataset(path, split)
     if kind == "folder" and path:
         root = Path(path) / split if (Path(path) / split).is_dir() else Path(path)
-        return ImageFolder(root, image_size or 224, in_chans, on_bad=on_bad)
+        return ImageFolder(root, image_size or 224, in_chans, on_bad=on_bad, resize=resize,
+                           interpolation=interpolation)
     raise UserError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
 
 

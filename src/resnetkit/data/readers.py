@@ -223,7 +223,8 @@ class ImageFolder(torch.utils.data.Dataset):
     once, up front (skipped with a warning, or an error with on_bad="error")."""
 
     def __init__(self, root: str | Path, image_size: int, in_chans: int = 3,
-                 on_bad: str = "skip", classes: list[str] | None = None):
+                 on_bad: str = "skip", classes: list[str] | None = None, resize: int = 0,
+                 interpolation: str = "bilinear"):
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist")
@@ -254,13 +255,16 @@ class ImageFolder(torch.utils.data.Dataset):
                           + (" ..." if len(bad) > 10 else ""), stacklevel=2)
         self.skipped = bad
         self.image_size, self.in_chans = image_size, in_chans
+        # the eval transform: shorter side to `resize` (default image_size), centre crop
+        self.resize, self.interpolation = resize, interpolation
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        return load_image(path, self.image_size, self.in_chans), label
+        return load_image(path, self.image_size, self.in_chans, self.resize,
+                          self.interpolation), label
 
 
 class _FolderImages(torch.utils.data.Dataset):
