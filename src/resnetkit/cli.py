@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -108,10 +109,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     try:
         r = trainer.fit()
     except KeyboardInterrupt:
+        sig = trainer.stop_signal or signal.SIGINT
         if main_rank:
-            print(f"interrupted: resumable checkpoint saved; continue with "
-                  f"`resnetkit train --resume {trainer.run_dir}`", file=sys.stderr)
-        return 130
+            print(f"stopped by {signal.Signals(sig).name}: resumable checkpoint saved; continue "
+                  f"with `resnetkit train --resume {trainer.run_dir}`", file=sys.stderr)
+        return 128 + sig
     if main_rank:
         print(render.train_result(r))
     return 0

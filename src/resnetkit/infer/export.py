@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,28 +38,40 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     if fold:
         fold_model(m)
     x = torch.randn(2, m.cfg.in_chans, image_size, image_size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    # written beside the target and renamed into place: a failed write (full or read-only
+    # disk) leaves no truncated file, and an existing file stays as it was
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        if fmt == "onnx":
-            prog = torch.onnx.export(m, (x,), dynamo=True, dynamic_shapes={"x": {0: batch}},
-                                     input_names=["input"], output_names=["logits"],
-                                     verbose=False)
-            prog.save(str(path))
-            if meta:
-                import onnx
-                proto = onnx.load(str(path))
-                for k, v in meta.items():
-                    proto.metadata_props.add(key=k, value=json.dumps(v))
-                onnx.save(proto, str(path))
-        elif fmt == "torchscript":
-            with torch.no_grad():
-                torch.jit.trace(m, x).save(str(path))
-        else:
-            torch.export.save(torch.export.export(m, (x,), dynamic_shapes={"x": {0: batch}}),
-                              str(path))
-    except PermissionError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
+        _write(m, x, fmt, str(tmp), meta)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e.__cause__, OSError) \
+                and "write" not in str(e).lower():
+            raise  # an exporter failure of ours, not the disk's
+        reason = getattr(e, "strerror", None) or getattr(e.__cause__, "strerror", None) or e
+        raise UserError(f"cannot write {path}: {reason}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _write(m: ResNet, x: torch.Tensor, fmt: str, path: str, meta: dict[str, Any] | None) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if fmt == "onnx":
+        prog = torch.onnx.export(m, (x,), dynamo=True, dynamic_shapes={"x": {0: batch}},
+                                 input_names=["input"], output_names=["logits"], verbose=False)
+        prog.save(path)
+        if meta:
+            import onnx
+            proto = onnx.load(path)
+            for k, v in meta.items():
+                proto.metadata_props.add(key=k, value=json.dumps(v))
+            onnx.save(proto, path)
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            torch.jit.trace(m, x).save(path)
+    else:
+        torch.export.save(torch.export.export(m, (x,), dynamic_shapes={"x": {0: batch}}), path)
 
 
 def export_source(source: str | Path, overrides: list[str] | None = None, fmt: str = "onnx",
@@ -105,9 +118,24 @@ def onnx_session(path: str | Path, threads: int = 0):
     return sess
 
 
-def onnx_meta(sess) -> dict[str, Any]:
+def onnx_meta(sess, source: str = "the ONNX file") -> dict[str, Any]:
+    """The classes and preprocessing an exported file carries, validated like a
+    checkpoint's metadata (the file is untrusted input)."""
+    from ..weights.checkpoint import check_preprocess
     props = sess.get_modelmeta().custom_metadata_map
-    return {k: json.loads(v) for k, v in props.items() if k in ("classes", "preprocess")}
+    try:
+        info = {k: json.loads(v) for k, v in props.items() if k in ("classes", "preprocess")}
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: its metadata is not valid JSON ({e})") from None
+    outputs = sess.get_outputs()[0].shape[-1]
+    classes = info.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(
+            isinstance(c, str) for c in classes) or (isinstance(outputs, int) and len(classes) != outputs)):
+        raise UserError(f"{source}: its class list does not match its {outputs} outputs")
+    if "preprocess" in info:
+        chans = sess.get_inputs()[0].shape[1]
+        info["preprocess"] = check_preprocess(info["preprocess"], chans, source)
+    return info
 
 
 @functools.lru_cache(maxsize=1)

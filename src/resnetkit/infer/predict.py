@@ -40,7 +40,7 @@ def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
     if str(checkpoint).endswith(".onnx"):
         from .export import onnx_meta, onnx_session
         sess = onnx_session(checkpoint)
-        info = onnx_meta(sess)
+        info = onnx_meta(sess, str(checkpoint))
         if "preprocess" not in info:
             raise UserError(f"{checkpoint} has no preprocessing metadata; export it from a "
                             f"trained checkpoint with `resnetkit export RUN_DIR`")

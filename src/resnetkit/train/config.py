@@ -123,6 +123,12 @@ class TrainConfig:
             (self.eval_every >= 1, "eval_every", ">= 1"),
             (self.train_subset >= 0 and self.test_subset >= 0, "train_subset", ">= 0"),
             (self.per_class >= 0, "per_class", ">= 0"),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.grad_clip >= 0, "grad_clip", ">= 0 (0: no clipping)"),
+            (isinstance(self.model_overrides, dict) and "num_classes" not in self.model_overrides,
+             "model_overrides", "ResNetConfig fields except num_classes, which comes from the "
+             "dataset (choose classes with --classes)"),
             (all(isinstance(c, int) and c >= 0 for c in self.classes), "classes",
              "class indices >= 0"),
             (self.head_lr_mult > 0 and math.isfinite(self.head_lr_mult), "head_lr_mult", "> 0"),

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
@@ -36,6 +37,30 @@ from .progress import Progress
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _warn_if_collapsed(model, name: str, image_size: int) -> None:
+    """Warn when the feature maps shrink to 1x1 before the last stage: those layers then see
+    no spatial context (a ResNet-50 at 16x16 is 1x1 from its third stage on)."""
+    from ..geometry import size_walk
+    walk = size_walk(model, image_size)
+    first = next((n for n, _, out in walk if out == 1), None)
+    last_stage = model.stage_names[-1]
+    if first is not None and not first.startswith(last_stage):
+        warnings.warn(f"at image_size {image_size}, {name}'s feature maps are 1x1 from {first} "
+                      f"on; use a larger --image_size or a network for small images "
+                      f"(resnet20...)", stacklevel=3)
+
+
+def _json_row(obj: Any) -> str:
+    """JSON with non-finite numbers written as null (bare NaN is not JSON)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return [clean(x) for x in v] if isinstance(v, list) else v
+    return json.dumps(clean(obj), allow_nan=False)
 
 
 def _subset(data: ArrayDataset | StreamedFolder, n: int, seed: int):
@@ -103,6 +128,9 @@ class Trainer:
         self.precision = decide_precision(cfg.precision, self.device)
         self.channels_last = decide_channels_last(cfg.channels_last, self.precision, self.device)
         self.train_data, self.test_data = _load_data(cfg)
+        if len(self.train_data.classes) < 2:
+            raise UserError(f"dataset {cfg.dataset} has {len(self.train_data.classes)} class; a "
+                            f"classifier needs at least 2")
         self.mean, self.std = self.train_data.mean, self.train_data.std
         self.image_size = cfg.image_size or self.train_data.shape[-1]
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
@@ -110,6 +138,7 @@ class Trainer:
                                            "in_chans": self.train_data.shape[0],
                                            "num_classes": len(self.train_data.classes)})
         check_input_size(model, self.image_size)
+        _warn_if_collapsed(model, cfg.model, self.image_size)
         self._start_from(model, cfg, load_init)
         # The resolved global batch and lr reference are written back into the config, so a
         # resumed run keeps them whatever its number of processes.
@@ -141,7 +170,8 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_acc, self.history = -1.0, []
         self.aug_gen = torch.Generator()
-        self._tb, self._interrupted = None, False
+        self._tb, self._interrupted, self.stop_signal = None, False, None
+        self._partial, self._sums, self._owner, self._lock = (0.0, 0, 0, 0.0), None, False, None
         self.run_dir = Path(D.broadcast_object(str(run_dir or self._new_run_dir()), self.dist))
 
     def _start_from(self, model, cfg: TrainConfig, load_init: bool) -> None:
@@ -237,9 +267,15 @@ class Trainer:
         """Train to the last epoch (or stop after `until_epoch`, to continue later with
         resume); returns the test metrics. Ctrl-C saves a resumable checkpoint and re-raises
         KeyboardInterrupt; a NaN/inf loss raises NonFiniteLoss."""
-        if self.dist.main:
-            self._prepare_run_dir()
-        c, info = self.cfg, self.dist
+        try:
+            if self.dist.main:
+                self._prepare_run_dir()
+            return self._fit(self.cfg, self.dist, until_epoch)
+        finally:
+            self._release_run_dir()
+
+    def _fit(self, c: TrainConfig, info, until_epoch: int | None) -> dict[str, Any]:
+        """The epochs, with Ctrl-C/SIGTERM/SIGUSR1 turned into a saved, resumable stop."""
         stop = min(until_epoch or c.epochs, c.epochs)
         progress = Progress(self.quiet)
         restore = self._catch_signals()
@@ -277,9 +313,13 @@ class Trainer:
         if self.step_in_epoch == 0:  # drop path: a different stream per rank and epoch
             torch.manual_seed(self._seed(self.epoch, -1))
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen, t0 = 0, time.perf_counter()
+        # the epoch's running sums: restored after a mid-epoch stop, so the epoch's metrics
+        # row covers the whole epoch
+        part = self._partial if self.step_in_epoch else (0.0, 0, 0, 0.0)
+        loss_sum = torch.tensor(part[0], device=self.device)
+        correct = torch.tensor(part[1], dtype=torch.long, device=self.device)
+        seen, t0 = part[2], time.perf_counter() - part[3]
+        self._sums = (loss_sum, correct, seen, t0)
         progress.start(self.epoch + 1, c.epochs, self.steps_per_epoch, self.step_in_epoch)
         # The rest of the epoch's micro-batches, fetched in order (a streamed folder's
         # workers decode ahead of the step that needs them).
@@ -297,15 +337,15 @@ class Trainer:
             if bad is not None:
                 raise NonFiniteLoss(
                     f"loss became {bad} at step {self.global_step + 1} (epoch {self.epoch + 1}, "
-                    f"batch {s + 1}); stopped. The last good checkpoint is in {self.run_dir}; "
-                    f"lower lr or set grad_clip")
+                    f"batch {s + 1}); stopped. {self._last_good()}; lower lr or set grad_clip")
             loss_sum += step_loss
             correct += ok
             seen += n_local
+            self._sums = (loss_sum, correct, seen, t0)
             self.step_in_epoch += 1
             self.global_step += 1
             progress.update(self.step_in_epoch, loss_sum, correct, seen, t0)
-            if stop_now:  # Ctrl-C (or torchrun's SIGTERM) lands here, between two steps
+            if stop_now:  # Ctrl-C, SIGTERM or SIGUSR1 lands here, between two steps
                 raise KeyboardInterrupt
         return loss_sum, correct, seen, time.perf_counter() - t0
 
@@ -318,15 +358,39 @@ class Trainer:
         return (None if math.isfinite(loss) else loss / max(n, 1)), stop > 0
 
     def _save_all(self, which: str) -> None:
-        """Rank 0 writes the checkpoint; the others wait so none exits before it is on disk."""
+        """Rank 0 writes the checkpoint; the others wait so none exits before it is on disk.
+        Mid-epoch, the epoch's running sums of all ranks go along."""
+        if self.step_in_epoch and self._sums is not None:
+            loss_sum, correct, seen, t0 = self._sums
+            total, = D.all_sum(torch.tensor([loss_sum.item(), correct.item(), seen],
+                                            dtype=torch.float64), info=self.dist)
+            part = total.tolist() if self.dist.main else [0.0, 0, 0]
+            self._partial = (part[0], int(part[1]), int(part[2]), time.perf_counter() - t0)
+        else:
+            self._partial = (0.0, 0, 0, 0.0)
         if self.dist.main:
             self.save(which)
         D.barrier(self.dist)
 
+    def _last_good(self) -> str:
+        """Where the last good checkpoint is, for a message."""
+        if (self.run_dir / "last.state.pt").exists():
+            return f"The last good checkpoint is {self.run_dir / 'last.state.pt'}"
+        return "No checkpoint had been written yet"
+
+    def _check_finite_state(self) -> None:
+        """Weights or BN statistics gone NaN/inf (a loss can stay finite while they do) stop
+        the run before they are saved as good."""
+        for name, t in (*self.model.state_dict().items(),
+                        *(self.ema.state_dict().items() if self.ema is not None else ())):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteLoss(f"{name} became NaN or infinite in epoch {self.epoch}; "
+                                    f"stopped without saving it. {self._last_good()}; lower "
+                                    f"lr or set grad_clip")
+
     def _catch_signals(self):
-        """Turn the first Ctrl-C into a flag checked after each step, so the checkpoint
-        holds a whole step; a second Ctrl-C interrupts at once. Under torchrun, SIGTERM (what
-        the launcher sends its workers when the job is stopped) is handled the same way."""
+        """Turn the first Ctrl-C, SIGTERM or SIGUSR1 into a flag checked after each step, so
+        the checkpoint holds a whole step; a second signal interrupts at once."""
         self._interrupted = False
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
@@ -334,12 +398,14 @@ class Trainer:
         def handler(signum, frame):
             if self._interrupted:
                 raise KeyboardInterrupt
-            self._interrupted = True
-            if signum == signal.SIGTERM:  # a rank stuck elsewhere must not outlive the job
+            self._interrupted, self.stop_signal = True, signum
+            if signum == signal.SIGTERM and self.dist.active:  # a stuck rank must not outlive the job
                 grace = threading.Timer(min(25.0, self.cfg.dist_timeout), os._exit, (143,))
                 grace.daemon = True
                 grace.start()
-        sigs = [signal.SIGINT] + ([signal.SIGTERM] if self.dist.active else [])
+        # SIGTERM: kill, docker stop, systemd, torchrun; SIGUSR1: Slurm's warning before a
+        # preemption (sbatch --signal=USR1@60)
+        sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1]
         old = {s: signal.signal(s, handler) for s in sigs}
         return lambda: [signal.signal(s, h) for s, h in old.items()]
 
@@ -354,18 +420,25 @@ class Trainer:
         if ev is not None:
             self._last_eval = (self.global_step, ev)
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self._check_finite_state()
         if self.dist.main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(_json_row(row) + "\n")
+            except OSError as e:
+                raise UserError(f"cannot write {self.run_dir / 'metrics.jsonl'}: "
+                                f"{e.strerror or e}") from None
         progress.epoch_done(row)
         if self._tb is not None:
             for k, v in row.items():
                 if v is not None:
                     self._tb.add_scalar(k, v, self.epoch)
-        if ev is not None and ev["top1"] > self.best_acc:
+        new_best = ev is not None and ev["top1"] > self.best_acc
+        if new_best:
             self.best_acc = ev["top1"]
+        self._save_all("last")  # first: resume reads it, so a kill during "best" loses nothing
+        if new_best:
             self._save_all("best")
-        self._save_all("last")
 
     def _evaluate(self, tta_flip: bool = False) -> dict[str, Any]:
         if not self.cfg.sync_bn:  # with SyncBN the running statistics are already equal
@@ -405,9 +478,41 @@ class Trainer:
         return result
 
     # ---- run folder, checkpoints, resume ---------------------------------------------
-    def _prepare_run_dir(self) -> None:
+    def _claim_run_dir(self) -> None:
+        """Make the run folder this process's: refuse one that holds another run (unless this
+        is its resume) or that another process is training in, and clean what an
+        interrupted save left behind."""
+        import fcntl
+        if self._lock is not None:
+            return
+        if not self._owner and (self.run_dir / "config.json").exists():
+            raise UserError(f"{self.run_dir} already holds a run; continue it with `resnetkit "
+                            f"train --resume {self.run_dir}` or choose another --name")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = os.open(self.run_dir, os.O_RDONLY)  # the folder itself is the lock
+        except OSError as e:
+            raise UserError(f"cannot write to run folder {self.run_dir}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            raise UserError(f"another process is training in {self.run_dir}; wait for it or "
+                            f"choose another --name") from None
+        self._lock, self._owner = lock, True
+        ckpt.remove_partial_files(self.run_dir)
+        # the metrics of the epochs the checkpoint holds, and no row of an epoch it lost
+        ckpt.atomic_write(self.run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(
+            "".join(_json_row(r) + "\n" for r in self.history)))
+
+    def _release_run_dir(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
+
+    def _prepare_run_dir(self) -> None:
+        self._claim_run_dir()
+        try:
             info = {"train": dataclasses.asdict(self.cfg),
                     "model": ckpt.config_to_dict(self.model.cfg),
                     "resolved": {"precision": self.precision, "channels_last": self.channels_last,
@@ -444,8 +549,8 @@ class Trainer:
                  "scaler": self.scaler.state_dict() if self.scaler else {},
                  "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "global_step": self.global_step, "best_acc": self.best_acc,
-                 "history": json.dumps(self.history), "world_size": self.dist.world,
-                 "torch_rng": torch.get_rng_state()}
+                 "history": _json_row(self.history), "world_size": self.dist.world,
+                 "torch_rng": torch.get_rng_state(), "epoch_partial": list(self._partial)}
         ckpt.save_state(self.run_dir / f"{which}.state.pt", state)
         ckpt.save_weights(self.run_dir / f"{which}.safetensors", self.eval_model, self.meta())
 
@@ -455,21 +560,27 @@ class Trainer:
         """Rebuild a run from RUN_DIR/config.json and continue from last.state.pt.
         `changes` may only extend the run (epochs)."""
         run_dir = Path(run_dir)
-        try:
-            info = json.loads((run_dir / "config.json").read_text())
-        except FileNotFoundError:
-            raise UserError(f"{run_dir} is not a run folder (no config.json)") from None
+        info = _read_run_config(run_dir)
         bad = set(changes) - set(RESUMABLE)
         if bad:
             raise UserError(f"a resumed run keeps its config; only {' and '.join(RESUMABLE)} "
                             f"can change, not {', '.join(sorted(bad))}")
-        cfg = TrainConfig(**{**info["train"], **changes})
-        t = cls(cfg, run_dir=run_dir, device=device, quiet=quiet, load_init=False)
+        try:
+            cfg = TrainConfig(**{**info["train"], **changes})
+        except TypeError as e:  # an unknown or missing field in config.json
+            raise UserError(f"{run_dir / 'config.json'} does not describe a run ({e})") from None
+        state_file = run_dir / "last.state.pt"
+        fresh = not state_file.exists()  # stopped before its first checkpoint: start again
+        t = cls(cfg, run_dir=run_dir, device=device, quiet=quiet, load_init=fresh)
+        t._owner = True
+        if fresh:
+            return t
         resolved = info.get("resolved", {})
         if "mean" in resolved:  # the run's normalisation (an init checkpoint's, if it had one)
             t.mean, t.std = tuple(resolved["mean"]), tuple(resolved["std"])
-        s = ckpt.load_state(run_dir / "last.state.pt")
-        ckpt.load_weights_into(t.model, s["model"], str(run_dir / "last.state.pt"))
+        s = ckpt.load_state(state_file)
+        ckpt.check_finite(s["model"], str(state_file))
+        ckpt.load_weights_into(t.model, s["model"], str(state_file))
         t.optimizer.load_state_dict(s["optimizer"])
         t.scheduler.load_state_dict(s["scheduler"])
         if t.ema is not None and s["ema"]:
@@ -478,9 +589,24 @@ class Trainer:
             t.scaler.load_state_dict(s["scaler"])
         t.epoch, t.step_in_epoch, t.global_step = s["epoch"], s["step_in_epoch"], s["global_step"]
         t.best_acc, t.history = s["best_acc"], json.loads(s["history"])
+        t._partial = tuple(s.get("epoch_partial", (0.0, 0, 0, 0.0)))
         if s.get("world_size", 1) == t.dist.world:  # the drop-path stream, mid-epoch
             torch.set_rng_state(s["torch_rng"])
         return t
+
+
+def _read_run_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.json, an untrusted file: one sentence if it is missing or damaged."""
+    try:
+        info = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a run folder (no config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{run_dir / 'config.json'} cannot be read ({e}); the run folder is "
+                        f"damaged") from None
+    if not isinstance(info, dict) or not isinstance(info.get("train"), dict):
+        raise UserError(f"{run_dir / 'config.json'} does not describe a run (no train settings)")
+    return info
 
 
 def start_run(recipe: str | None = None, options: dict[str, str] | None = None,

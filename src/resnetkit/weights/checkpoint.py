@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -19,16 +20,39 @@ from ..errors import UserError
 from ..model import ResNet
 
 
+TMP_SUFFIX = ".partial"
+# Limits on what a checkpoint's metadata may ask for: far above any published ResNet (the
+# deepest preset, ResNet-1202, has 200 blocks a stage), far below what exhausts memory.
+MAX_IMAGE_SIZE = 8192
+MAX_BLOCKS, MAX_WIDTH, MAX_CLASSES = 1000, 16384, 1_000_000
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_partial_files(folder: Path) -> int:
+    """Delete the temporary files an interrupted atomic_write left in `folder`."""
+    n = 0
+    for p in folder.glob(f".*{TMP_SUFFIX}"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through `write(tmp_path)`, fsync, then rename over `path`; on any error the old
     file stays untouched and the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -55,8 +79,9 @@ def save_weights(path: Path, model: ResNet, meta: dict[str, Any]) -> None:
 def save_state(path: Path, state: dict[str, Any]) -> None:
     try:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
-    except OSError as e:
-        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise UserError(f"cannot write checkpoint {path}: {getattr(e, 'strerror', None) or e}"
+                        ) from None
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -95,9 +120,84 @@ def read_checkpoint(path: str | Path) -> tuple[ResNetConfig, dict[str, torch.Ten
     if "resnet_config" not in meta:
         raise UserError(f"{path} has no resnet_config metadata: not written by resnetkit; load "
                         f"its weights into a model you build with create_model instead")
-    info = {k: json.loads(v) for k, v in meta.items()}
-    cfg = ResNetConfig(**info.pop("resnet_config"))
+    cfg, info = parse_metadata(meta, str(path))
+    check_finite(weights, str(path))
     return cfg, weights, info
+
+
+def _bad_meta(source: str, what: str) -> UserError:
+    return UserError(f"{source}: its metadata {what}; the file is damaged or was not written "
+                     f"by resnetkit")
+
+
+def parse_metadata(meta: dict[str, str], source: str) -> tuple[ResNetConfig, dict[str, Any]]:
+    """Checkpoint metadata (untrusted text) -> (config, {"classes", "preprocess", ...}),
+    validated as user input is: known keys, sane sizes, classes matching the head, a usable
+    normalisation. Raises UserError naming what is wrong."""
+    try:
+        info = {k: json.loads(v) for k, v in meta.items()}
+    except (json.JSONDecodeError, TypeError) as e:
+        raise _bad_meta(source, f"is not valid JSON ({e})") from None
+    raw = info.pop("resnet_config")
+    if not isinstance(raw, dict):
+        raise _bad_meta(source, "has no resnet_config object")
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ResNetConfig)})
+    if unknown:
+        raise _bad_meta(source, f"names unknown config fields {', '.join(unknown)}")
+    sizes = [*raw.get("layers", ()), *raw.get("widths", ()), raw.get("stem_width", 0),
+             raw.get("width_per_group", 0), raw.get("groups", 0), raw.get("in_chans", 0),
+             raw.get("expansion") or 0] if isinstance(raw.get("layers", ()), list) and \
+        isinstance(raw.get("widths", ()), list) else [None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+        raise _bad_meta(source, "has network sizes that are not whole numbers")
+    if max(raw.get("layers", [0]) or [0]) > MAX_BLOCKS or max(sizes) > MAX_WIDTH or \
+            not isinstance(raw.get("num_classes", 0), int) or raw.get("num_classes", 0) > MAX_CLASSES:
+        raise _bad_meta(source, f"asks for a network beyond the limits (at most {MAX_BLOCKS} "
+                                f"blocks a stage, widths up to {MAX_WIDTH}, {MAX_CLASSES:,} classes)")
+    try:
+        cfg = ResNetConfig(**raw)
+    except UserError as e:
+        raise _bad_meta(source, f"describes an invalid network ({e})") from None
+    except TypeError as e:
+        raise _bad_meta(source, f"has a config value of the wrong type ({e})") from None
+    classes = info.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != cfg.num_classes
+                                or not all(isinstance(c, str) for c in classes)):
+        raise _bad_meta(source, f"has a class list that is not {cfg.num_classes} names")
+    pre = info.get("preprocess")
+    if pre is not None:
+        info["preprocess"] = check_preprocess(pre, cfg.in_chans, source)
+    return cfg, info
+
+
+def check_preprocess(pre: Any, in_chans: int, source: str) -> dict[str, Any]:
+    """A "preprocess" entry (mean, std, image_size, optional resize and interpolation)
+    checked: numbers where numbers belong, std > 0, sizes within MAX_IMAGE_SIZE."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(pre, dict):
+        raise _bad_meta(source, "has a preprocess entry that is not an object")
+    mean, std = pre.get("mean"), pre.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == in_chans
+            and all(map(number, mean + std)) and all(s > 0 for s in std)):
+        raise _bad_meta(source, f"needs {in_chans} finite means and {in_chans} positive stds")
+    for key in ("image_size", "resize"):
+        v = pre.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_IMAGE_SIZE:
+            raise _bad_meta(source, f"has {key}={v!r}, not a size from 0 to {MAX_IMAGE_SIZE}")
+    if pre.get("interpolation", "bilinear") not in ("bilinear", "bicubic", "nearest"):
+        raise _bad_meta(source, f"has an unknown interpolation {pre.get('interpolation')!r}")
+    if pre.get("in_chans", in_chans) != in_chans:
+        raise _bad_meta(source, f"says in_chans {pre.get('in_chans')!r}, the network {in_chans}")
+    return pre
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run's, or a damaged file)."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{source}: {k} holds NaN or infinite values; the weights are "
+                            f"unusable (a diverged training run?)")
 
 
 def load_weights_into(model: ResNet, weights: dict[str, torch.Tensor], source: str) -> None:
