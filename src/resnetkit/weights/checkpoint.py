@@ -18,6 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from ..config import ResNetConfig
 from ..errors import UserError
 from ..model import ResNet
+from ..options import field_types
 
 
 TMP_SUFFIX = ".partial"
@@ -144,6 +145,9 @@ def parse_metadata(meta: dict[str, str], source: str) -> tuple[ResNetConfig, dic
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ResNetConfig)})
     if unknown:
         raise _bad_meta(source, f"names unknown config fields {', '.join(unknown)}")
+    wrong = [k for k, v in raw.items() if not _of_type(v, field_types(ResNetConfig)[k])]
+    if wrong:
+        raise _bad_meta(source, f"has config values of the wrong type ({', '.join(wrong)})")
     sizes = [*raw.get("layers", ()), *raw.get("widths", ()), raw.get("stem_width", 0),
              raw.get("width_per_group", 0), raw.get("groups", 0), raw.get("in_chans", 0),
              raw.get("expansion") or 0] if isinstance(raw.get("layers", ()), list) and \
@@ -168,6 +172,26 @@ def parse_metadata(meta: dict[str, str], source: str) -> tuple[ResNetConfig, dic
     if pre is not None:
         info["preprocess"] = check_preprocess(pre, cfg.in_chans, source)
     return cfg, info
+
+
+def _of_type(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a ResNetConfig field type (lists stand for tuples)."""
+    import types
+    import typing
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_of_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, list) and all(_of_type(v, args[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, tp)
 
 
 def check_preprocess(pre: Any, in_chans: int, source: str) -> dict[str, Any]:
@@ -200,8 +224,9 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
                             f"unusable (a diverged training run?)")
 
 
-def load_weights_into(model: ResNet, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with one message naming what does not fit."""
+def load_weights_into(model: ResNet, weights: dict[str, torch.Tensor], source: str,
+                      check_only: bool = False) -> None:
+    """Strict load with one message naming what does not fit (check_only: only compare)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     extra = sorted(set(weights) - set(own))
@@ -216,12 +241,15 @@ def load_weights_into(model: ResNet, weights: dict[str, torch.Tensor], source: s
         if extra:
             parts.append(f"unexpected {len(extra)} keys (e.g. {extra[0]})")
         raise UserError(f"checkpoint {source} does not fit this model: " + ", ".join(parts))
-    model.load_state_dict(weights, strict=True)
+    if not check_only:
+        model.load_state_dict(weights, strict=True)
 
 
 def load_model(path: str | Path) -> tuple[ResNet, dict[str, Any]]:
     """Rebuild the model a checkpoint describes and load its weights."""
     cfg, weights, info = read_checkpoint(path)
+    with torch.device("meta"):  # the architecture checked against the file before any memory
+        load_weights_into(ResNet(cfg), weights, str(path), check_only=True)
     model = ResNet(cfg)
     load_weights_into(model, weights, str(path))
     return model.eval(), info
