@@ -5,7 +5,6 @@ import http.server
 import os
 import pickle
 import threading
-import warnings
 
 import numpy as np
 import pytest

@@ -5,14 +5,11 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import signal
-import sys
 import threading
 import time
 import warnings
 from contextlib import nullcontext
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from .config import RESUMABLE, TrainConfig, build_config
 from .finetune import freeze, freeze_batchnorm, start_from
 from .optim import build_ema, build_optimizer, lr_factor
 from .progress import Progress
+from .runs import RunFolder, json_row, read_run_config
 
 
 class NonFiniteLoss(UserError):
@@ -50,17 +48,6 @@ def _warn_if_collapsed(model, name: str, image_size: int) -> None:
         warnings.warn(f"at image_size {image_size}, {name}'s feature maps are 1x1 from {first} "
                       f"on; use a larger --image_size or a network for small images "
                       f"(resnet20...)", stacklevel=3)
-
-
-def _json_row(obj: Any) -> str:
-    """JSON with non-finite numbers written as null (bare NaN is not JSON)."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return [clean(x) for x in v] if isinstance(v, list) else v
-    return json.dumps(clean(obj), allow_nan=False)
 
 
 def _subset(data: ArrayDataset | StreamedFolder, n: int, seed: int):
@@ -105,7 +92,7 @@ def _select(data: ArrayDataset | StreamedFolder, classes: list[int], per_class: 
                         [data.classes[c] for c in classes], data.mean, data.std)
 
 
-class Trainer:
+class Trainer(RunFolder):
     """Trains a ResNet on a dataset as TrainConfig says; `fit()` runs to the end.
 
     Everything needed to resume (weights, optimizer, schedule, EMA, RNG states, position) is
@@ -372,12 +359,6 @@ class Trainer:
             self.save(which)
         D.barrier(self.dist)
 
-    def _last_good(self) -> str:
-        """Where the last good checkpoint is, for a message."""
-        if (self.run_dir / "last.state.pt").exists():
-            return f"The last good checkpoint is {self.run_dir / 'last.state.pt'}"
-        return "No checkpoint had been written yet"
-
     def _check_finite_state(self) -> None:
         """Weights or BN statistics gone NaN/inf (a loss can stay finite while they do) stop
         the run before they are saved as good."""
@@ -424,7 +405,7 @@ class Trainer:
         if self.dist.main:
             try:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(_json_row(row) + "\n")
+                    f.write(json_row(row) + "\n")
             except OSError as e:
                 raise UserError(f"cannot write {self.run_dir / 'metrics.jsonl'}: "
                                 f"{e.strerror or e}") from None
@@ -477,90 +458,13 @@ class Trainer:
             self._tb.close()
         return result
 
-    # ---- run folder, checkpoints, resume ---------------------------------------------
-    def _claim_run_dir(self) -> None:
-        """Make the run folder this process's: refuse one that holds another run (unless this
-        is its resume) or that another process is training in, and clean what an
-        interrupted save left behind."""
-        import fcntl
-        if self._lock is not None:
-            return
-        if not self._owner and (self.run_dir / "config.json").exists():
-            raise UserError(f"{self.run_dir} already holds a run; continue it with `resnetkit "
-                            f"train --resume {self.run_dir}` or choose another --name")
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            lock = os.open(self.run_dir, os.O_RDONLY)  # the folder itself is the lock
-        except OSError as e:
-            raise UserError(f"cannot write to run folder {self.run_dir}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(lock)
-            raise UserError(f"another process is training in {self.run_dir}; wait for it or "
-                            f"choose another --name") from None
-        self._lock, self._owner = lock, True
-        ckpt.remove_partial_files(self.run_dir)
-        # the metrics of the epochs the checkpoint holds, and no row of an epoch it lost
-        ckpt.atomic_write(self.run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(
-            "".join(_json_row(r) + "\n" for r in self.history)))
-
-    def _release_run_dir(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)  # closing the descriptor releases the lock
-            self._lock = None
-
-    def _prepare_run_dir(self) -> None:
-        self._claim_run_dir()
-        try:
-            info = {"train": dataclasses.asdict(self.cfg),
-                    "model": ckpt.config_to_dict(self.model.cfg),
-                    "resolved": {"precision": self.precision, "channels_last": self.channels_last,
-                                 "device": str(self.device), "image_size": self.image_size,
-                                 "mean": self.mean, "std": self.std,
-                                 "world_size": self.dist.world, "backend": self.dist.backend,
-                                 "per_rank_batch": self.batches.per_rank,
-                                 "global_batch": self.batches.global_, "lr": self.batches.lr},
-                    "versions": {"resnetkit": version("resnetkit"), "torch": torch.__version__,
-                                 "python": platform.python_version()},
-                    "command": sys.argv}
-            ckpt.atomic_write(self.run_dir / "config.json",
-                              lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
-        except OSError as e:
-            raise UserError(f"cannot write to run folder {self.run_dir}: {e.strerror or e}") from None
-        self._tb = None
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
-
-    def meta(self) -> dict[str, Any]:
-        return {"classes": self.train_data.classes,
-                "preprocess": {"mean": list(self.mean), "std": list(self.std),
-                               "image_size": self.image_size,
-                               "in_chans": self.model.cfg.in_chans},
-                "epoch": self.epoch, "step": self.global_step}
-
-    def save(self, which: str) -> None:
-        """Write WHICH.safetensors (the eval model's weights) and WHICH.state.pt (the rest);
-        state first, so a weights file never claims a position its state lacks."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(),
-                 "ema": self.ema.state_dict() if self.ema is not None else {},
-                 "scaler": self.scaler.state_dict() if self.scaler else {},
-                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                 "global_step": self.global_step, "best_acc": self.best_acc,
-                 "history": _json_row(self.history), "world_size": self.dist.world,
-                 "torch_rng": torch.get_rng_state(), "epoch_partial": list(self._partial)}
-        ckpt.save_state(self.run_dir / f"{which}.state.pt", state)
-        ckpt.save_weights(self.run_dir / f"{which}.safetensors", self.eval_model, self.meta())
-
     @classmethod
     def resume(cls, run_dir: str | Path, device=None, quiet: bool = False,
                **changes: Any) -> "Trainer":
         """Rebuild a run from RUN_DIR/config.json and continue from last.state.pt.
         `changes` may only extend the run (epochs)."""
         run_dir = Path(run_dir)
-        info = _read_run_config(run_dir)
+        info = read_run_config(run_dir)
         bad = set(changes) - set(RESUMABLE)
         if bad:
             raise UserError(f"a resumed run keeps its config; only {' and '.join(RESUMABLE)} "
@@ -593,20 +497,6 @@ class Trainer:
         if s.get("world_size", 1) == t.dist.world:  # the drop-path stream, mid-epoch
             torch.set_rng_state(s["torch_rng"])
         return t
-
-
-def _read_run_config(run_dir: Path) -> dict[str, Any]:
-    """RUN_DIR/config.json, an untrusted file: one sentence if it is missing or damaged."""
-    try:
-        info = json.loads((run_dir / "config.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} is not a run folder (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{run_dir / 'config.json'} cannot be read ({e}); the run folder is "
-                        f"damaged") from None
-    if not isinstance(info, dict) or not isinstance(info.get("train"), dict):
-        raise UserError(f"{run_dir / 'config.json'} does not describe a run (no train settings)")
-    return info
 
 
 def start_run(recipe: str | None = None, options: dict[str, str] | None = None,
