@@ -210,3 +210,62 @@ def test_options_that_would_be_ignored_are_refused(tmp_path):
     with pytest.warns(UserWarning, match="1x1 from layer"):
         Trainer(build_config(None, model="resnet50", image_size=16, train_subset=64,
                              batch_size=32, out_dir=str(tmp_path), name="w"), quiet=True)
+
+
+# ---- elastic DDP: a lost worker under torchrun --max-restarts ----------------------------
+ELASTIC = {**SMALL, "train_subset": 1024, "batch_size": 64, "epochs": 2, "save_every_steps": 3,
+           "threads": 1}  # the same arithmetic whatever the processes per machine
+WORKER = str(Path(__file__).parent / "elastic_worker.py")
+
+
+def _elastic_args(tmp_path, name):
+    args = ["train", "--out_dir", str(tmp_path), "--name", name,
+            "--model_overrides", "widths=4,8,8;stem_width=4"]
+    return args + [x for k, v in ELASTIC.items() if k != "model_overrides"
+                   for x in (f"--{k}", str(v))]
+
+
+def _torchrun(launch, tmp_path, name, kill=None):
+    env = {**os.environ, **({"KILL_STEP": str(kill[0]), "KILL_RANK": str(kill[1])} if kill else {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, WORKER,
+           *_elastic_args(tmp_path, name)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _same_run(a: Path, b: Path) -> None:
+    sa, sb = load_state(a / "last.state.pt"), load_state(b / "last.state.pt")
+    assert sa["global_step"] == sb["global_step"] == 16
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sb["model"])
+    assert _rows(a) == _rows(b)
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("elastic")
+    p = _torchrun(["--standalone", "--nproc-per-node", "2"], out, "ref")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return out / "ref"
+
+
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, two_process_reference):
+    p = _torchrun(["--standalone", "--nproc-per-node", "2", "--max-restarts", "3"], tmp_path,
+                  "el", kill=(5, 1))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "SIGKILL" in err or "Signals.SIGKILL" in err or "-9" in err  # the loss did happen
+    _same_run(tmp_path / "el", two_process_reference)
+
+
+def test_two_nodes_survive_a_lost_worker(tmp_path, two_process_reference):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "el2", "--max-restarts", "3"]
+    nodes = [_torchrun(launch, tmp_path, "el2", kill=(5, 1)) for _ in range(2)]
+    outs = [p.communicate(timeout=400) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    _same_run(tmp_path / "el2", two_process_reference)

@@ -83,6 +83,9 @@ class TrainConfig:
     eval_every: int = opt(1, "test every N epochs (and after the last)")
     sync_bn: bool = opt(False, "batch statistics over all processes")
     dist_timeout: float = opt(300.0, "seconds a collective may wait for the other ranks")
+    save_every_steps: int = opt(0, "also save a resumable checkpoint every N optimizer steps "
+                                   "(0: at epoch ends only); a restarted torchrun group resumes "
+                                   "from it")
     out_dir: str = opt("runs", "folder of the run folders")
     name: str = opt("", "run folder name (default: model-dataset-time)")
     plots: bool = opt(True, "write curves and a confusion matrix (PNG) at the end")
@@ -123,6 +126,7 @@ class TrainConfig:
             (self.eval_every >= 1, "eval_every", ">= 1"),
             (self.train_subset >= 0 and self.test_subset >= 0, "train_subset", ">= 0"),
             (self.per_class >= 0, "per_class", ">= 0"),
+            (self.save_every_steps >= 0, "save_every_steps", ">= 0"),
             (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (self.grad_clip >= 0, "grad_clip", ">= 0 (0: no clipping)"),

@@ -158,7 +158,7 @@ class Trainer(RunFolder):
         self.best_acc, self.history = -1.0, []
         self.aug_gen = torch.Generator()
         self._tb, self._interrupted, self.stop_signal = None, False, None
-        self._partial, self._sums, self._owner, self._lock = (0.0, 0, 0, 0.0), None, False, None
+        self._partial, self._sums, self._owner, self._lock = ([], 0.0), None, False, None
         self.run_dir = Path(D.broadcast_object(str(run_dir or self._new_run_dir()), self.dist))
 
     def _start_from(self, model, cfg: TrainConfig, load_init: bool) -> None:
@@ -279,11 +279,18 @@ class Trainer(RunFolder):
             self._save_all("last")
             raise
         except RuntimeError as e:  # torch.distributed.DistError included
-            if info.active and any(w in str(e).lower() for w in ("timed out", "timeout")):
+            text = str(e).lower()
+            if info.active and any(w in text for w in ("timed out", "timeout")):
                 raise UserError(
                     f"rank {info.rank}: a collective operation waited more than "
                     f"{c.dist_timeout:g} s (dist_timeout) for the other processes; one of them "
                     f"has failed or hung, see its output. ({str(e).splitlines()[0]})") from None
+            if info.active and any(w in text for w in ("connection closed", "connection reset",
+                                                       "broken pipe", "peer")):
+                raise UserError(
+                    f"rank {info.rank}: lost contact with another process of the job (it died or "
+                    f"its machine went away); under torchrun --max-restarts the group restarts "
+                    f"from the last checkpoint") from None
             raise
         finally:
             progress.stop()
@@ -302,7 +309,7 @@ class Trainer(RunFolder):
         self.model.train()
         # the epoch's running sums: restored after a mid-epoch stop, so the epoch's metrics
         # row covers the whole epoch
-        part = self._partial if self.step_in_epoch else (0.0, 0, 0, 0.0)
+        part = self._own_partial() if self.step_in_epoch else (0.0, 0, 0, 0.0)
         loss_sum = torch.tensor(part[0], device=self.device)
         correct = torch.tensor(part[1], dtype=torch.long, device=self.device)
         seen, t0 = part[2], time.perf_counter() - part[3]
@@ -332,6 +339,9 @@ class Trainer(RunFolder):
             self.step_in_epoch += 1
             self.global_step += 1
             progress.update(self.step_in_epoch, loss_sum, correct, seen, t0)
+            every = c.save_every_steps
+            if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                self._save_all("last")  # mid-epoch; the epoch's end saves anyway
             if stop_now:  # Ctrl-C, SIGTERM or SIGUSR1 lands here, between two steps
                 raise KeyboardInterrupt
         return loss_sum, correct, seen, time.perf_counter() - t0
@@ -349,15 +359,28 @@ class Trainer(RunFolder):
         Mid-epoch, the epoch's running sums of all ranks go along."""
         if self.step_in_epoch and self._sums is not None:
             loss_sum, correct, seen, t0 = self._sums
-            total, = D.all_sum(torch.tensor([loss_sum.item(), correct.item(), seen],
-                                            dtype=torch.float64), info=self.dist)
-            part = total.tolist() if self.dist.main else [0.0, 0, 0]
-            self._partial = (part[0], int(part[1]), int(part[2]), time.perf_counter() - t0)
+            rows = torch.zeros(self.dist.world, 3, dtype=torch.float64)  # each rank's sums
+            rows[self.dist.rank] = torch.tensor([loss_sum.item(), correct.item(), seen])
+            rows, = D.all_sum(rows, info=self.dist)
+            self._partial = (rows.tolist(), time.perf_counter() - t0)
         else:
-            self._partial = (0.0, 0, 0, 0.0)
+            self._partial = ([], 0.0)
         if self.dist.main:
             self.save(which)
         D.barrier(self.dist)
+
+    def _own_partial(self) -> tuple[float, int, int, float]:
+        """This rank's running sums of the interrupted epoch: its own row when the world size
+        is the one that saved them (so the sums add up in the same order), else rank 0 takes
+        the totals."""
+        rows, elapsed = self._partial
+        if len(rows) == self.dist.world:
+            loss, correct, seen = rows[self.dist.rank]
+        elif rows and self.dist.main:
+            loss, correct, seen = (sum(col) for col in zip(*rows))
+        else:
+            loss, correct, seen = 0.0, 0, 0
+        return loss, int(correct), int(seen), elapsed
 
     def _check_finite_state(self) -> None:
         """Weights or BN statistics gone NaN/inf (a loss can stay finite while they do) stop
@@ -493,7 +516,7 @@ class Trainer(RunFolder):
             t.scaler.load_state_dict(s["scaler"])
         t.epoch, t.step_in_epoch, t.global_step = s["epoch"], s["step_in_epoch"], s["global_step"]
         t.best_acc, t.history = s["best_acc"], json.loads(s["history"])
-        t._partial = tuple(s.get("epoch_partial", (0.0, 0, 0, 0.0)))
+        t._partial = tuple(s.get("epoch_partial", ([], 0.0)))
         if s.get("world_size", 1) == t.dist.world:  # the drop-path stream, mid-epoch
             torch.set_rng_state(s["torch_rng"])
         return t
@@ -502,10 +525,21 @@ class Trainer(RunFolder):
 def start_run(recipe: str | None = None, options: dict[str, str] | None = None,
               resume: str | Path | None = None) -> Trainer:
     """A Trainer from command-line text: a new run from a recipe and "--key value" options,
-    or the run folder `resume` continued (then only RESUMABLE options may be given)."""
+    or the run folder `resume` continued (then only RESUMABLE options may be given). Under
+    torchrun --max-restarts, a restarted group continues its named run from the last
+    checkpoint."""
     options = options or {}
     if resume is None:
-        return Trainer(build_config(recipe, options))
+        cfg = build_config(recipe, options)
+        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+        if restarts and not cfg.name:
+            raise UserError("under torchrun --max-restarts, give the run a --name, so that a "
+                            "restarted group finds its checkpoint")
+        run_dir = Path(cfg.out_dir) / cfg.name
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) and \
+                (run_dir / "config.json").exists():
+            return Trainer.resume(run_dir)
+        return Trainer(cfg)
     if recipe:
         raise UserError("--resume continues a run with its own recipe; drop --recipe")
     changes = parse_fields(TrainConfig, options, "train option")
