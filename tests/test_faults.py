@@ -56,6 +56,21 @@ Trainer(cfg, quiet=True).fit()
 """
 
 
+# The same, killed after optimizer step K (between saves: the resume redoes the lost steps).
+STEP_KILLER = """
+import os, signal, sys
+from resnetkit.train import Trainer, build_config
+k, real = int(sys.argv[2]), Trainer.train_step
+def step(self, micro, n=None):
+    out = real(self, micro, n)
+    if self.global_step + 1 == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+Trainer.train_step = step
+Trainer(build_config(None, **eval(sys.argv[3]), out_dir=sys.argv[1], name="cut"), quiet=True).fit()
+"""
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -78,6 +93,27 @@ def test_kill_9_inside_a_save_then_resume_is_bitwise_equal(tmp_path, uninterrupt
     b = load_state(uninterrupted / "last.state.pt")["model"]
     assert all(torch.equal(a[key], b[key]) for key in b)
     assert _rows(tmp_path / "cut") == _rows(uninterrupted)
+
+
+@pytest.mark.parametrize("k", [2, 7])  # inside epoch 1 (no checkpoint yet), inside epoch 2
+def test_kill_9_between_saves_then_resume_is_bitwise_equal(tmp_path, uninterrupted, k):
+    r = subprocess.run([sys.executable, "-c", STEP_KILLER, str(tmp_path), str(k), repr(SMALL)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    a = load_state(tmp_path / "cut" / "last.state.pt")["model"]
+    b = load_state(uninterrupted / "last.state.pt")["model"]
+    assert all(torch.equal(a[key], b[key]) for key in b)
+    assert _rows(tmp_path / "cut") == _rows(uninterrupted)
+    for name in ("config.json", "last.safetensors", "last.state.pt", "metrics.jsonl"):
+        mode = (tmp_path / "cut" / name).stat().st_mode & 0o777
+        assert mode == 0o666 & ~_umask(), (name, oct(mode))  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

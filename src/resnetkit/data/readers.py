@@ -211,6 +211,8 @@ def load_image(path: str | Path, size: int, in_chans: int, resize: int = 0,
             arr = to_array(img, in_chans)
     except FileNotFoundError:
         raise UserError(f"no such image file {path}") from None
+    except Image.DecompressionBombError as e:  # Pillow's limit on pixels, against bombs
+        raise UserError(f"{path} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, UserError):
             raise
@@ -243,7 +245,8 @@ class ImageFolder(torch.utils.data.Dataset):
                         img.verify()
                     self.samples.append((p, i))
                     good += 1
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                        Image.DecompressionBombError):
                     bad.append(str(p))
             if good == 0:
                 raise UserError(f"class folder {root / c} has no readable images")

@@ -506,20 +506,31 @@ class Trainer(RunFolder):
         if "mean" in resolved:  # the run's normalisation (an init checkpoint's, if it had one)
             t.mean, t.std = tuple(resolved["mean"]), tuple(resolved["std"])
         s = ckpt.load_state(state_file)
-        ckpt.check_finite(s["model"], str(state_file))
-        ckpt.load_weights_into(t.model, s["model"], str(state_file))
-        t.optimizer.load_state_dict(s["optimizer"])
-        t.scheduler.load_state_dict(s["scheduler"])
-        if t.ema is not None and s["ema"]:
-            t.ema.load_state_dict(s["ema"])
-        if t.scaler and s["scaler"]:
-            t.scaler.load_state_dict(s["scaler"])
-        t.epoch, t.step_in_epoch, t.global_step = s["epoch"], s["step_in_epoch"], s["global_step"]
-        t.best_acc, t.history = s["best_acc"], json.loads(s["history"])
-        t._partial = tuple(s.get("epoch_partial", ([], 0.0)))
-        if s.get("world_size", 1) == t.dist.world:  # the drop-path stream, mid-epoch
-            torch.set_rng_state(s["torch_rng"])
+        try:
+            t._restore(s, str(state_file))
+        except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"{state_file} is damaged ({type(e).__name__}: {e}); resume from "
+                            f"an earlier copy or start again") from None
         return t
+
+    def _restore(self, s: dict[str, Any], source: str) -> None:
+        """Everything a training state holds, back into this trainer."""
+        ckpt.check_finite(s["model"], source)
+        ckpt.load_weights_into(self.model, s["model"], source)
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if self.ema is not None and s["ema"]:
+            self.ema.load_state_dict(s["ema"])
+        if self.scaler and s["scaler"]:
+            self.scaler.load_state_dict(s["scaler"])
+        self.epoch, self.step_in_epoch = int(s["epoch"]), int(s["step_in_epoch"])
+        self.global_step, self.best_acc = int(s["global_step"]), float(s["best_acc"])
+        self.history = json.loads(s["history"])
+        self._partial = tuple(s.get("epoch_partial", ([], 0.0)))
+        if s.get("world_size", 1) == self.dist.world:  # the drop-path stream, mid-epoch
+            torch.set_rng_state(s["torch_rng"])
 
 
 def start_run(recipe: str | None = None, options: dict[str, str] | None = None,

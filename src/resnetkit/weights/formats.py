@@ -98,8 +98,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # refused unpickling or a damaged file
+            first = (str(e).splitlines() or [type(e).__name__])[0]
             raise UserError(f"{path} cannot be read as PyTorch weights (only tensors are "
-                            f"loaded; {str(e).splitlines()[0]})") from None
+                            f"loaded; {first})") from None
         return _unwrap(obj, path), "torch"
     raise UserError(f"{path}: unknown weights format {path.suffix!r}; supported: "
                     f"{', '.join(SUFFIXES)}")
