@@ -15,7 +15,7 @@ from PIL import Image
 import resnetkit as rk
 from resnetkit.errors import UserError
 from resnetkit.weights import download as dl
-from resnetkit.weights import pretrained as P
+from resnetkit.weights import sources as P
 from resnetkit.weights.registry import REGISTRY, Weights
 
 # ---- an independent description of torchvision's (and timm's) ResNet layout -------------

@@ -2,7 +2,7 @@
 from .config import ResNetConfig
 from .model import ResNet
 from .runtime import tune_allocator
-from .weights.pretrained import create_model
+from .weights.sources import create_model
 from .weights.registry import list_weights
 from .zoo import PRESETS, get_config, list_models
 

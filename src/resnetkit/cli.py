@@ -160,17 +160,17 @@ def cmd_recipes(a: argparse.Namespace) -> int:
 
 @command(runs_networks=True)
 def cmd_weights(a: argparse.Namespace) -> int:
-    from .weights import pretrained, registry
+    from .weights import registry, sources
     if a.action == "list":
         return _show(a, [w.summary() for w in registry.list_weights(a.target or "*")],
                      render.weights)
     if not a.target:
         raise UserError(f"weights {a.action} needs a TAG (see `resnetkit weights list`)")
     if a.action == "download":
-        w, path = pretrained.fetch(a.target)
+        w, path = sources.fetch(a.target)
         print(f"{w.tag}: {path} ({w.hash_kind or 'no'} hash checked)")
     else:
-        path = pretrained.convert(a.target, a.output or f"{Path(a.target).stem}.safetensors")
+        path = sources.convert(a.target, a.output or f"{Path(a.target).stem}.safetensors")
         print(f"wrote {path}")
     return 0
 

@@ -16,7 +16,7 @@ from .data import ArrayDataset, StreamedFolder, load_dataset, materialize
 from .data import transforms as T
 from .errors import UserError
 from .model import ResNet
-from .weights.pretrained import load_source
+from .weights.sources import load_source
 
 # all_sum: sums tensors over the processes of a distributed run (see train.distributed)
 Reduce = Callable[..., list[torch.Tensor]]

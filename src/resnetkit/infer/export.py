@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..geometry import check_input_size
 from ..model import ResNet
 from ..options import parse_overrides
-from ..weights.pretrained import REGISTRY, load_source
+from ..weights.sources import REGISTRY, load_source
 from ..zoo import create_model
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}

@@ -9,7 +9,7 @@ import torch
 from ..data.readers import IMAGE_SUFFIXES, load_image
 from ..errors import UserError
 from ..evaluate import preprocess
-from ..weights.pretrained import load_source
+from ..weights.sources import load_source
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:

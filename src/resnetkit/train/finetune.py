@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..model import ResNet
-from ..weights.pretrained import load_into, read_source
+from ..weights.sources import load_into, read_source
 
 # What --freeze names: the stem (conv1 and bn1, or the deep stem), each stage, or everything
 # but the classifier.
