@@ -64,8 +64,24 @@ def setup(device: torch.device | None, timeout_s: float) -> tuple[DistInfo, torc
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                store=_attempt_store(rank, world, timeout_s), rank=rank,
+                                world_size=world,
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
     return DistInfo(rank, world, local_rank, local_world, backend), dev
+
+
+def _attempt_store(rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store torchrun describes (MASTER_ADDR/PORT; its agent's store when
+    TORCHELASTIC_USE_AGENT_STORE), under a prefix of its own for each restart of the group.
+    The agent keeps one store across restarts, so without the prefix a restarted group could
+    read the previous attempt's addresses and wait on peers that are gone (seen: a restarted
+    gloo group stalled in connectFullMesh until the timeout)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timedelta(seconds=timeout_s),
+                          multi_tenant=not agent)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"resnetkit/attempt_{attempt}", store)
 
 
 def default_threads(info: DistInfo) -> int:
