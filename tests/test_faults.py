@@ -81,7 +81,8 @@ def uninterrupted(tmp_path_factory):
 # Renames per epoch: config.json and metrics.jsonl at start, then last.state.pt,
 # last.safetensors, best.state.pt, best.safetensors per epoch. 3: inside the very first save
 # (no checkpoint yet); 5: inside epoch 1's "best"; 8: inside epoch 2's last.safetensors.
-@pytest.mark.parametrize("k", [3, 5, 8])
+@pytest.mark.parametrize("k", [pytest.param(3, marks=pytest.mark.slow), 5,
+                               pytest.param(8, marks=pytest.mark.slow)])  # CI runs a sample
 def test_kill_9_inside_a_save_then_resume_is_bitwise_equal(tmp_path, uninterrupted, k):
     r = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path), str(k), repr(SMALL)],
                        capture_output=True, text=True, timeout=300)
@@ -95,7 +96,8 @@ def test_kill_9_inside_a_save_then_resume_is_bitwise_equal(tmp_path, uninterrupt
     assert _rows(tmp_path / "cut") == _rows(uninterrupted)
 
 
-@pytest.mark.parametrize("k", [2, 7])  # inside epoch 1 (no checkpoint yet), inside epoch 2
+@pytest.mark.parametrize("k", [pytest.param(2, marks=pytest.mark.slow), 7])  # epoch 1 (no
+# checkpoint yet; `pytest -m slow`), epoch 2
 def test_kill_9_between_saves_then_resume_is_bitwise_equal(tmp_path, uninterrupted, k):
     r = subprocess.run([sys.executable, "-c", STEP_KILLER, str(tmp_path), str(k), repr(SMALL)],
                        capture_output=True, text=True, timeout=300)
