@@ -160,7 +160,14 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     "cuda[:N]"; ONNX Runtime and OpenVINO run on the CPU only, so they are timed only there."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    if not str(device).split(":")[0] in ("cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if rounds < 1 or warmup < 0 or num_classes < 1 or in_chans < 1:
+        raise UserError("rounds, num_classes and in_chans must be >= 1 (warmup >= 0)")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device must be auto, cpu or cuda[:N], got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda asked for, but this PyTorch sees no CUDA device")
     if batch < 1:

@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 
 def console() -> Console:
@@ -163,7 +163,12 @@ def recipes(rows: dict[str, dict[str, Any]]) -> None:
 
 
 def weights(rows: list[dict[str, Any]]) -> None:
-    t = Table("tag", "publisher", "top-1", "top-5", "size MB", "eval transform", "license")
+    if not rows:
+        print("no published weights match (see `resnetkit weights list`)")
+        return
+    # the tag is what a user types: never shortened
+    t = Table(Column("tag", no_wrap=True, min_width=max(len(w["tag"]) for w in rows)),
+              "publisher", "top-1", "top-5", "size MB", "eval transform", "license")
     for w in rows:
         pct = lambda v: f"{v:.2f}%" if v is not None else "-"  # noqa: E731
         t.add_row(w["tag"], w["publisher"], pct(w["top1"]), pct(w["top5"]),

@@ -95,6 +95,8 @@ def export_source(source: str | Path, overrides: list[str] | None = None, fmt: s
         size = image_size or 224
     stem = Path(source).stem if Path(source).exists() else str(source)  # a tag keeps its dots
     out = Path(output) if output else Path(stem + SUFFIX[fmt])
+    if out.suffix != SUFFIX[fmt]:  # what `predict` and the engines go by
+        raise UserError(f"a {fmt} file should end in {SUFFIX[fmt]}, not {out.name!r}")
     return export(model, out, fmt, size, fold=fold, meta=meta), model, size
 
 

@@ -73,16 +73,18 @@ def save_weights(path: Path, model: ResNet, meta: dict[str, Any]) -> None:
               **{k: json.dumps(v) for k, v in meta.items()}}
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-    except OSError as e:
-        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:  # a full disk comes as SafetensorError
+        raise UserError(f"cannot write checkpoint {path}: {getattr(e, 'strerror', None) or e}"
+                        ) from None
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     try:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        raise UserError(f"cannot write checkpoint {path}: {getattr(e, 'strerror', None) or e}"
-                        ) from None
+        reason = getattr(e, "strerror", None) or \
+            "the disk is full or refused the write (" + str(e).splitlines()[0][:80] + ")"
+        raise UserError(f"cannot write checkpoint {path}: {reason}") from None
 
 
 def load_state(path: Path) -> dict[str, Any]:

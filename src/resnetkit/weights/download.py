@@ -57,7 +57,7 @@ def download(url: str, filename: str, expected: str | None, kind: str | None,
     except OSError as e:
         raise UserError(f"cannot create the weights cache {folder}: {e.strerror or e} "
                         f"(set {ENV} to another folder)") from None
-    tmp = folder / f".{filename}.download"
+    tmp = folder / f".{filename}.{os.getpid()}.download"  # per process: ranks may fetch at once
     try:
         download_url_to_file(url, str(tmp), progress=progress)
         if not hash_matches(tmp, expected, kind):
@@ -74,6 +74,6 @@ def download(url: str, filename: str, expected: str | None, kind: str | None,
                         f"at {dest}") from None
     finally:
         tmp.unlink(missing_ok=True)
-        for partial in folder.glob(f".{filename}.download.*.partial"):
+        for partial in folder.glob(f"{tmp.name}.*.partial"):  # torch.hub's, of this download
             partial.unlink(missing_ok=True)
     return dest

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +97,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             raise UserError(f"{path} is not a safetensors file ({e})") from None
     if path.suffix in (".pth", ".pt", ".bin"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # refused unpickling or a damaged file
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise UserError(f"{path} cannot be read as PyTorch weights (only tensors are "
-                            f"loaded; {first})") from None
+            with warnings.catch_warnings():  # torch's note on pickle protocols
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # refused unpickling or a damaged file
+            raise UserError(f"{path} cannot be read as PyTorch weights: it is damaged, not a "
+                            f"weights file, or holds objects other than tensors (which are "
+                            f"never unpickled)") from None
         return _unwrap(obj, path), "torch"
     raise UserError(f"{path}: unknown weights format {path.suffix!r}; supported: "
                     f"{', '.join(SUFFIXES)}")

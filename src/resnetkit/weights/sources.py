@@ -17,7 +17,7 @@ import torch
 from ..errors import UserError
 from ..model import ResNet
 from ..zoo import create_model as build, get_config
-from .checkpoint import load_weights_into, read_checkpoint
+from .checkpoint import check_finite, load_weights_into, read_checkpoint
 from .download import download
 from .formats import guess_preset, read_state_dict, to_resnetkit
 from .registry import REGISTRY, Weights, default_weights, get_weights
@@ -66,13 +66,16 @@ def _mismatch(model: ResNet, state: dict[str, torch.Tensor], source: str) -> Use
         ([f"{shape[0]} has shape {tuple(state[shape[0]].shape)}, the model "
           f"{tuple(own[shape[0]].shape)}"] if shape else [])
     hint = f"; the file looks like {looks}" if looks else "; the file matches no preset"
-    return UserError(f"{source} does not fit {model.cfg.block} model: {', '.join(parts)}{hint}")
+    c = model.cfg
+    return UserError(f"{source} does not fit the model asked for ({c.block} blocks, layers "
+                     f"{list(c.layers)}): {', '.join(parts)}{hint}")
 
 
 def load_into(model: ResNet, state: dict[str, torch.Tensor], source: str,
               kind: str = "torch") -> None:
     """Load foreign or own weights into `model`: names mapped, the stem adapted to the model's
     in_chans, a head of another size (or none) left as the model has it, with a warning."""
+    check_finite(state, source)
     state = to_resnetkit(state, kind, model.state_dict())
     for key in ("conv1.weight", "conv1.0.weight"):
         if key in state and state[key].dim() == 4:
@@ -182,6 +185,10 @@ def convert(source: str | Path, output: str | Path) -> Path:
     output = Path(output)
     if output.suffix != ".safetensors":
         raise UserError(f"the converted checkpoint is a .safetensors file, not {output.name}")
+    if not output.parent.is_dir():
+        raise UserError(f"cannot write {output}: folder {output.parent} does not exist")
+    if Path(source).exists() and output.resolve() == Path(source).resolve():
+        raise UserError(f"{output} is the file being converted; choose another name with -o")
     model, info = load_source(source)
     save_weights(output, model, {k: info[k] for k in ("classes", "preprocess") if k in info})
     return output
