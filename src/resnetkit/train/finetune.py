@@ -77,6 +77,6 @@ def start_from(model: ResNet, source: str) -> dict[str, Any]:
     """Load `source` (registry tag, weights file, resnetkit checkpoint or run folder) into
     the model; a head of another size starts fresh. Returns the source's metadata (its
     "preprocess" when it has one)."""
-    state, kind, info = read_source(source)
+    state, kind, info, _ = read_source(source)
     load_into(model, state, source, kind)
     return info

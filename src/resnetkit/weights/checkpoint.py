@@ -125,6 +125,8 @@ def read_checkpoint(path: str | Path) -> tuple[ResNetConfig, dict[str, torch.Ten
                         f"its weights into a model you build with create_model instead")
     cfg, info = parse_metadata(meta, str(path))
     check_finite(weights, str(path))
+    with torch.device("meta"):  # the architecture checked against the file before any memory
+        load_weights_into(ResNet(cfg), weights, str(path), check_only=True)
     return cfg, weights, info
 
 
@@ -250,8 +252,6 @@ def load_weights_into(model: ResNet, weights: dict[str, torch.Tensor], source: s
 def load_model(path: str | Path) -> tuple[ResNet, dict[str, Any]]:
     """Rebuild the model a checkpoint describes and load its weights."""
     cfg, weights, info = read_checkpoint(path)
-    with torch.device("meta"):  # the architecture checked against the file before any memory
-        load_weights_into(ResNet(cfg), weights, str(path), check_only=True)
     model = ResNet(cfg)
     load_weights_into(model, weights, str(path))
     return model.eval(), info

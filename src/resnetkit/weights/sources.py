@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from ..config import ResNetConfig
 from ..errors import UserError
 from ..model import ResNet
 from ..zoo import create_model as build, get_config
-from .checkpoint import check_finite, load_weights_into, read_checkpoint
+from .checkpoint import check_finite, read_checkpoint
 from .download import download
 from .formats import guess_preset, read_state_dict, to_resnetkit
 from .registry import REGISTRY, Weights, default_weights, get_weights
@@ -122,51 +123,37 @@ def load_source(source: str | Path) -> tuple[ResNet, dict[str, Any]]:
     """(model in eval mode, {"classes", "preprocess"}) from a resnetkit checkpoint or run
     folder, a registry tag, or a torchvision/timm/Paddle weights file (its preset guessed
     from the names and shapes; ImageNet classes and torchvision's eval preprocessing)."""
+    state, kind, info, cfg = read_source(source)
+    if cfg is None:  # a foreign file: the preset its names and shapes fit
+        mapped = to_resnetkit(state, kind, {})
+        preset = guess_preset(mapped)
+        if preset is None:
+            raise UserError(f"{source} matches no preset's parameter names and shapes; load "
+                            f"it with create_model(NAME, checkpoint_path=...) to see what differs")
+        n_cls = mapped["fc.weight"].shape[0] if "fc.weight" in mapped else 0
+        cfg = get_config(preset, num_classes=n_cls)
+        classes = imagenet_classes() if n_cls == 1000 else [str(i) for i in range(n_cls)]
+        info = {"classes": classes, "preprocess": dict(IMAGENET_EVAL)}
+    model = ResNet(cfg)
+    load_into(model, state, str(source), kind)
+    return model.eval(), info
+
+
+def read_source(source: str | Path
+                ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any], ResNetConfig | None]:
+    """(state_dict, format kind, metadata, architecture or None) of a registry tag, a
+    resnetkit checkpoint or run folder (its best, else last, weights), or a foreign weights
+    file (whose architecture is not known)."""
     path = Path(source)
     if str(source) in REGISTRY and not path.exists():
         w, file = fetch(str(source))
-        model = build(w.preset)
         state, kind = read_state_dict(file)
-        load_into(model, state, w.tag, kind)
-        return model.eval(), {"classes": imagenet_classes(), "preprocess": w.eval_preprocess()}
+        return state, kind, {"classes": imagenet_classes(),
+                             "preprocess": w.eval_preprocess()}, get_config(w.preset)
     if path.is_dir() or path.suffix == ".safetensors":
         try:
             cfg, weights, info = read_checkpoint(path)
-        except UserError as e:
-            if "resnet_config" not in str(e):
-                raise
-        else:
-            model = ResNet(cfg)
-            load_weights_into(model, weights, str(path))
-            return model.eval(), info
-    if not path.exists():
-        raise UserError(f"{source} is neither a file, a run folder nor a registry tag "
-                        f"(see `resnetkit weights list`)")
-    state, kind = read_state_dict(path)
-    mapped = to_resnetkit(state, kind, {})
-    preset = guess_preset(mapped)
-    if preset is None:
-        raise UserError(f"{path} matches no preset's parameter names and shapes; load it with "
-                        f"create_model(NAME, checkpoint_path=...) to see what differs")
-    n_cls = mapped["fc.weight"].shape[0] if "fc.weight" in mapped else 0
-    model = build(preset, num_classes=n_cls)
-    load_into(model, state, str(path), kind)
-    classes = imagenet_classes() if n_cls == 1000 else [str(i) for i in range(n_cls)]
-    return model.eval(), {"classes": classes, "preprocess": dict(IMAGENET_EVAL)}
-
-
-def read_source(source: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
-    """(state_dict, format kind, metadata) of a registry tag, a resnetkit checkpoint or run
-    folder (its best, else last, weights), or a foreign weights file."""
-    path = Path(source)
-    if str(source) in REGISTRY and not path.exists():
-        w, file = fetch(str(source))
-        state, kind = read_state_dict(file)
-        return state, kind, {"classes": imagenet_classes(), "preprocess": w.eval_preprocess()}
-    if path.is_dir() or path.suffix == ".safetensors":
-        try:
-            _, weights, info = read_checkpoint(path)
-            return weights, "torch", info
+            return weights, "torch", info, cfg
         except UserError as e:
             if "resnet_config" not in str(e):
                 raise
@@ -174,7 +161,7 @@ def read_source(source: str | Path) -> tuple[dict[str, torch.Tensor], str, dict[
         raise UserError(f"{source} is neither a file, a run folder nor a registry tag "
                         f"(see `resnetkit weights list`)")
     state, kind = read_state_dict(path)
-    return state, kind, {}
+    return state, kind, {}, None
 
 
 def convert(source: str | Path, output: str | Path) -> Path:
