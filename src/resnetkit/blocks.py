@@ -93,7 +93,10 @@ class ResidualBlock(nn.Module):
 
     def _finish(self, cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int,
                 drop_path: float) -> None:
-        self.relu = nn.ReLU(inplace=True)
+        # one activation module per call site (timm's act1..act3): quantizers and graph
+        # rewrites that annotate modules need each use to be its own node
+        for i in range(1, (3 if hasattr(self, "conv3") else 2) + 1):
+            setattr(self, f"act{i}", nn.ReLU(inplace=True))
         self.se = SqueezeExcite(out_chs, cfg.se_ratio) if cfg.se_ratio else nn.Identity()
         self.downsample = make_shortcut(cfg, in_chs, out_chs, stride)
         # a pre-activation block projects its normalised input; other shortcuts take x as is
@@ -125,9 +128,9 @@ class BasicBlock(ResidualBlock):
         self._finish(cfg, in_chs, out_chs, stride, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.se(self.bn2(self.conv2(out)))
-        return self.relu(self.drop_path(out) + self.downsample(x))
+        return self.act2(self.drop_path(out) + self.downsample(x))
 
 
 class PreActBasicBlock(BasicBlock):
@@ -136,8 +139,8 @@ class PreActBasicBlock(BasicBlock):
     preact = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        pre = self.act1(self.bn1(x))
+        out = self.conv2(self.act2(self.bn2(self.conv1(pre))))
         return self.drop_path(self.se(out)) + self._shortcut(x, pre)
 
 
@@ -161,10 +164,10 @@ class Bottleneck(ResidualBlock):
         self._finish(cfg, in_chs, out_chs, stride, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
         out = self.se(self.bn3(self.conv3(out)))
-        return self.relu(self.drop_path(out) + self.downsample(x))
+        return self.act3(self.drop_path(out) + self.downsample(x))
 
 
 class PreActBottleneck(Bottleneck):
@@ -173,9 +176,9 @@ class PreActBottleneck(Bottleneck):
     preact = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
-        out = self.conv3(self.relu(self.bn3(out)))
+        pre = self.act1(self.bn1(x))
+        out = self.conv2(self.act2(self.bn2(self.conv1(pre))))
+        out = self.conv3(self.act3(self.bn3(out)))
         return self.drop_path(self.se(out)) + self._shortcut(x, pre)
 
 

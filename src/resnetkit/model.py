@@ -58,6 +58,7 @@ class ResNet(nn.Module):
         self.num_features = in_chs
         # Pre-activation nets end with BN+ReLU, as no block normalises its own output.
         self.norm = nn.BatchNorm2d(in_chs) if cfg.preact else nn.Identity()
+        self.final_act = nn.ReLU(inplace=True) if cfg.preact else nn.Identity()
 
         self.features_only = features_only
         self.out_indices = tuple(range(len(self.feature_info))) if out_indices is None \
@@ -108,8 +109,8 @@ class ResNet(nn.Module):
         x = self.maxpool(x)
         for i, name in enumerate(self.stage_names, 1):
             x = getattr(self, name)(x)
-            if i == len(self.stage_names) and self.cfg.preact:
-                x = self.relu(self.norm(x))
+            if i == len(self.stage_names):
+                x = self.final_act(self.norm(x))
             if i in keep:
                 feats[i] = x
         return feats
