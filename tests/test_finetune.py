@@ -17,7 +17,7 @@ def test_frozen_batchnorm_is_eval_mode_batchnorm_and_never_changes():
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
         bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
-    frozen = FrozenBatchNorm2d(bn)
+    frozen = FrozenBatchNorm2d.from_bn(bn)
     x = torch.randn(4, 6, 5, 5)
     assert torch.allclose(frozen.train()(x), bn.eval()(x), atol=1e-6)
     assert list(frozen.parameters()) == [] and set(frozen.state_dict()) == set(bn.state_dict())

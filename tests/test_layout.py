@@ -7,7 +7,7 @@ from pathlib import Path
 import resnetkit
 
 ROOT = Path(resnetkit.__file__).parent
-CORE = {"errors", "config", "blocks", "geometry", "model", "zoo", "options"}
+CORE = {"errors", "config", "layers", "blocks", "features", "geometry", "model", "zoo", "options"}
 BASE = {"runtime", "data", "weights", "evaluate"}
 FEATURES = {"analysis", "train", "infer"}
 TOP = {"bench", "render", "cli", "cli_parser", "__main__", "__init__"}

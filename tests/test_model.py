@@ -191,10 +191,11 @@ def test_forward_head_and_reset_classifier():
 
 def test_features_only_info_and_indices():
     m = rk.create_model("resnet50", features_only=True, out_indices=(2, 4))
-    assert [f["module"] for f in m.feature_info] == ["layer2", "layer4"]
-    assert [f["num_chs"] for f in m.feature_info] == [512, 2048]
+    assert m.feature_info.module_name() == ["layer2", "layer4"]
+    assert m.feature_info.channels() == [512, 2048]
     outs = m.eval()(torch.randn(1, 3, 128, 128))
-    assert [o.shape[1] for o in outs] == [512, 2048] and not hasattr(m, "fc")
+    assert [o.shape[1] for o in outs] == [512, 2048]
+    assert m.num_classes == 0 and not any(p.numel() for p in m.fc.parameters())
     with pytest.raises(UserError, match="out_indices"):
         rk.create_model("resnet50", features_only=True, out_indices=(5,))
 

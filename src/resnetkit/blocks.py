@@ -2,87 +2,34 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ResNetConfig
-
-
-def conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, groups=groups,
-                     bias=False)
-
-
-def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-
-class ZeroPadShortcut(nn.Module):
-    """Option A of the paper: subsample by striding, append zero channels. No parameters."""
-
-    def __init__(self, in_chs: int, out_chs: int, stride: int):
-        super().__init__()
-        self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            # x[::2] keeps ceil(H/2) rows: the size a 3x3, padding-1, stride-2 conv produces.
-            x = x[:, :, ::self.stride, ::self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.out_chs - self.in_chs))
-
-    def extra_repr(self) -> str:
-        return f"{self.in_chs}, {self.out_chs}, stride={self.stride}"
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample while training."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class SqueezeExcite(nn.Module):
-    """Channel attention (Hu et al. 2018): global pool, 1x1 down, ReLU, 1x1 up, sigmoid gate."""
-
-    def __init__(self, chs: int, ratio: float):
-        super().__init__()
-        mid = int(chs * ratio)
-        self.fc1 = nn.Conv2d(chs, mid, 1)
-        self.fc2 = nn.Conv2d(mid, chs, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.relu(self.fc1(x.mean((2, 3), keepdim=True)))
-        return x * torch.sigmoid(self.fc2(s))
+from .layers import AvgPoolSame, DropPath, SqueezeExcite, ZeroPadShortcut, conv1x1, conv3x3, \
+    make_norm
 
 
 class Projection(nn.Sequential):
     """A projection shortcut (options B and C): [avg-pool,] 1x1 conv[, BN]."""
 
 
-def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int) -> nn.Module:
-    """The shortcut of one block for the config's option (A, B or C) and avg_down."""
+def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int,
+                  dilation: int = 1) -> nn.Module:
+    """The shortcut of one block for the config's option (A, B or C) and avg_down. In a
+    dilated stage (stride turned into dilation) the avg-down pool keeps its 2x2 window at
+    stride 1, "same"-padded, as timm's does."""
     changes = stride != 1 or in_chs != out_chs
     if cfg.shortcut == "A" or (cfg.shortcut == "B" and not changes):
         return ZeroPadShortcut(in_chs, out_chs, stride) if changes else nn.Identity()
     if cfg.avg_down:
         pool = (nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-                if stride > 1 else nn.Identity())
+                if stride > 1 else AvgPoolSame() if dilation > 1 and changes else nn.Identity())
         layers = [pool, conv1x1(in_chs, out_chs)]
     else:
         layers = [conv1x1(in_chs, out_chs, stride)]
     # Pre-activation blocks feed the projection an already normalised input.
-    return Projection(*layers) if cfg.preact else Projection(*layers, nn.BatchNorm2d(out_chs))
+    return Projection(*layers) if cfg.preact else \
+        Projection(*layers, make_norm(cfg.norm_layer, out_chs))
 
 
 class ResidualBlock(nn.Module):
@@ -92,13 +39,14 @@ class ResidualBlock(nn.Module):
     preact = False
 
     def _finish(self, cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int,
-                drop_path: float) -> None:
+                dilation: int, drop_path: float) -> None:
         # one activation module per call site (timm's act1..act3): quantizers and graph
         # rewrites that annotate modules need each use to be its own node
         for i in range(1, (3 if hasattr(self, "conv3") else 2) + 1):
             setattr(self, f"act{i}", nn.ReLU(inplace=True))
-        self.se = SqueezeExcite(out_chs, cfg.se_ratio) if cfg.se_ratio else nn.Identity()
-        self.downsample = make_shortcut(cfg, in_chs, out_chs, stride)
+        self.se = SqueezeExcite(out_chs, cfg.se_ratio, cfg.se_divisor) if cfg.se_ratio \
+            else nn.Identity()
+        self.downsample = make_shortcut(cfg, in_chs, out_chs, stride, dilation)
         # a pre-activation block projects its normalised input; other shortcuts take x as is
         self.projects = isinstance(self.downsample, Projection)
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
@@ -122,10 +70,10 @@ class BasicBlock(ResidualBlock):
         # Registered in torchvision's order (conv before its BN) so state_dicts list alike;
         # in a pre-activation block bn_i normalises conv_i's input instead of its output.
         self.conv1 = conv3x3(in_chs, planes, stride, dilation=first_dilation)
-        self.bn1 = nn.BatchNorm2d(in_chs if self.preact else planes)
+        self.bn1 = make_norm(cfg.norm_layer, in_chs if self.preact else planes)
         self.conv2 = conv3x3(planes, out_chs, dilation=dilation)
-        self.bn2 = nn.BatchNorm2d(planes if self.preact else out_chs)
-        self._finish(cfg, in_chs, out_chs, stride, drop_path)
+        self.bn2 = make_norm(cfg.norm_layer, planes if self.preact else out_chs)
+        self._finish(cfg, in_chs, out_chs, stride, dilation, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
@@ -151,17 +99,17 @@ class Bottleneck(ResidualBlock):
     def __init__(self, cfg: ResNetConfig, in_chs: int, planes: int, stride: int,
                  dilation: int = 1, first_dilation: int = 1, drop_path: float = 0.0):
         super().__init__()
-        width = int(planes * cfg.width_per_group / 64) * cfg.groups
+        width = cfg.bottleneck_width(planes)
         out_chs = planes * cfg.block_expansion
         s1, s3 = (stride, 1) if cfg.stride_in_1x1 else (1, stride)
         self.conv1 = conv1x1(in_chs, width, s1)
-        self.bn1 = nn.BatchNorm2d(in_chs if self.preact else width)
+        self.bn1 = make_norm(cfg.norm_layer, in_chs if self.preact else width)
         # its one 3x3 keeps the previous dilation in a dilated stage's first block (torchvision)
         self.conv2 = conv3x3(width, width, s3, cfg.groups, first_dilation)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = make_norm(cfg.norm_layer, width)
         self.conv3 = conv1x1(width, out_chs)
-        self.bn3 = nn.BatchNorm2d(width if self.preact else out_chs)
-        self._finish(cfg, in_chs, out_chs, stride, drop_path)
+        self.bn3 = make_norm(cfg.norm_layer, width if self.preact else out_chs)
+        self._finish(cfg, in_chs, out_chs, stride, dilation, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))

@@ -8,6 +8,9 @@ from .errors import UserError
 BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
 STEMS = ("imagenet", "cifar", "deep")
 SHORTCUTS = ("A", "B", "C")
+NORMS = ("batchnorm", "frozen_batchnorm", "groupnorm")
+POOLS = ("avg", "max", "avgmax", "catavgmax", "")  # timm's global pool types
+GN_GROUPS = 32  # timm's GroupNorm default (resnet50_gn), from Wu & He 2018
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class ResNetConfig:
     stem: str = "imagenet"
     stem_width: int = 64            # channels out of the stem
     maxpool_padding: int = 1        # of the stem's max-pool: 1 (torchvision) or 0
+    # BN + ReLU after the stem's conv; False: the bare conv stem of timm's resnetv2 and BiT
+    # (pre-activation nets only: their first block normalises its input itself)
+    stem_norm: bool = True
+    # "batchnorm", "frozen_batchnorm" (fixed statistics, torchvision's detection backbones) or
+    # "groupnorm" (32 groups, timm's resnet50_gn)
+    norm_layer: str = "batchnorm"
     # "A" zero-padded identity, "B" projection where the shape changes, "C" projection always
     shortcut: str = "B"
     avg_down: bool = False          # projections average-pool before a stride-1 1x1 ("ResNet-D")
@@ -40,6 +49,10 @@ class ResNetConfig:
     zero_init_residual: bool = False  # each residual branch starts at zero (block = identity)
     drop_path_rate: float = 0.0     # stochastic depth of the last block, linear from 0 before
     se_ratio: float = 0.0           # squeeze-and-excitation ratio, e.g. 0.0625; 0: none
+    se_divisor: int = 8             # SE width rounded to a multiple of this (timm); 1: exact
+    drop_rate: float = 0.0          # dropout before the classifier (timm's drop_rate)
+    # the head's global pool: "avg", "max", "avgmax", "catavgmax" or "" (none, num_classes=0)
+    global_pool: str = "avg"
     in_chans: int = 3
     num_classes: int = 1000         # 0: no classifier
 
@@ -79,9 +92,17 @@ class ResNetConfig:
             (self.output_stride in (None, *self._strides()), "output_stride",
              f"choose one of {self._strides()} (or None) for this stem and stage count"),
             (0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)"),
+            (self.stem_norm or self.preact, "stem_norm",
+             "only pre-activation blocks may follow a stem without BN + ReLU"),
+            (self.norm_layer in NORMS, "norm_layer", f"choose one of {', '.join(NORMS)}"),
+            (self.norm_layer != "groupnorm" or all(c % GN_GROUPS == 0 for c in self.norm_widths),
+             "norm_layer", f"groupnorm needs every normalised width divisible by {GN_GROUPS}"),
             (0.0 <= self.se_ratio < 1.0, "se_ratio", "must be in [0, 1); 0 disables SE"),
-            (not self.se_ratio or int(min(chs, default=1) * self.se_ratio) >= 1, "se_ratio",
-             "gives an SE bottleneck of 0 channels"),
+            (self.se_divisor >= 1, "se_divisor", "must be >= 1 (1: no rounding)"),
+            (0.0 <= self.drop_rate < 1.0, "drop_rate", "must be in [0, 1)"),
+            (self.global_pool in POOLS, "global_pool", f"choose one of {POOLS}"),
+            (self.global_pool or not self.num_classes, "global_pool",
+             "'' (no pooling) needs num_classes=0: a classifier needs pooled features"),
             (self.in_chans >= 1, "in_chans", "must be >= 1"),
             (self.num_classes >= 0, "num_classes", "must be >= 0 (0: no classifier)"),
         ]
@@ -112,6 +133,17 @@ class ResNetConfig:
     def channels(self) -> tuple[int, ...]:
         """Output channels of each stage."""
         return tuple(w * self.block_expansion for w in self.widths)
+
+    def bottleneck_width(self, planes: int) -> int:
+        """Channels of a bottleneck's 3x3 conv (ResNeXt / Wide ResNet)."""
+        return int(planes * self.width_per_group / 64) * self.groups
+
+    @property
+    def norm_widths(self) -> tuple[int, ...]:
+        """The channel counts the network normalises (stem, stages)."""
+        stem = (self.stem_width // 2, self.stem_width) if self.stem == "deep" else (self.stem_width,)
+        inner = tuple(self.bottleneck_width(w) if self.is_bottleneck else w for w in self.widths)
+        return stem + inner + self.channels
 
     @property
     def stem_stride(self) -> int:

@@ -1,44 +1,54 @@
-"""ResNet built from a ResNetConfig, with timm's feature API and torchvision's names."""
+"""ResNet built from a ResNetConfig, with torchvision's names and timm's model API."""
 from __future__ import annotations
 
+from typing import Any, Dict, List, Optional, Tuple, Union
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .blocks import BLOCK_TYPES, ResidualBlock, conv3x3
+from .blocks import BLOCK_TYPES, ResidualBlock
 from .config import ResNetConfig
 from .errors import UserError
+from .features import FeatureInfo, feature_take_indices, is_exporting
 from .geometry import check_input, min_input_size
+from .layers import GlobalPool, checkpoint_stage, conv3x3, make_norm
+
+# ImageNet statistics (torchvision's and timm's default for these nets)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ResNet(nn.Module):
     """A ResNet of any configuration `cfg`. With features_only, a backbone without classifier
     whose forward returns the feature maps (stem and every stage) selected by out_indices."""
 
+    __jit_unused_properties__ = ["default_cfg", "global_pool"]
+
     def __init__(self, cfg: ResNetConfig, features_only: bool = False,
                  out_indices: tuple[int, ...] | None = None):
         super().__init__()
         self.cfg = cfg
-        w = cfg.stem_width
+        w, norm = cfg.stem_width, cfg.norm_layer
         if cfg.stem == "deep":
             h = w // 2
             self.conv1 = nn.Sequential(
-                conv3x3(cfg.in_chans, h, 2), nn.BatchNorm2d(h), nn.ReLU(inplace=True),
-                conv3x3(h, h), nn.BatchNorm2d(h), nn.ReLU(inplace=True), conv3x3(h, w))
+                conv3x3(cfg.in_chans, h, 2), make_norm(norm, h), nn.ReLU(inplace=True),
+                conv3x3(h, h), make_norm(norm, h), nn.ReLU(inplace=True), conv3x3(h, w))
         elif cfg.stem == "imagenet":
             self.conv1 = nn.Conv2d(cfg.in_chans, w, 7, 2, 3, bias=False)
         else:
             self.conv1 = conv3x3(cfg.in_chans, w)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.relu = nn.ReLU(inplace=True)
+        self.bn1 = make_norm(norm, w) if cfg.stem_norm else nn.Identity()
+        self.relu = nn.ReLU(inplace=True) if cfg.stem_norm else nn.Identity()
         self.maxpool = (nn.Identity() if cfg.stem == "cifar"
                         else nn.MaxPool2d(3, 2, cfg.maxpool_padding))
-        self.feature_info = [dict(num_chs=w, reduction=1 if cfg.stem == "cifar" else 2,
-                                  module="relu")]
+        info = [dict(num_chs=w, reduction=1 if cfg.stem == "cifar" else 2,
+                     module="relu" if cfg.stem_norm else "conv1")]
         block_cls = BLOCK_TYPES[cfg.block]
         target = cfg.output_stride or cfg.natural_stride
         in_chs, reduction, dilation = w, cfg.stem_stride, 1
         n_blocks, idx = sum(cfg.layers), 0
-        self.stage_names: list[str] = []
+        names = []
         for i, (n, planes) in enumerate(zip(cfg.layers, cfg.widths)):
             stride, first_dilation = (1 if i == 0 else 2), dilation
             if reduction * stride > target:  # past the output stride: dilate instead
@@ -53,27 +63,51 @@ class ResNet(nn.Module):
                 in_chs, idx = out_chs, idx + 1
             name = f"layer{i + 1}"
             self.add_module(name, nn.Sequential(*blocks))
-            self.stage_names.append(name)
-            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=name))
+            names.append(name)
+            info.append(dict(num_chs=out_chs, reduction=reduction, module=name))
+        self.stage_names = names
         self.num_features = in_chs
         # Pre-activation nets end with BN+ReLU, as no block normalises its own output.
-        self.norm = nn.BatchNorm2d(in_chs) if cfg.preact else nn.Identity()
+        self.norm = make_norm(norm, in_chs) if cfg.preact else nn.Identity()
         self.final_act = nn.ReLU(inplace=True) if cfg.preact else nn.Identity()
 
         self.features_only = features_only
-        self.out_indices = tuple(range(len(self.feature_info))) if out_indices is None \
-            else tuple(out_indices)
-        bad = [i for i in self.out_indices if not 0 <= i < len(self.feature_info)]
+        self.out_indices = list(range(len(info)) if out_indices is None
+                                           else out_indices)
+        bad = [i for i in self.out_indices if not 0 <= i < len(info)]
         if bad:
             raise UserError(f"out_indices {bad} out of range: this network has feature "
-                            f"levels 0..{len(self.feature_info) - 1}")
-        if features_only:
-            self.feature_info = [self.feature_info[i] for i in self.out_indices]
-        else:
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.reset_classifier(cfg.num_classes)
+                            f"levels 0..{len(info) - 1}")
+        self.feature_info = FeatureInfo(info, self.out_indices)
+        self.grad_checkpointing = False
+        self.drop_rate = cfg.drop_rate
+        # a features_only backbone keeps a pass-through head, so every forward compiles
+        self.reset_classifier(0 if features_only else cfg.num_classes,
+                              "" if features_only else cfg.global_pool)
+        self.pretrained_cfg = self._default_cfg()
         self._init_weights()
         self.min_input_size = min_input_size(self)
+
+    def _default_cfg(self) -> Dict[str, Any]:
+        """timm's pretrained_cfg for an untrained net: its input and ImageNet preprocessing
+        (weights loaded through resnetkit.create_model replace it with theirs)."""
+        size = 32 if self.cfg.stem == "cifar" else 224
+        return dict(tag=None, url="", num_classes=self.num_classes,
+                    input_size=(self.cfg.in_chans, size, size),
+                    pool_size=(size // self.cfg.natural_stride,) * 2, crop_pct=0.875,
+                    crop_mode="center", interpolation="bilinear", mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD,
+                    first_conv="conv1.0" if self.cfg.stem == "deep" else "conv1",
+                    classifier="fc")
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        return self.pretrained_cfg
+
+    @property
+    def global_pool(self) -> GlobalPool:
+        """The head's pool (timm's name; torchvision's is avgpool)."""
+        return self.avgpool
 
     def _init_weights(self) -> None:
         # He et al.'s init for the convs; BN layers start at weight 1, bias 0 (their default)
@@ -91,46 +125,104 @@ class ResNet(nn.Module):
         """All residual blocks, in order."""
         return [b for name in self.stage_names for b in getattr(self, name)]
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for num_classes outputs (0: none)."""
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+    # timm's model API
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """A fresh classifier for num_classes outputs (0: none) after the given global pool
+        ("avg", "max", "avgmax", "catavgmax"; "" keeps the map, with num_classes=0 only)."""
+        if global_pool not in ("avg", "max", "avgmax", "catavgmax", ""):
+            raise UserError(f"unknown global_pool {global_pool!r}: choose avg, max, avgmax, "
+                            f"catavgmax or '' (none)")
+        if not global_pool and num_classes:
+            raise UserError("global_pool '' (no pooling) needs num_classes=0: a classifier "
+                            "needs pooled features")
+        self.avgpool = GlobalPool(global_pool)
+        pooled = self.num_features * self.avgpool.feat_mult()
+        self.fc = nn.Linear(pooled, num_classes) if num_classes else nn.Identity()
         self.num_classes = num_classes
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations
+        (training memory for compute); BN running statistics are still updated once."""
+        self.grad_checkpointing = enable
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn1(self.conv1(x)))
 
-    def _stages(self, x: torch.Tensor, keep: set[int]) -> dict[int, torch.Tensor]:
-        """{level: feature map} for the levels in `keep` (0: stem before max-pool, i: stage i,
-        the last one normalised in a pre-activation net), by the one stage loop."""
-        if not torch.jit.is_tracing():
-            check_input(self, x)
+    def _run(self, x: torch.Tensor, take: List[int], last: int, stop_early: bool,
+             norm: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The one stage loop: (output, the maps at levels `take`; 0 is the stem before the
+        max-pool, i stage i). Stops after level `last` with stop_early; the final norm of a
+        pre-activation net applies to the output, and to its level if `norm`."""
+        if not torch.jit.is_scripting():
+            if not is_exporting():  # the clear error for eager users
+                check_input(self, x)
         x = self.forward_stem(x)
-        feats = {0: x} if 0 in keep else {}
+        feats: List[torch.Tensor] = [x] if 0 in take else []
         x = self.maxpool(x)
-        for i, name in enumerate(self.stage_names, 1):
-            x = getattr(self, name)(x)
-            if i == len(self.stage_names):
-                x = self.final_act(self.norm(x))
-            if i in keep:
-                feats[i] = x
-        return feats
+        level, n = 0, len(self.stage_names)
+        for name, stage in self.named_children():  # scriptable: no getattr by name
+            if name in self.stage_names and (not stop_early or level < last):
+                level += 1
+                if not torch.jit.is_scripting() and self.grad_checkpointing and self.training:
+                    x = checkpoint_stage(stage, x)
+                else:
+                    x = stage(x)
+                if level == n:
+                    normed = self.final_act(self.norm(x))
+                    if level in take:
+                        feats.append(normed if norm else x)
+                    x = normed
+                elif level in take:
+                    feats.append(x)
+        return x, feats
+
+    def forward_intermediates(self, x: torch.Tensor,
+                              indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's forward_intermediates: (final features, [maps at the levels asked]) or the
+        maps alone. indices: None (all levels), an int n (the last n) or a list (negative
+        from the end); level 0 is the stem before the max-pool, level i stage i. norm: apply
+        a pre-activation net's final norm to the last stage's map."""
+        if output_fmt != "NCHW":
+            raise UserError(f"output_fmt {output_fmt!r} is not available: ResNets give NCHW")
+        take, last = feature_take_indices(len(self.stage_names) + 1, indices)
+        out, feats = self._run(x, take, last, stop_early, norm)
+        if intermediates_only:
+            return feats
+        return out, feats
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last level asked for (and the head): timm's API."""
+        take, last = feature_take_indices(len(self.stage_names) + 1, indices)
+        for name in self.stage_names[last:]:
+            setattr(self, name, nn.Identity())
+        if prune_norm:
+            self.norm, self.final_act = nn.Identity(), nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map, before pooling: (N, num_features, H/32, W/32) on ImageNet."""
-        last = len(self.stage_names)
-        return self._stages(x, {last})[last]
-
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps at self.out_indices: 0 is the stem (before max-pool), i the i-th stage."""
-        feats = self._stages(x, set(self.out_indices))
-        return [feats[i] for i in self.out_indices]
+        return self._run(x, [], 0, False, False)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool and classifier; pre_logits=True stops before the fc."""
-        x = torch.flatten(self.avgpool(x), 1)
+        """Global pool, dropout (drop_rate) and classifier; pre_logits=True stops before
+        the fc."""
+        x = self.avgpool(x)
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.features_only:
-            return self.forward_intermediates(x)
+            return self._run(x, self.out_indices, max(self.out_indices), True, False)[1]
         return self.forward_head(self.forward_features(x))

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocks import ResidualBlock, ZeroPadShortcut
+from ..blocks import ResidualBlock
+from ..layers import AvgPoolSame, FrozenBatchNorm2d, GlobalPool, ZeroPadShortcut
 from ..geometry import check_input_size, out_size
 from ..model import ResNet
 
@@ -45,13 +46,13 @@ def _cost(name: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerRec
         rec.kind, rec.macs = "conv", y.numel() * (m.in_channels // m.groups) * k
     elif isinstance(m, nn.Linear):
         rec.kind, rec.macs = "fc", y.numel() * m.in_features
-    elif isinstance(m, nn.BatchNorm2d):
+    elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, FrozenBatchNorm2d)):
         rec.kind, rec.elements = "bn", y.numel()
     elif isinstance(m, nn.ReLU):
         rec.kind, rec.elements = "relu", y.numel()
     elif isinstance(m, nn.MaxPool2d):
         rec.kind, rec.elements = "maxpool", x.numel()
-    elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+    elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, AvgPoolSame, GlobalPool)):
         rec.kind, rec.elements = "avgpool", x.numel()
     if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         rec.formula_hw = (out_size(x.shape[2], m, 0), out_size(x.shape[3], m, 1))

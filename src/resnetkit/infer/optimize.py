@@ -12,11 +12,15 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..layers import FrozenBatchNorm2d
 from ..model import ResNet
 from ..runtime import decide_channels_last, decide_precision
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+BN_LIKE = (nn.BatchNorm2d, FrozenBatchNorm2d)  # what folds into a conv (GroupNorm does not)
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | FrozenBatchNorm2d) -> nn.Conv2d:
     """A conv equal to bn(conv(x)) in eval mode:
     W' = W * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -33,7 +37,7 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 def _fold_sequential(seq: nn.Sequential) -> None:
     names = list(seq._modules)
     for a, b in zip(names, names[1:]):
-        if isinstance(seq._modules[a], nn.Conv2d) and isinstance(seq._modules[b], nn.BatchNorm2d):
+        if isinstance(seq._modules[a], nn.Conv2d) and isinstance(seq._modules[b], BN_LIKE):
             seq._modules[a] = fold_bn(seq._modules[a], seq._modules[b])
             seq._modules[b] = nn.Identity()
 
@@ -47,18 +51,19 @@ def fold_model(model: ResNet) -> ResNet:
     for m in model.modules():
         if isinstance(m, nn.Sequential):
             _fold_sequential(m)
-    stem_conv = model.conv1[-1] if isinstance(model.conv1, nn.Sequential) else model.conv1
-    fused = fold_bn(stem_conv, model.bn1)
-    if isinstance(model.conv1, nn.Sequential):
-        model.conv1[-1] = fused
-    else:
-        model.conv1 = fused
-    model.bn1 = nn.Identity()
+    if isinstance(model.bn1, BN_LIKE):
+        stem_conv = model.conv1[-1] if isinstance(model.conv1, nn.Sequential) else model.conv1
+        fused = fold_bn(stem_conv, model.bn1)
+        if isinstance(model.conv1, nn.Sequential):
+            model.conv1[-1] = fused
+        else:
+            model.conv1 = fused
+        model.bn1 = nn.Identity()
     if not model.cfg.preact:
         for block in model.blocks():
             for i in (1, 2, 3):
                 conv, bn = getattr(block, f"conv{i}", None), getattr(block, f"bn{i}", None)
-                if conv is not None:
+                if conv is not None and isinstance(bn, BN_LIKE):
                     setattr(block, f"conv{i}", fold_bn(conv, bn))
                     setattr(block, f"bn{i}", nn.Identity())
     return model

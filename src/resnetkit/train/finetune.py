@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..layers import FrozenBatchNorm2d
 from ..model import ResNet
 from ..weights.sources import load_into, read_source
 
@@ -16,34 +17,12 @@ from ..weights.sources import load_into, read_source
 PARTS = ("stem", "layer1", "layer2", "layer3", "layer4", "backbone")
 
 
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm with fixed statistics and affine parameters (torchvision's detection
-    backbones use it): y = (x - mean) / sqrt(var + eps) * weight + bias, nothing learned and
-    nothing updated in training. Its state_dict keys are BatchNorm2d's, num_batches_tracked
-    included, so checkpoints load either way."""
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            self.register_buffer(name, getattr(bn, name).detach().clone())
-        self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
-        self.eps = bn.eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
 def freeze_batchnorm(module: nn.Module) -> int:
     """Replace every BatchNorm2d inside `module` with a FrozenBatchNorm2d; returns how many."""
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm2d(child))
+            setattr(module, name, FrozenBatchNorm2d.from_bn(child))
             n += 1
         else:
             n += freeze_batchnorm(child)

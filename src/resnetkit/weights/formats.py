@@ -3,7 +3,9 @@ PaddlePaddle's (.pdparams), read safely and mapped onto resnetkit's parameter na
 
 All the name mapping lives here. resnetkit's names are torchvision's, and timm's ResNets use
 the same names (deep stem conv1.0/1/3/4/6, avg-down shortcut downsample.0/1/2 included), so
-torchvision and timm files need no renaming. PaddlePaddle's `paddle.vision.models` ResNet uses
+torchvision and timm files need no renaming. timm's ResNetV2 (resnetv2_*) names its modules
+otherwise: stem.conv (or stem.conv1/norm1/conv2/norm2/conv3), stages.i.blocks.j.normK/convK,
+downsample.conv, norm, and a 1x1-conv classifier head.fc; they are renamed here. PaddlePaddle's `paddle.vision.models` ResNet uses
 the same module names too, but stores BatchNorm statistics as `_mean`/`_variance` and the fc
 weight as [in, out] (Paddle's Linear computes x @ W). Files written before PyTorch 0.4.1
 (torchvision's first ResNet weights) lack BatchNorm's `num_batches_tracked`, which is filled
@@ -35,6 +37,9 @@ _PICKLE_ALLOWED = {
     ("_codecs", "encode"),
 }
 _PADDLE_BN = {"_mean": "running_mean", "_variance": "running_var"}
+# timm resnetv2's stem modules -> resnetkit's (timm/models/resnetv2.py, create_resnetv2_stem)
+_V2_STEM = {"conv": "conv1", "norm": "bn1", "conv1": "conv1.0", "norm1": "conv1.1",
+            "conv2": "conv1.3", "norm2": "conv1.4", "conv3": "conv1.6", "norm3": "bn1"}
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pdparams")
 
 
@@ -109,11 +114,34 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
                     f"{', '.join(SUFFIXES)}")
 
 
+def _from_timm_v2(k: str, v: torch.Tensor, avg_down: bool) -> tuple[str, torch.Tensor]:
+    """One timm ResNetV2 entry under resnetkit's name (and the head's conv as a Linear)."""
+    parts = k.split(".")
+    if parts[0] == "stem":
+        return f"{_V2_STEM.get(parts[1], parts[1])}.{'.'.join(parts[2:])}", v
+    if parts[0] == "head" and parts[1] == "fc":
+        return f"fc.{parts[2]}", v.flatten(1) if v.dim() == 4 else v
+    if parts[0] == "stages" and len(parts) > 4 and parts[2] == "blocks":
+        rest = parts[4:]
+        if rest[0] == "downsample":  # DownsampleConv: conv, norm; DownsampleAvg: pool first
+            rest = ["downsample", str({"conv": 0, "norm": 1}.get(rest[1], 0) + avg_down)] + rest[2:]
+        else:
+            rest[0] = rest[0].replace("norm", "bn")
+        return ".".join([f"layer{int(parts[1]) + 1}", parts[3]] + rest), v
+    return k, v
+
+
 def to_resnetkit(state: dict[str, torch.Tensor], kind: str,
                  reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A foreign state_dict under resnetkit's names. `reference` is the target model's own
     state_dict (for the buffers older files lack)."""
     out = {}
+    if any(k.startswith("stages.") for k in state):  # timm's ResNetV2
+        # avg-down shortcuts (a pool before the conv): the target says, else timm's "d"
+        # variants, the ones with the deep stem
+        avg_down = any(k.endswith("downsample.1.weight") and v.dim() == 4
+                       for k, v in reference.items()) if reference else "stem.conv1.weight" in state
+        state = dict(_from_timm_v2(k, v, avg_down) for k, v in state.items())
     for k, v in state.items():
         if kind == "paddle":
             head, _, leaf = k.rpartition(".")
