@@ -228,3 +228,42 @@ def test_compiled_cpu_path_prepacks_the_weights(capfd):
                 assert calls.count("reorder") == 0
             else:
                 assert calls.count("reorder") >= convs
+
+
+def test_preset_onnx_takes_any_size_and_carries_imagenet_preprocessing(tmp_path):
+    from PIL import Image
+    from resnetkit.infer.export import export_source, onnx_meta
+    from resnetkit.infer.predict import predict
+    path, model, size = export_source("resnet18", ["layers=1,1,1,1"], "onnx", tmp_path / "r.onnx")
+    assert size == 224
+    sess = onnx_session(path)
+    assert sess.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    for hw in ((224, 224), (160, 160), (96, 130)):
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), hw
+    info = onnx_meta(sess)
+    # torchvision's ImageNet eval transform: resize 256, centre crop 224, ImageNet statistics
+    assert info["preprocess"]["image_size"] == 224 and info["preprocess"]["resize"] == 256
+    assert info["preprocess"]["mean"] == [0.485, 0.456, 0.406] and len(info["classes"]) == 1000
+    Image.new("RGB", (300, 240), (200, 30, 30)).save(tmp_path / "red.png")
+    out = predict(path, [tmp_path / "red.png"], top_k=3)
+    assert len(out) == 1 and len(out[0]["top"]) == 3
+
+
+def test_onnx_fixed_size_and_opset(tmp_path):
+    import onnx
+    m = trained_like("resnet20", num_classes=10)
+    fixed = export(m, tmp_path / "f.onnx", image_size=32, dynamic_size=False)
+    assert onnx_session(fixed).get_inputs()[0].shape == ["batch", 3, 32, 32]
+    top = onnx.defs.onnx_opset_version()
+    p = export(m, tmp_path / "o.onnx", image_size=32, opset=20)
+    assert [o.version for o in onnx.load(p).opset_import if o.domain in ("", "ai.onnx")] == [20]
+    for bad in (13, top + 1):
+        with pytest.raises(UserError, match=f"opset {bad} is not available"):
+            export(m, tmp_path / "b.onnx", image_size=32, opset=bad)
+    assert not (tmp_path / "b.onnx").exists()
+    with pytest.raises(UserError, match="applies to ONNX"):
+        export(m, tmp_path / "b.pt", "torchscript", image_size=32, opset=20)

@@ -135,9 +135,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
 @command()
 def cmd_export(a: argparse.Namespace) -> int:
     from .infer.export import export_source
-    path, model, size = export_source(a.source, a.overrides, a.format, a.output,
-                                      a.image_size, fold=not a.no_fold)
-    print(f"wrote {path} ({a.format}, dynamic batch, input {model.cfg.in_chans}x{size}x{size})")
+    path, model, size = export_source(a.source, a.overrides, a.format, a.output, a.image_size,
+                                      fold=not a.no_fold, dynamic_size=a.dynamic_size,
+                                      opset=a.opset)
+    dims = "any height and width" if a.dynamic_size else f"{size}x{size}"
+    print(f"wrote {path} ({a.format}, dynamic batch, {model.cfg.in_chans} channels, {dims})")
     return 0
 
 

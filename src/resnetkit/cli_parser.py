@@ -110,14 +110,21 @@ def _runtime_args(sub) -> None:
     _data_args(s, " (with --check)")
     s.add_argument("--limit", type=int, default=0, help="with --check: first N test images")
 
-    s = _verb(sub, "export", "ONNX, TorchScript or ExportedProgram, dynamic batch", json=False)
+    s = _verb(sub, "export", "ONNX, TorchScript or ExportedProgram, dynamic batch and size",
+              json=False)
     s.add_argument("source", help="checkpoint (.safetensors or run folder) or preset name")
     s.add_argument("overrides", nargs="*", help="config overrides for a preset, key=value")
     s.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "exported-program"],
                    help="file format")
     s.add_argument("-o", "--output", default=None, help="output file (default SOURCE.FORMAT)")
-    s.add_argument("--image-size", type=int, default=0, help="default: the checkpoint's, or 224")
+    s.add_argument("--image-size", type=int, default=0,
+                   help="the size traced at; default: the checkpoint's, or the preset's (224, 32)")
     s.add_argument("--no-fold", action="store_true", help="keep BN layers unfolded")
+    s.add_argument("--dynamic-size", action=argparse.BooleanOptionalAction, default=True,
+                   help="the file takes any height and width (default); --no-dynamic-size "
+                        "fixes them at --image-size")
+    s.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset to write (18 or later; default: the exporter's)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,12 +91,14 @@ class ResNet(nn.Module):
     def _default_cfg(self) -> Dict[str, Any]:
         """timm's pretrained_cfg for an untrained net: its input and ImageNet preprocessing
         (weights loaded through resnetkit.create_model replace it with theirs)."""
-        size = 32 if self.cfg.stem == "cifar" else 224
+        size, c = (32 if self.cfg.stem == "cifar" else 224), self.cfg.in_chans
+        # other channel counts: the average statistic on every channel (timm's choice for 1)
+        mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if c == 3 else
+                     ((sum(IMAGENET_MEAN) / 3,) * c, (sum(IMAGENET_STD) / 3,) * c))
         return dict(tag=None, url="", num_classes=self.num_classes,
-                    input_size=(self.cfg.in_chans, size, size),
+                    input_size=(c, size, size),
                     pool_size=(size // self.cfg.natural_stride,) * 2, crop_pct=0.875,
-                    crop_mode="center", interpolation="bilinear", mean=IMAGENET_MEAN,
-                    std=IMAGENET_STD,
+                    crop_mode="center", interpolation="bilinear", mean=mean, std=std,
                     first_conv="conv1.0" if self.cfg.stem == "deep" else "conv1",
                     classifier="fc")
 

@@ -1,5 +1,6 @@
 """Export to ONNX (checked in ONNX Runtime), TorchScript or a torch.export ExportedProgram,
-with a dynamic batch dimension."""
+with a dynamic batch and, by default, dynamic height and width (the net is fully
+convolutional up to its global pool)."""
 from __future__ import annotations
 
 import copy
@@ -15,21 +16,40 @@ from ..errors import UserError
 from ..geometry import check_input_size
 from ..model import ResNet
 from ..options import parse_overrides
-from ..weights.sources import REGISTRY, load_source
+from ..weights.sources import REGISTRY, class_names, load_source, preprocess_of
 from ..zoo import create_model
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 FORMATS = tuple(SUFFIX)
 
 
+MIN_OPSET = 18  # the lowest the torch.export-based ONNX exporter writes (torch 2.13)
+
+
+def check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    import onnx
+    top = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise UserError(f"opset {opset} is not available: choose {MIN_OPSET} to {top} (the "
+                        f"exporter writes opset {MIN_OPSET} or later; this onnx knows up to {top})")
+
+
 def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int = 224,
-           fold: bool = True, meta: dict[str, Any] | None = None) -> Path:
-    """Write `model` (fp32, eval, BN folded unless fold=False) to `path` in `fmt`. For ONNX,
-    `meta` (classes, preprocess) is stored in the file's metadata_props, so `predict` can
-    use the file alone."""
+           fold: bool = True, meta: dict[str, Any] | None = None, dynamic_size: bool = True,
+           opset: int | None = None) -> Path:
+    """Write `model` (fp32, eval, BN folded unless fold=False) to `path` in `fmt`, traced at
+    `image_size`. dynamic_size: the file takes any height and width (ONNX, ExportedProgram;
+    a TorchScript file is scripted and takes any size either way); otherwise only
+    image_size. opset: the ONNX opset (default: the exporter's). For ONNX, `meta` (classes,
+    preprocess) is stored in the file's metadata_props, so `predict` can use the file alone."""
     from .optimize import fold_model
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if opset is not None and fmt != "onnx":
+        raise UserError(f"--opset applies to ONNX files, not to {fmt}")
+    check_opset(opset)
     path = Path(path)
     if not path.parent.exists() or not path.parent.is_dir():
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
@@ -42,7 +62,7 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     # disk) leaves no truncated file, and an existing file stays as it was
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        _write(m, x, fmt, str(tmp), meta)
+        _write(m, x, fmt, str(tmp), meta, dynamic_size, opset)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not isinstance(e.__cause__, OSError) \
@@ -55,32 +75,51 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     return path
 
 
-def _write(m: ResNet, x: torch.Tensor, fmt: str, path: str, meta: dict[str, Any] | None) -> None:
-    batch = torch.export.Dim("batch", min=1, max=4096)
+def _name_dims(proto, names: dict[int, str]) -> None:
+    """Give the input's symbolic dimensions readable names (batch, height, width) everywhere
+    in the graph, in place of the exporter's s0, s1, ..."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    rename = {dims[i].dim_param: n for i, n in names.items() if dims[i].dim_param}
+    for v in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+
+
+def _write(m: ResNet, x: torch.Tensor, fmt: str, path: str, meta: dict[str, Any] | None,
+           dynamic_size: bool, opset: int | None) -> None:
+    # Dim.DYNAMIC: the exporter refines the range itself (an intermediate map of size 1
+    # broadcasts differently, so sizes are guarded, not fixed)
+    dyn = torch.export.Dim.DYNAMIC
+    shapes = {"x": {0: dyn, 2: dyn, 3: dyn} if dynamic_size else {0: dyn}}
     if fmt == "onnx":
-        prog = torch.onnx.export(m, (x,), dynamo=True, dynamic_shapes={"x": {0: batch}},
+        import onnx
+        prog = torch.onnx.export(m, (x,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                  input_names=["input"], output_names=["logits"], verbose=False)
         prog.save(path)
-        if meta:
-            import onnx
-            proto = onnx.load(path)
-            for k, v in meta.items():
-                proto.metadata_props.add(key=k, value=json.dumps(v))
-            onnx.save(proto, path)
+        proto = onnx.load(path)
+        written = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        if opset is not None and written != opset:
+            raise UserError(f"the exporter wrote opset {written}, not the {opset} asked for")
+        _name_dims(proto, {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"})
+        for k, v in (meta or {}).items():
+            proto.metadata_props.add(key=k, value=json.dumps(v))
+        onnx.save(proto, path)
     elif fmt == "torchscript":
-        with torch.no_grad():
-            torch.jit.trace(m, x).save(path)
+        torch.jit.script(m).save(path)
     else:
-        torch.export.save(torch.export.export(m, (x,), dynamic_shapes={"x": {0: batch}}), path)
+        torch.export.save(torch.export.export(m, (x,), dynamic_shapes=shapes), path)
 
 
 def export_source(source: str | Path, overrides: list[str] | None = None, fmt: str = "onnx",
                   output: str | Path | None = None, image_size: int = 0,
-                  fold: bool = True) -> tuple[Path, ResNet, int]:
+                  fold: bool = True, dynamic_size: bool = True,
+                  opset: int | None = None) -> tuple[Path, ResNet, int]:
     """Export a checkpoint (a .safetensors file, a run folder, a registry tag or a foreign
-    weights file: its classes and
-    preprocessing go along, at its input size unless `image_size` says otherwise) or a preset
-    name with "key=value" overrides (at 224 unless told). Returns (path, model, input size)."""
+    weights file: its classes and preprocessing go along, at its input size unless
+    `image_size` says otherwise) or a preset name with "key=value" overrides (at its default
+    input size, 224 or 32 for CIFAR nets, unless told; the preset's default preprocessing,
+    ImageNet's, and numbered classes go along). Returns (path, model, input size)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     meta: dict[str, Any] = {}
@@ -92,12 +131,15 @@ def export_source(source: str | Path, overrides: list[str] | None = None, fmt: s
         size = image_size or meta.get("preprocess", {}).get("image_size", 224)
     else:
         model = create_model(str(source), **parse_overrides(overrides)).eval()
-        size = image_size or 224
+        size = image_size or model.pretrained_cfg["input_size"][-1]
+        meta = {"classes": class_names(model.num_classes),
+                "preprocess": preprocess_of(model.pretrained_cfg, size)}
     stem = Path(source).stem if Path(source).exists() else str(source)  # a tag keeps its dots
     out = Path(output) if output else Path(stem + SUFFIX[fmt])
     if out.suffix != SUFFIX[fmt]:  # what `predict` and the engines go by
         raise UserError(f"a {fmt} file should end in {SUFFIX[fmt]}, not {out.name!r}")
-    return export(model, out, fmt, size, fold=fold, meta=meta), model, size
+    return export(model, out, fmt, size, fold=fold, meta=meta, dynamic_size=dynamic_size,
+                  opset=opset), model, size
 
 
 def onnx_session(path: str | Path, threads: int = 0):

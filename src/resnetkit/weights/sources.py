@@ -37,6 +37,44 @@ def imagenet_classes() -> list[str]:
     return json.loads(text)
 
 
+def class_names(n: int) -> list[str]:
+    """ImageNet's names for a 1000-way head, else the class numbers."""
+    return imagenet_classes() if n == 1000 else [str(i) for i in range(n)]
+
+
+def preprocess_of(pretrained_cfg: dict[str, Any], image_size: int | None = None) -> dict[str, Any]:
+    """A checkpoint's "preprocess" entry from a timm-style pretrained_cfg: resize the shorter
+    side to floor(size / crop_pct) (timm's eval transform), centre-crop size, normalise."""
+    c, h, _ = pretrained_cfg["input_size"]
+    size = image_size or h
+    return {"mean": list(pretrained_cfg["mean"]), "std": list(pretrained_cfg["std"]),
+            "image_size": size, "resize": math.floor(size / pretrained_cfg["crop_pct"]),
+            "interpolation": pretrained_cfg["interpolation"], "in_chans": c}
+
+
+def pretrained_cfg_of(model: ResNet, preprocess: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The model's pretrained_cfg with a checkpoint's preprocessing (and tag, url...)."""
+    size = preprocess["image_size"]
+    resize = preprocess.get("resize") or size
+    return {**model.pretrained_cfg, **extra, "num_classes": model.num_classes,
+            "input_size": (preprocess.get("in_chans", model.cfg.in_chans), size, size),
+            "crop_pct": size / resize, "interpolation": preprocess.get("interpolation", "bilinear"),
+            "mean": tuple(preprocess["mean"]), "std": tuple(preprocess["std"])}
+
+
+def resolve_data_config(model: ResNet | None = None, source: str | Path | None = None
+                        ) -> dict[str, Any]:
+    """timm's data config (input_size, interpolation, mean, std, crop_pct, crop_mode) of a
+    model (its pretrained_cfg) or of a checkpoint, run folder or registry tag (its own
+    preprocessing): what the eval transform needs."""
+    if (model is None) == (source is None):
+        raise UserError("resolve_data_config takes a model or a source, one of the two")
+    if source is not None:
+        model = load_source(source)[0]
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return {k: model.pretrained_cfg[k] for k in keys}
+
+
 def fetch(tag: str, progress: bool = True) -> tuple[Weights, Path]:
     """A registry entry and its file in the cache (downloaded and checked when missing)."""
     w = get_weights(tag)
@@ -113,6 +151,8 @@ def create_model(name: str, pretrained: bool | str = False, checkpoint_path: str
         w, path = fetch(w.tag)
         state, kind = read_state_dict(path)
         source = w.tag
+        model.pretrained_cfg = pretrained_cfg_of(model, w.eval_preprocess(), tag=w.tag,
+                                                 url=w.url, license=w.license)
     else:
         return model
     load_into(model, state, source, kind)
@@ -132,10 +172,11 @@ def load_source(source: str | Path) -> tuple[ResNet, dict[str, Any]]:
                             f"it with create_model(NAME, checkpoint_path=...) to see what differs")
         n_cls = mapped["fc.weight"].shape[0] if "fc.weight" in mapped else 0
         cfg = get_config(preset, num_classes=n_cls)
-        classes = imagenet_classes() if n_cls == 1000 else [str(i) for i in range(n_cls)]
-        info = {"classes": classes, "preprocess": dict(IMAGENET_EVAL)}
+        info = {"classes": class_names(n_cls), "preprocess": dict(IMAGENET_EVAL)}
     model = ResNet(cfg)
     load_into(model, state, str(source), kind)
+    if "preprocess" in info:
+        model.pretrained_cfg = pretrained_cfg_of(model, info["preprocess"], tag=str(source))
     return model.eval(), info
 
 
