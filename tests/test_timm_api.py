@@ -321,6 +321,11 @@ def test_norm_layer_choices():
     # torchvision's FrozenBatchNorm2d has no num_batches_tracked: its state_dicts load too
     tv_state = {k: v for k, v in plain.state_dict().items() if not k.endswith("num_batches_tracked")}
     frozen.load_state_dict(tv_state)
+    from resnetkit.layers import FrozenBatchNorm2d
+    as_class = rk.create_model("resnet18", norm_layer=FrozenBatchNorm2d)  # torchvision's way
+    assert as_class.cfg.norm_layer == "frozen_batchnorm"
+    with pytest.raises(UserError, match="LayerNorm is not available"):
+        rk.create_model("resnet18", norm_layer=nn.LayerNorm)
     gn = rk.create_model("resnet50_gn")
     assert sum(isinstance(m, nn.GroupNorm) and m.num_groups == 32 for m in gn.modules()) == 53
     with pytest.raises(UserError, match="norm_layer.*divisible by 32"):

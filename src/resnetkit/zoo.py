@@ -119,10 +119,23 @@ def get_config(name: str, **overrides: Any) -> ResNetConfig:
     return replace(PRESETS[name], **overrides)
 
 
+# torchvision passes norm_layer as a class: its name says which of ours it is
+NORM_CLASSES = {"BatchNorm2d": "batchnorm", "FrozenBatchNorm2d": "frozen_batchnorm",
+                "GroupNorm": "groupnorm"}
+
+
 def create_model(name: str | ResNetConfig, features_only: bool = False,
                  out_indices: tuple[int, ...] | None = None, **overrides: Any) -> ResNet:
     """Build a model from a preset name (or a config), e.g.
-    create_model("resnet50", stride_in_1x1=True, num_classes=10)."""
+    create_model("resnet50", stride_in_1x1=True, num_classes=10). norm_layer may also be
+    given as a class, as torchvision takes it (torchvision.ops.FrozenBatchNorm2d, ...)."""
+    norm = overrides.get("norm_layer")
+    if isinstance(norm, type):
+        if norm.__name__ not in NORM_CLASSES:
+            raise UserError(f"norm_layer {norm.__name__} is not available: choose "
+                            f"{', '.join(NORM_CLASSES)} (or their names "
+                            f"{', '.join(NORM_CLASSES.values())})")
+        overrides["norm_layer"] = NORM_CLASSES[norm.__name__]
     cfg = replace(name, **overrides) if isinstance(name, ResNetConfig) else \
         get_config(name, **overrides)
     return ResNet(cfg, features_only=features_only, out_indices=out_indices)

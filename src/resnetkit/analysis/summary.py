@@ -204,7 +204,7 @@ def compare(models: list[str | tuple[str, dict[str, Any]]], image_size: int = 22
         feats = []
         with torch.no_grad():
             x = torch.empty(1, m.cfg.in_chans, image_size, image_size, device="meta")
-            for f in m.forward_intermediates(x):
+            for f in m.forward_intermediates(x, intermediates_only=True):
                 feats.append(f.shape[-1])
         label = name + "".join(f" {k}={v}" for k, v in overrides.items())
         rows.append({"model": label, "depth": m.cfg.depth, "params": s["totals"]["params"],
