@@ -26,7 +26,9 @@ BAD = [
     (dict(output_stride=12), "output_stride", r"\[32, 16, 8, 4\]"),
     (dict(drop_path_rate=1.0), "drop_path_rate", r"\[0, 1\)"),
     (dict(se_ratio=-0.1), "se_ratio", r"\[0, 1\)"),
-    (dict(se_ratio=0.001), "se_ratio", "0 channels"),
+    (dict(se_divisor=0), "se_divisor", ">= 1"),
+    (dict(stem_norm=False), "stem_norm", "pre-activation"),
+    (dict(drop_rate=1.0), "drop_rate", r"\[0, 1\)"),
     (dict(in_chans=0), "in_chans", ">= 1"),
     (dict(num_classes=-1), "num_classes", ">= 0"),
 ]
