@@ -91,7 +91,11 @@ def test_unknown_override_names_the_field():
 
 
 def test_list_models_pattern():
-    assert rk.list_models("resnext*") == ["resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d"]
+    assert rk.list_models("resnext*") == ["resnext101_32x16d", "resnext101_32x4d",
+                                          "resnext101_32x8d", "resnext101_64x4d",
+                                          "resnext50_32x4d", "resnext50d_32x4d"]
+    assert rk.list_models("seresnet*") == ["seresnet101", "seresnet152", "seresnet152d",
+                                           "seresnet18", "seresnet34", "seresnet50"]
     assert {"resnet18", "resnet50", "resnet20", "resnet1202", "resnet50d", "resnet18v2",
             "resnet50v2", "wide_resnet101_2", "resnet50_v1"} <= set(rk.list_models())
 
