@@ -1,0 +1,84 @@
+"""The inference worker: LitServe's LitAPI for a ResNet classifier. Requests arrive already
+decoded (uint8 arrays, see decode.py); the worker stacks whatever LitServe's dynamic
+batching collected, normalises it with the model's own preprocessing and runs the engine."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+import numpy as np
+import torch
+
+from ..evaluate import preprocess
+from .engine import open_engine
+from .metrics import worker_metrics
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when the server process is gone, however it went (a SIGKILL
+    included): LitServe's workers would otherwise outlive it, holding the model's memory."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+class ClassifierAPI(ls.LitAPI):
+    """Top-k classes for batches of decoded images."""
+
+    def __init__(self, source: str, engine: str, precision: str, pre: dict[str, Any],
+                 classes: list[str], state_dir: str, max_batch: int, batch_timeout_s: float,
+                 threads: int = 0):
+        super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout_s,
+                         api_path="/predict")
+        self.source, self.engine_choice, self.precision_choice = source, engine, precision
+        self.pre, self.classes, self.state_dir, self.threads = pre, classes, state_dir, threads
+        self.parent = os.getpid()
+
+    def setup(self, device: str) -> None:
+        _exit_with_parent(self.parent)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model = open_engine(self.source, self.engine_choice, self.precision_choice,
+                                 self.threads)
+        self.metrics = worker_metrics()
+        chans, size = self.pre["in_chans"], self.pre["image_size"]
+        self.model(torch.zeros(1, chans, size, size))  # first-call costs before serving
+        Path(self.state_dir, f"worker-{os.getpid()}.json").write_text(json.dumps(
+            {"engine": self.model.engine, "precision": self.model.precision,
+             "threads": torch.get_num_threads()}))
+
+    def decode_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        return request  # decoded and checked on the HTTP side
+
+    def batch(self, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return inputs
+
+    def unbatch(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return output
+
+    def predict(self, x: list[dict[str, Any]] | dict[str, Any]) -> Any:
+        single = isinstance(x, dict)  # max_batch 1: LitServe's loop passes one request
+        items = [x] if single else x
+        t = time.perf_counter()
+        images = torch.from_numpy(np.stack([r["image"] for r in items]))
+        probs = self.model(preprocess(images, self.pre["mean"], self.pre["std"])).softmax(1)
+        k = min(max(r["top_k"] for r in items), probs.shape[1])
+        p, idx = probs.topk(k, 1)
+        out = [{"top": [{"class": self.classes[j], "index": j, "prob": q}
+                        for j, q in zip(ix[:r["top_k"]], pr[:r["top_k"]])],
+                "batch_size": len(items)}
+               for r, pr, ix in zip(items, p.tolist(), idx.tolist())]
+        self.metrics.batch.observe(len(items))
+        self.metrics.images.inc(len(items))
+        self.metrics.compute.observe(time.perf_counter() - t)
+        return out[0] if single else out
+
+    def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
+        return output

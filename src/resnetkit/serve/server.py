@@ -1,0 +1,236 @@
+"""`resnetkit serve`: a LitServe server for a ResNet classifier, with the routes LitServe
+does not have (the page, /metadata, /metrics, a /predict that takes raw image bytes), a
+bounded queue, and a shutdown that drains and leaves no process behind.
+
+Processes: this one (LitServe's supervisor), one HTTP process (uvicorn, forked; it decodes
+uploads, so a bad one never reaches a batch), N inference workers (spawned; api.py) and
+LitServe's queue manager."""
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from ..errors import UserError
+from .decode import IMAGE_TYPES, BadInput, check_type, decode_image
+from .engine import ENGINES, model_info
+from .metrics import exposition, http_metrics, mark_dead, use_folder
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
+DECODE_IN_THREAD = 64 << 10  # bodies above this are decoded off the event loop
+
+
+def check_options(host: str, port: int, workers: int, max_batch: int, batch_timeout_ms: float,
+                  engine: str, max_image_pixels: int, max_body_mb: float, max_queue: int) -> None:
+    """One sentence for the first option out of range."""
+    if host not in HOSTS:
+        raise UserError(f"--host must be one of {', '.join(HOSTS)}, got {host!r}")
+    if not 1024 <= port <= 65535:
+        raise UserError(f"--port must be from 1024 to 65535, got {port}")
+    for name, value, low in (("--workers", workers, 1), ("--max-batch", max_batch, 1),
+                             ("--max-image-pixels", max_image_pixels, 1),
+                             ("--max-queue", max_queue, 1)):
+        if value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}")
+    if batch_timeout_ms < 0 or max_body_mb <= 0:
+        raise UserError("--batch-timeout-ms must be >= 0 and --max-body-mb > 0")
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    too_big = BadInput(413, f"the upload is over the server's limit of {limit / 2**20:g} MB "
+                            f"(--max-body-mb)")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def file_from_form(request, body: bytes) -> bytes:
+    """The first file field of a multipart body."""
+    from starlette.datastructures import UploadFile
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+    except Exception as e:  # the multipart parser's own exception types
+        raise BadInput(400, f"the multipart body cannot be read ({e})") from None
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    if not files:
+        raise BadInput(400, "the multipart body has no file field: send the image as "
+                            "a file (e.g. curl -F file=@image.png)")
+    return await files[0].read()
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: dict[str, Any],
+               state_dir: Path) -> None:
+    """Replace LitServe's / and POST /predict with ours; add /metadata and /metrics; errors
+    as {"error": sentence}."""
+    from litserve.server import RegularRequestHandler
+
+    app = server.app
+    app.router.routes[:] = [r for r in app.router.routes
+                            if getattr(r, "path", None) not in ("/", "/predict")]
+    handler = RegularRequestHandler(api, server)
+    pending = [0]  # accepted /predict requests not yet answered, in this HTTP process
+    page = resources.files("resnetkit.serve").joinpath("page.html").read_text()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+    body_doc = {"requestBody": {"required": True, "content": {
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "file": {"type": "string", "format": "binary"}}}}}}}
+
+    @app.post("/predict", openapi_extra=body_doc, summary="Top-k classes of one image")
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)):
+        """The image as the raw body (Content-Type image/png, image/jpeg, ...) or as a
+        multipart file field. Answers {"top": [{"class", "index", "prob"}...], "batch_size"}."""
+        m, start = http_metrics(), time.perf_counter()
+        try:
+            kind = check_type(request.headers.get("content-type"))
+            body = await read_body(request, limits["max_body_bytes"])
+            if kind == "multipart/form-data":
+                body = await file_from_form(request, body)
+            args = (body, info["preprocess"], limits["max_image_pixels"])
+            image = (await asyncio.to_thread(decode_image, *args)
+                     if len(body) > DECODE_IN_THREAD else decode_image(*args))
+        except BadInput as e:
+            m.requests.labels(str(e.status)).inc()
+            m.errors.labels("bad_input").inc()
+            return _error(e.status, e.message)
+        if pending[0] >= limits["max_queue"]:  # no await since the check: exact in asyncio
+            m.requests.labels("503").inc()
+            m.errors.labels("overloaded").inc()
+            return _error(503, f"the server is at its queue limit of {limits['max_queue']} "
+                               f"requests (--max-queue); retry shortly", {"Retry-After": "1"})
+        pending[0] += 1
+        m.queue.inc()
+        try:
+            result = await handler.handle_request({"image": image, "top_k": top_k}, dict)
+        except HTTPException as e:
+            m.requests.labels(str(e.status_code)).inc()
+            m.errors.labels("internal").inc()
+            return _error(e.status_code, f"the model failed on this request ({e.detail})")
+        finally:
+            pending[0] -= 1
+            m.queue.dec()
+        m.requests.labels("200").inc()
+        m.latency.observe(time.perf_counter() - start)
+        return JSONResponse(result)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/metadata", summary="The model, its preprocessing, engine and limits")
+    async def metadata():
+        workers = [json.loads(p.read_text()) for p in sorted(state_dir.glob("worker-*.json"))]
+        return {**meta, "engine": workers[0]["engine"] if workers else None,
+                "precision": workers[0]["precision"] if workers else None,
+                "workers": workers, "queue_depth": pending[0]}
+
+    @app.get("/metrics", summary="Prometheus text format")
+    async def metrics():
+        body, content_type = exposition()
+        return Response(body, media_type=content_type)
+
+
+def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          max_batch: int = 32, batch_timeout_ms: float = 5.0, engine: str = "auto",
+          precision: str = "auto", max_image_pixels: int = 40_000_000, max_body_mb: float = 20,
+          max_queue: int = 256, threads: int = 0,
+          card: Callable[[Any, int], dict[str, Any]] | None = None,
+          log_level: str = "warning", on_start: Callable[[dict[str, Any]], None] | None = None
+          ) -> int:
+    """Serve a run folder, checkpoint, registry tag or ONNX file until SIGTERM or SIGINT, then
+    drain: the HTTP process stops accepting, answers what it accepted, and every process
+    ends. Returns 0. `card(config, image_size)` gives the page's model card (the CLI passes
+    analysis.card.model_card); threads: torch threads per worker (0: cores / workers).
+    Raises UserError for a bad option or an unreadable model."""
+    check_options(host, port, workers, max_batch, batch_timeout_ms, engine, max_image_pixels,
+                  max_body_mb, max_queue)
+    info = model_info(source)
+    cfg, size = info["config"], info["preprocess"]["image_size"]
+    state_dir = Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
+    (state_dir / "metrics").mkdir()
+    use_folder(state_dir / "metrics")
+    import litserve as ls
+    from .api import ClassifierAPI
+    if not threads:
+        threads = max(1, multiprocessing.cpu_count() // workers)
+    limits = {"max_batch": max_batch, "batch_timeout_ms": batch_timeout_ms,
+              "max_queue": max_queue, "max_image_pixels": max_image_pixels,
+              "max_body_bytes": int(max_body_mb * 2**20), "workers": workers,
+              "threads_per_worker": threads}
+    arch = None
+    if cfg is not None:
+        from ..weights.checkpoint import config_to_dict
+        arch = config_to_dict(cfg)
+    meta = {"source": str(source), "architecture": arch, "classes": info["classes"],
+            "preprocess": info["preprocess"], "limits": limits,
+            "card": card(cfg, size) if card and cfg is not None else None}
+    api = ClassifierAPI(str(source), engine, precision, info["preprocess"], info["classes"],
+                        str(state_dir), max_batch, batch_timeout_ms / 1000, threads)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers, timeout=60)
+    add_routes(server, api, info, meta, limits, state_dir)
+
+    def stop(signum, frame):
+        event = server._shutdown_event
+        if event is None:  # still starting: unwind run(), the children are ended below
+            raise KeyboardInterrupt
+        # set from another thread: this one may be inside a call on the same manager proxy
+        threading.Thread(target=event.set, daemon=True).start()
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_start:
+            on_start({"url": f"http://{host}:{port}", **meta, "card": None})
+        server.run(host=host, port=port, num_api_servers=1, generate_client_file=False,
+                   log_level=log_level, api_server_worker_type="process")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in multiprocessing.active_children():  # whatever LitServe did not end
+            p.terminate()
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+            mark_dead(p.pid)
+        for s, h in old.items():
+            signal.signal(s, h)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return 0
