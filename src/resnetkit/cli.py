@@ -158,7 +158,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import serve
     return serve(a.model, a.host, a.port, a.workers, a.max_batch, a.batch_timeout_ms, a.engine,
                  a.precision, a.max_image_pixels, a.max_body_mb, a.max_queue, a.threads,
-                 card=model_card, log_level=a.log_level,
+                 a.batching, card=model_card, log_level=a.log_level,
                  on_start=lambda m: print(f"serving {a.model} at {m['url']} (page at /, API "
                                           f"docs at /docs); SIGTERM or Ctrl-C drains and stops",
                                           flush=True))

@@ -130,10 +130,14 @@ def _serve_args(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="TCP port (1024-65535)")
     s.add_argument("--workers", type=int, default=1, help="inference worker processes")
     s.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per worker (0: the cores divided among the workers)")
+                   help="CPU threads per worker (0: one core for the HTTP process, the "
+                        "rest divided among the workers)")
     s.add_argument("--max-batch", type=int, default=32, help="most requests batched together")
     s.add_argument("--batch-timeout-ms", type=float, default=5.0,
                    help="how long a batch waits to fill up, in milliseconds")
+    s.add_argument("--batching", default="server", choices=["server", "litserve"],
+                   help="where requests are gathered into batches: the HTTP process "
+                        "(server) or LitServe's worker loop (litserve; slower here)")
     s.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
                    help="what runs the model (auto: onnxruntime for an .onnx file, else torch)")
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],

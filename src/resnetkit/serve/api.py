@@ -30,7 +30,8 @@ def _exit_with_parent(parent: int) -> None:
 
 
 class ClassifierAPI(ls.LitAPI):
-    """Top-k classes for batches of decoded images."""
+    """Top-k classes for batches of decoded images. max_batch 1 with batches gathered on the
+    HTTP side (the default, see batcher.py), or max_batch > 1 for LitServe's batching."""
 
     def __init__(self, source: str, engine: str, precision: str, pre: dict[str, Any],
                  classes: list[str], state_dir: str, max_batch: int, batch_timeout_s: float,
@@ -64,21 +65,25 @@ class ClassifierAPI(ls.LitAPI):
         return output
 
     def predict(self, x: list[dict[str, Any]] | dict[str, Any]) -> Any:
-        single = isinstance(x, dict)  # max_batch 1: LitServe's loop passes one request
-        items = [x] if single else x
+        """x: a batch gathered on the HTTP side ({"images", "top_k"}: batcher.py), or, with
+        LitServe's own batching, a list of single requests ({"image", "top_k"}; one request
+        when max_batch is 1)."""
         t = time.perf_counter()
-        images = torch.from_numpy(np.stack([r["image"] for r in items]))
+        if "images" in x:
+            images, ks = torch.from_numpy(x["images"]), x["top_k"]
+        else:
+            items = [x] if isinstance(x, dict) else x
+            images = torch.from_numpy(np.stack([r["image"] for r in items]))
+            ks = [r["top_k"] for r in items]
         probs = self.model(preprocess(images, self.pre["mean"], self.pre["std"])).softmax(1)
-        k = min(max(r["top_k"] for r in items), probs.shape[1])
-        p, idx = probs.topk(k, 1)
+        p, idx = probs.topk(min(max(ks), probs.shape[1]), 1)
         out = [{"top": [{"class": self.classes[j], "index": j, "prob": q}
-                        for j, q in zip(ix[:r["top_k"]], pr[:r["top_k"]])],
-                "batch_size": len(items)}
-               for r, pr, ix in zip(items, p.tolist(), idx.tolist())]
-        self.metrics.batch.observe(len(items))
-        self.metrics.images.inc(len(items))
+                        for j, q in zip(ix[:k], pr[:k])], "batch_size": len(ks)}
+               for k, pr, ix in zip(ks, p.tolist(), idx.tolist())]
+        self.metrics.batch.observe(len(ks))
+        self.metrics.images.inc(len(ks))
         self.metrics.compute.observe(time.perf_counter() - t)
-        return out[0] if single else out
+        return out[0] if isinstance(x, dict) and "images" not in x else out
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
         return output

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..errors import UserError
+from .batcher import Batcher
 from .decode import IMAGE_TYPES, BadInput, check_type, decode_image
 from .engine import ENGINES, model_info
 from .metrics import exposition, http_metrics, mark_dead, use_folder
@@ -97,6 +98,16 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
     app.router.routes[:] = [r for r in app.router.routes
                             if getattr(r, "path", None) not in ("/", "/predict")]
     handler = RegularRequestHandler(api, server)
+    batcher: list[Batcher] = []  # made in the HTTP process, on its event loop
+
+    async def run_one(image, top_k: int) -> dict[str, Any]:
+        if limits["batching"] == "litserve":
+            return await handler.handle_request({"image": image, "top_k": top_k}, dict)
+        if not batcher:
+            batcher.append(Batcher(lambda payload: handler.handle_request(payload, dict),
+                                   limits["max_batch"], limits["batch_timeout_ms"] / 1000,
+                                   limits["workers"]))
+        return await batcher[0](image, top_k)
     pending = [0]  # accepted /predict requests not yet answered, in this HTTP process
     page = resources.files("resnetkit.serve").joinpath("page.html").read_text()
 
@@ -140,7 +151,7 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
         pending[0] += 1
         m.queue.inc()
         try:
-            result = await handler.handle_request({"image": image, "top_k": top_k}, dict)
+            result = await run_one(image, top_k)
         except HTTPException as e:
             m.requests.labels(str(e.status_code)).inc()
             m.errors.labels("internal").inc()
@@ -172,17 +183,22 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
 def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           max_batch: int = 32, batch_timeout_ms: float = 5.0, engine: str = "auto",
           precision: str = "auto", max_image_pixels: int = 40_000_000, max_body_mb: float = 20,
-          max_queue: int = 256, threads: int = 0,
+          max_queue: int = 256, threads: int = 0, batching: str = "server",
           card: Callable[[Any, int], dict[str, Any]] | None = None,
           log_level: str = "warning", on_start: Callable[[dict[str, Any]], None] | None = None
           ) -> int:
     """Serve a run folder, checkpoint, registry tag or ONNX file until SIGTERM or SIGINT, then
     drain: the HTTP process stops accepting, answers what it accepted, and every process
     ends. Returns 0. `card(config, image_size)` gives the page's model card (the CLI passes
-    analysis.card.model_card); threads: torch threads per worker (0: cores / workers).
+    analysis.card.model_card); threads: torch threads per worker (0: one core for HTTP, the rest
+    shared by the workers);
+    batching: "server" (gathered in the HTTP process, batcher.py) or "litserve" (LitServe's
+    own, in the worker).
     Raises UserError for a bad option or an unreadable model."""
     check_options(host, port, workers, max_batch, batch_timeout_ms, engine, max_image_pixels,
                   max_body_mb, max_queue)
+    if batching not in ("server", "litserve"):
+        raise UserError(f"batching must be server or litserve, got {batching!r}")
     info = model_info(source)
     cfg, size = info["config"], info["preprocess"]["image_size"]
     state_dir = Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
@@ -190,12 +206,12 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int =
     use_folder(state_dir / "metrics")
     import litserve as ls
     from .api import ClassifierAPI
-    if not threads:
-        threads = max(1, multiprocessing.cpu_count() // workers)
+    if not threads:  # one core left to the HTTP process, which decodes every upload
+        threads = max(1, (multiprocessing.cpu_count() - 1) // workers)
     limits = {"max_batch": max_batch, "batch_timeout_ms": batch_timeout_ms,
               "max_queue": max_queue, "max_image_pixels": max_image_pixels,
               "max_body_bytes": int(max_body_mb * 2**20), "workers": workers,
-              "threads_per_worker": threads}
+              "threads_per_worker": threads, "batching": batching}
     arch = None
     if cfg is not None:
         from ..weights.checkpoint import config_to_dict
@@ -204,8 +220,10 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int =
             "preprocess": info["preprocess"], "limits": limits,
             "card": card(cfg, size) if card and cfg is not None else None}
     api = ClassifierAPI(str(source), engine, precision, info["preprocess"], info["classes"],
-                        str(state_dir), max_batch, batch_timeout_ms / 1000, threads)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers, timeout=60)
+                        str(state_dir), max_batch if batching == "litserve" else 1,
+                        batch_timeout_ms / 1000 if batching == "litserve" else 0.0, threads)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers, timeout=60,
+                          fast_queue=True)  # responses over ZMQ, not the manager's queues
     add_routes(server, api, info, meta, limits, state_dir)
 
     def stop(signum, frame):
