@@ -35,8 +35,9 @@ def check_type(content_type: str | None) -> str:
     if kind == "multipart/form-data" or kind in IMAGE_TYPES:
         return kind
     shown = kind or "none"
-    raise BadInput(415, f"content type {shown} is not an image: send the image's bytes with "
-                        f"Content-Type image/png, image/jpeg, ... or as multipart/form-data")
+    raise BadInput(415, f"content type {shown} is not an image: send the image's bytes with an "
+                        f"image content type (image/png, image/jpeg, image/webp) or as "
+                        f"multipart/form-data")
 
 
 def decode_image(data: bytes, pre: dict[str, Any], max_pixels: int) -> np.ndarray:

@@ -80,7 +80,7 @@ async def file_from_form(request, body: bytes) -> bytes:
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
         raise BadInput(400, "the multipart body has no file field: send the image as "
-                            "a file (e.g. curl -F file=@image.png)")
+                            "a file field (curl -F file=@image.png)")
     return await files[0].read()
 
 
