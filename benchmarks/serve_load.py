@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -115,50 +116,49 @@ async def closed_loop(url: str, bodies: list, concurrency: int, requests: int,
             "errors": sum(n for k, n in codes.items() if k != "200")}
 
 
-async def overload(url: str, bodies: list, rate: float, seconds: float, pid: int | None) -> dict:
-    """Open-loop arrivals at `rate` requests/s for `seconds`; /health polled every 50 ms on
-    a connection of its own; the server's processes' memory (RSS) sampled. Accepted =
-    answered other than 503; an accepted request is lost if it got anything but 200."""
-    codes, health, rss, tasks = {}, [], [], []
+async def overload(url: str, bodies: list, rate: float, seconds: float, pid: int | None,
+                   connections: int) -> dict:
+    """Open-loop arrivals at `rate` requests/s for `seconds` over at most `connections`
+    connections (beyond them requests wait in the client, as behind a proxy's pool);
+    /health polled every 50 ms from a process of its own; the server's processes' memory
+    (RSS) sampled. The server's own counts (/metrics) tell whether every request it
+    accepted was answered: each accepted one is counted once it is answered."""
+    codes, tasks = {}, []
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
                                      timeout=timeout) as s, \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as hs:
-        stop = asyncio.Event()
+        async with hs.get(f"{url}/metrics") as r:
+            before = await r.text()
 
         async def one(i: int) -> None:
             body, kind = bodies[i % len(bodies)]
             code = await post(s, url, body, kind)
             codes[code] = codes.get(code, 0) + 1
 
-        async def poll_health() -> None:
-            while not stop.is_set():
-                t = time.perf_counter()
-                try:
-                    async with hs.get(f"{url}/health") as r:
-                        await r.read()
-                        ok = r.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    ok = False
-                health.append((time.perf_counter() - t, ok))
-                if pid:
-                    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-                    rss.append(sum(p.memory_info().rss for p in procs if p.is_running()))
-                await asyncio.sleep(0.05)
-
-        poller = asyncio.create_task(poll_health())
+        ctx = multiprocessing.get_context("spawn")
+        done, out = ctx.Event(), ctx.Queue()
+        poller = ctx.Process(target=poll_health, args=(url, pid, done, out))
+        poller.start()
+        await asyncio.sleep(2)  # polling before the flood starts
         t0, i = time.perf_counter(), 0
         while time.perf_counter() - t0 < seconds:
             tasks.append(asyncio.create_task(one(i)))
             i += 1
             await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
         await asyncio.gather(*tasks)
-        stop.set()
-        await poller
+        done.set()
+        health, rss = out.get(timeout=60)
+        poller.join(10)
+        async with hs.get(f"{url}/metrics") as r:
+            after = await r.text()
+    server = {code: metric(after, f'resnetkit_requests_total{{code="{code}"}}')
+              - metric(before, f'resnetkit_requests_total{{code="{code}"}}') for code in ("200", "503")}
     h = [t for t, _ in health]
     third = max(1, len(rss) // 3)
     lost = sum(n for k, n in codes.items() if k not in ("200", "503"))
-    return {"rate": rate, "seconds": seconds, "sent": i, "codes": codes,
+    return {"server_counted": server, "client_connections": connections, "rate": rate,
+            "seconds": seconds, "sent": i, "sent_per_s": i / seconds, "codes": codes,
             "accepted": sum(n for k, n in codes.items() if k != "503"),
             "rejected_503": codes.get("503", 0), "accepted_lost": lost,
             "health_polls": len(h), "health_failures": sum(1 for _, ok in health if not ok),
@@ -167,6 +167,31 @@ async def overload(url: str, bodies: list, rate: float, seconds: float, pid: int
             "rss_mb_first_third_max": max(rss[:third]) / 2**20 if rss else None,
             "rss_mb_last_third_max": max(rss[-third:]) / 2**20 if rss else None,
             "rss_mb_peak": max(rss) / 2**20 if rss else None}
+
+
+def poll_health(url: str, pid: int | None, done, out) -> None:
+    """In a process of its own, so the load generator's busy event loop does not delay it:
+    GET /health every 50 ms on one keep-alive connection, (seconds, ok) each; the server's
+    memory (RSS of all its processes) at each poll."""
+    import http.client
+    host, port = url.removeprefix("http://").split(":")
+    conn, health, rss = http.client.HTTPConnection(host, int(port), timeout=5), [], []
+    while not done.is_set():
+        t = time.perf_counter()
+        try:
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            r.read()
+            ok = r.status == 200
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            conn, ok = http.client.HTTPConnection(host, int(port), timeout=5), False
+        health.append((time.perf_counter() - t, ok))
+        if pid:
+            procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+            rss.append(sum(p.memory_info().rss for p in procs if p.is_running()))
+        time.sleep(0.05)
+    out.put((health, rss))
 
 
 def bench_at(model_info: dict, batch: int, rounds: int, threads: int) -> dict:
@@ -223,6 +248,8 @@ def main() -> None:
     p.add_argument("--overload", type=float, default=0,
                    help="then send this many times the top measured throughput, open loop")
     p.add_argument("--overload-seconds", type=float, default=30)
+    p.add_argument("--overload-connections", type=int, default=512,
+                   help="client connections at most during the overload")
     p.add_argument("--bench", action="store_true",
                    help="also run `resnetkit bench` at the mean batch size of the top level")
     p.add_argument("--bench-rounds", type=int, default=7)
@@ -252,7 +279,8 @@ def main() -> None:
         if a.overload:
             rate = a.overload * max(r["requests_per_s"] for r in result["levels"])
             result["overload"] = asyncio.run(overload(url, bodies, rate, a.overload_seconds,
-                                                      proc.pid if proc else None))
+                                                      proc.pid if proc else None,
+                                                      a.overload_connections))
         result["loadavg_after"] = os.getloadavg()
         c8 = [r for r in result["levels"] if r["concurrency"] == 8]
         if c8 and c8[0]["p50_ms"]:

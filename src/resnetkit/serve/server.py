@@ -88,6 +88,48 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def busy_message(limits: dict[str, Any]) -> str:
+    return (f"the server is at its queue limit of {limits['max_queue']} requests "
+            f"(--max-queue); retry shortly")
+
+
+class FastPaths:
+    """ASGI middleware in front of everything: /health, and the 503 of a full queue, are
+    answered here without FastAPI's routing, body reading or decoding. Under 2x overload of
+    a small model the HTTP process is the bottleneck, and there the cost of each refusal
+    and each health check decides how long /health waits. /health is 200 once every worker
+    has loaded its model (LitServe's own asks its manager process on every call, which
+    took seconds under overload here)."""
+
+    def __init__(self, app, pending: list[int], limits: dict[str, Any], state_dir: Path):
+        self.app, self.pending, self.limits, self.state_dir = app, pending, limits, state_dir
+        self.ready = False
+        self.busy = json.dumps({"error": busy_message(limits)}).encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path == "/health" and scope["method"] == "GET":
+                if not self.ready:
+                    found = len(list(self.state_dir.glob("worker-*.json")))
+                    self.ready = found >= self.limits["workers"]
+                return await self._send(send, 200 if self.ready else 503,
+                                        b"ok" if self.ready else b"not ready", b"text/plain")
+            if path == "/predict" and self.pending[0] >= self.limits["max_queue"]:
+                m = http_metrics()
+                m.requests.labels("503").inc()
+                m.errors.labels("overloaded").inc()
+                return await self._send(send, 503, self.busy, b"application/json",
+                                        [(b"retry-after", b"1")])
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _send(send, status: int, body: bytes, kind: bytes, extra=()) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", kind), (b"content-length", str(len(body)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: dict[str, Any],
                state_dir: Path) -> None:
     """Replace LitServe's / and POST /predict with ours; add /metadata and /metrics; errors
@@ -96,7 +138,7 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
 
     app = server.app
     app.router.routes[:] = [r for r in app.router.routes
-                            if getattr(r, "path", None) not in ("/", "/predict")]
+                            if getattr(r, "path", None) not in ("/", "/predict", "/health")]
     handler = RegularRequestHandler(api, server)
     batcher: list[Batcher] = []  # made in the HTTP process, on its event loop
 
@@ -109,6 +151,7 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
                                    limits["workers"]))
         return await batcher[0](image, top_k)
     pending = [0]  # accepted /predict requests not yet answered, in this HTTP process
+    app.add_middleware(FastPaths, pending=pending, limits=limits, state_dir=state_dir)
     page = resources.files("resnetkit.serve").joinpath("page.html").read_text()
 
     @app.exception_handler(HTTPException)
@@ -143,11 +186,8 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
             m.requests.labels(str(e.status)).inc()
             m.errors.labels("bad_input").inc()
             return _error(e.status, e.message)
-        if pending[0] >= limits["max_queue"]:  # no await since the check: exact in asyncio
-            m.requests.labels("503").inc()
-            m.errors.labels("overloaded").inc()
-            return _error(503, f"the server is at its queue limit of {limits['max_queue']} "
-                               f"requests (--max-queue); retry shortly", {"Retry-After": "1"})
+        if pending[0] >= limits["max_queue"]:  # again: no await from here to the increment
+            return overloaded(m)
         pending[0] += 1
         m.queue.inc()
         try:
@@ -162,6 +202,11 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
         m.requests.labels("200").inc()
         m.latency.observe(time.perf_counter() - start)
         return JSONResponse(result)
+
+    def overloaded(m) -> JSONResponse:
+        m.requests.labels("503").inc()
+        m.errors.labels("overloaded").inc()
+        return _error(503, busy_message(limits), {"Retry-After": "1"})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
