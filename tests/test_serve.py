@@ -235,3 +235,24 @@ def test_engines_agree_and_refuse_what_they_cannot_run(checkpoint, tmp_path):
         open_engine(onnx, "torch")
     with pytest.raises(UserError, match="engine must be one of"):
         open_engine(checkpoint, "tensorrt")
+
+
+def test_litserves_own_batching_gives_the_same_answers(checkpoint, tmp_path):
+    imgs = images(6, seed=2)
+    for i, img in enumerate(imgs):
+        (tmp_path / f"{i}.png").write_bytes(png(img))
+    want = predict(checkpoint, [tmp_path / f"{i}.png" for i in range(6)], top_k=2)
+    s = Server(checkpoint, "--batching", "litserve", "--max-batch", "8", "--batch-timeout-ms", "200")
+    try:
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*(c.post(
+                    f"{s.url}/predict?top_k=2", content=png(img),
+                    headers={"Content-Type": "image/png"}) for img in imgs))
+        got = asyncio.run(burst())
+        assert [r.status_code for r in got] == [200] * 6
+        assert [[t["index"] for t in r.json()["top"]] for r in got] == \
+            [[t["index"] for t in w["top"]] for w in want]
+        assert httpx.get(f"{s.url}/metadata").json()["limits"]["batching"] == "litserve"
+    finally:
+        s.close()
