@@ -19,7 +19,6 @@ import io
 import json
 import multiprocessing
 import os
-import random
 import re
 import signal
 import socket
