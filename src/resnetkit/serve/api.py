@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ class ClassifierAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         _exit_with_parent(self.parent)
+        # Ctrl-C reaches the whole process group: the server process drains, then ends the
+        # workers; a worker that stopped at once would drop the batch it is running
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model = open_engine(self.source, self.engine_choice, self.precision_choice,
