@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ class ClassifierAPI(ls.LitAPI):
     def __init__(self, source: str, engine: str, precision: str, pre: dict[str, Any],
                  classes: list[str], state_dir: str, max_batch: int, batch_timeout_s: float,
                  threads: int = 0):
-        super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout_s,
-                         api_path="/predict")
+        with warnings.catch_warnings():  # max_batch 1 with batch/unbatch is meant: batcher.py
+            warnings.filterwarnings("ignore", "The LitServer has both batch and unbatch")
+            super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout_s,
+                             api_path="/predict")
         self.source, self.engine_choice, self.precision_choice = source, engine, precision
         self.pre, self.classes, self.state_dir, self.threads = pre, classes, state_dir, threads
         self.parent = os.getpid()
