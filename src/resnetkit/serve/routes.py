@@ -68,8 +68,8 @@ class FastPaths:
     answered here without FastAPI's routing, body reading or decoding. Under 2x overload of
     a small model the HTTP process is the bottleneck, and there the cost of each refusal
     and each health check decides how long /health waits. /health is 200 once every worker
-    has loaded its model (LitServe's own asks its manager process on every call, which
-    took seconds under overload here)."""
+    has loaded its model (LitServe's own makes a round trip to its manager process on every
+    call)."""
 
     def __init__(self, app, pending: list[int], limits: dict[str, Any], state_dir: Path):
         self.app, self.pending, self.limits, self.state_dir = app, pending, limits, state_dir
