@@ -54,7 +54,7 @@ class ClassifierAPI(ls.LitAPI):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model = open_engine(self.source, self.engine_choice, self.precision_choice,
-                                 self.threads)
+                                 self.threads, workdir=self.state_dir)
         self.metrics = worker_metrics()
         chans, size = self.pre["in_chans"], self.pre["image_size"]
         self.model(torch.zeros(1, chans, size, size))  # first-call costs before serving

@@ -6,6 +6,7 @@ preprocessed float NCHW batch giving fp32 logits, with `.engine` and `.precision
 `infer.optimize` is to give for every engine, so that the choice can move there whole."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -59,12 +60,13 @@ def model_info(source: str | Path) -> dict[str, Any]:
 
 
 def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto",
-                threads: int = 0) -> Engine:
+                threads: int = 0, workdir: str | Path | None = None) -> Engine:
     """The served model on its engine. engine: "auto" (ONNX Runtime for an ONNX file, else
     torch), "torch" (infer.optimize: BN folded, bf16 where the CPU has native bf16, not
     compiled: a server sees every batch size from 1 to --max-batch, and compiling each
     shape costs tens of seconds), "onnxruntime" or "openvino" (a checkpoint is exported to
-    ONNX first). precision: "auto", "fp32" or "bf16" (torch and OpenVINO)."""
+    ONNX first, into `workdir`, default a new temporary folder). precision: "auto", "fp32"
+    or "bf16" (torch and OpenVINO)."""
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if precision not in ("auto", "fp32", "bf16"):
@@ -83,7 +85,8 @@ def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto
     from ..infer.export import export_source, onnx_session, openvino_model, openvino_precisions
     path = Path(source)
     if not onnx:  # the engines read ONNX: export the checkpoint (its preprocessing goes along)
-        path = Path(tempfile.mkdtemp(prefix="resnetkit-serve-")) / "model.onnx"
+        folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
+        path = folder / f"model-{os.getpid()}.onnx"
         export_source(source, output=path)
     if engine == "onnxruntime":
         if precision == "bf16":
