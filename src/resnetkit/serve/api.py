@@ -1,6 +1,7 @@
-"""The inference worker: LitServe's LitAPI for a ResNet classifier. Requests arrive already
-decoded (uint8 arrays, see decode.py); the worker stacks whatever LitServe's dynamic
-batching collected, normalises it with the model's own preprocessing and runs the engine."""
+"""The inference worker: LitServe's LitAPI for a ResNet classifier. Images arrive decoded
+(uint8 arrays, see decode.py), as a batch gathered on the HTTP side (batcher.py) or as the
+requests LitServe's own batching collected; the worker normalises them with the model's own
+preprocessing and runs the engine."""
 from __future__ import annotations
 
 import json
