@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install data demo test bench venv
+.PHONY: install data browser demo test bench venv
 
 # Debian and Ubuntu ship venv's pip bootstrap separately (python3-venv): installed when missing.
 $(PY):
@@ -28,10 +28,18 @@ data:
 	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
 	else echo "no apt: Fashion-MNIST will be downloaded on first use"; fi
 
+# The page test drives Debian's Chromium through Playwright (Playwright's own browser download
+# is not used); without apt it is skipped with the reason.
+browser:
+	@if command -v chromium >/dev/null; then echo "Chromium: $$(command -v chromium)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null; \
+	else echo "no apt: the browser test of the serve page will be skipped"; fi
+
 demo: install data
 	$(VENV)/bin/resnetkit train --recipe fashion-mnist-quick
 
-test: install data
+test: install data browser
 	$(PY) -m pip install -q -e ".[all,paddle]"
 	$(PY) -m pytest -q
 

@@ -154,6 +154,18 @@ def cmd_bench(a: argparse.Namespace) -> int:
                           onnx=not a.no_onnx, compile=a.compile, device=a.device), render.bench)
 
 
+@command(runs_networks=True)
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .analysis.card import model_card  # the page's model card: analysis, passed in as data
+    from .serve import serve
+    return serve(a.model, a.host, a.port, a.workers, a.max_batch, a.batch_timeout_ms, a.engine,
+                 a.precision, a.max_image_pixels, a.max_body_mb, a.max_queue, a.threads,
+                 a.batching, card=model_card, log_level=a.log_level,
+                 on_start=lambda m: print(f"serving {a.model} at {m['url']} (page at /, API "
+                                          f"docs at /docs); SIGTERM or Ctrl-C drains and stops",
+                                          flush=True))
+
+
 @command()
 def cmd_recipes(a: argparse.Namespace) -> int:
     from .train import load_recipe, recipe_names

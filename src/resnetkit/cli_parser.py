@@ -127,6 +127,37 @@ def _runtime_args(sub) -> None:
                    help="ONNX opset to write (18 or later; default: the exporter's)")
 
 
+def _serve_args(sub) -> None:
+    s = _verb(sub, "serve", "HTTP server with dynamic batching, a page to try the model, "
+                            "metrics", json=False)
+    s.add_argument("model", help="a run folder, .safetensors checkpoint, weights tag or "
+                                 "exported .onnx file")
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only), 0.0.0.0 "
+                                                       "or :: (every interface)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (1024-65535)")
+    s.add_argument("--workers", type=int, default=1, help="inference worker processes")
+    s.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per worker (0: one core for the HTTP process, the "
+                        "rest divided among the workers)")
+    s.add_argument("--max-batch", type=int, default=32, help="most requests batched together")
+    s.add_argument("--batch-timeout-ms", type=float, default=5.0,
+                   help="how long a batch waits to fill up, in milliseconds")
+    s.add_argument("--batching", default="server", choices=["server", "litserve"],
+                   help="where requests are gathered into batches: the HTTP process "
+                        "(server) or LitServe's worker loop (litserve; slower here)")
+    s.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
+                   help="what runs the model (auto: onnxruntime for an .onnx file, else torch)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where the CPU has native bf16, else fp32")
+    s.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest image accepted, width x height (decompression bombs)")
+    s.add_argument("--max-body-mb", type=float, default=20.0, help="largest upload accepted, MB")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting at most; beyond it the answer is 503 with Retry-After")
+    s.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"], help="server log verbosity")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnetkit", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnext*'")
     _verb_args(sub)
     _runtime_args(sub)
+    _serve_args(sub)
     _verb(sub, "recipes", "list the shipped training recipes", json=False)
     s = _verb(sub, "weights", "published weights: list, download, convert to a checkpoint")
     s.add_argument("action", choices=["list", "download", "convert"], help="what to do")

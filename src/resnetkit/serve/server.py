@@ -1,0 +1,114 @@
+"""`resnetkit serve`: a LitServe server for a ResNet classifier (routes in routes.py), and
+a shutdown that drains and leaves no process behind.
+
+Processes: this one (LitServe's supervisor), one HTTP process (uvicorn, forked; it decodes
+uploads, so a bad one never reaches a batch), N inference workers (spawned; api.py) and
+LitServe's queue manager."""
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+from .engine import ENGINES, model_info
+from .metrics import mark_dead, use_folder
+from .routes import add_routes
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
+
+
+def check_options(host: str, port: int, workers: int, max_batch: int, batch_timeout_ms: float,
+                  engine: str, max_image_pixels: int, max_body_mb: float, max_queue: int) -> None:
+    """One sentence for the first option out of range."""
+    if host not in HOSTS:
+        raise UserError(f"--host must be one of {', '.join(HOSTS)}, got {host!r}")
+    if not 1024 <= port <= 65535:
+        raise UserError(f"--port must be from 1024 to 65535, got {port}")
+    for name, value, low in (("--workers", workers, 1), ("--max-batch", max_batch, 1),
+                             ("--max-image-pixels", max_image_pixels, 1),
+                             ("--max-queue", max_queue, 1)):
+        if value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}")
+    if batch_timeout_ms < 0 or max_body_mb <= 0:
+        raise UserError("--batch-timeout-ms must be >= 0 and --max-body-mb > 0")
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
+def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          max_batch: int = 32, batch_timeout_ms: float = 5.0, engine: str = "auto",
+          precision: str = "auto", max_image_pixels: int = 40_000_000, max_body_mb: float = 20,
+          max_queue: int = 256, threads: int = 0, batching: str = "server",
+          card: Callable[[Any, int], dict[str, Any]] | None = None,
+          log_level: str = "warning", on_start: Callable[[dict[str, Any]], None] | None = None
+          ) -> int:
+    """Serve a run folder, checkpoint, registry tag or ONNX file until SIGTERM or SIGINT, then
+    drain: the HTTP process stops accepting, answers what it accepted, and every process
+    ends. Returns 0. `card(config, image_size)` gives the page's model card (the CLI passes
+    analysis.card.model_card); threads: torch threads per worker (0: one core for HTTP, the rest
+    shared by the workers);
+    batching: "server" (gathered in the HTTP process, batcher.py) or "litserve" (LitServe's
+    own, in the worker).
+    Raises UserError for a bad option or an unreadable model."""
+    check_options(host, port, workers, max_batch, batch_timeout_ms, engine, max_image_pixels,
+                  max_body_mb, max_queue)
+    if batching not in ("server", "litserve"):
+        raise UserError(f"batching must be server or litserve, got {batching!r}")
+    info = model_info(source)
+    cfg, size = info["config"], info["preprocess"]["image_size"]
+    state_dir = Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
+    (state_dir / "metrics").mkdir()
+    use_folder(state_dir / "metrics")
+    import litserve as ls
+    from .api import ClassifierAPI
+    if not threads:  # one core left to the HTTP process, which decodes every upload
+        threads = max(1, (multiprocessing.cpu_count() - 1) // workers)
+    limits = {"max_batch": max_batch, "batch_timeout_ms": batch_timeout_ms,
+              "max_queue": max_queue, "max_image_pixels": max_image_pixels,
+              "max_body_bytes": int(max_body_mb * 2**20), "workers": workers,
+              "threads_per_worker": threads, "batching": batching}
+    arch = None
+    if cfg is not None:
+        from ..weights.checkpoint import config_to_dict
+        arch = config_to_dict(cfg)
+    meta = {"source": str(source), "architecture": arch, "classes": info["classes"],
+            "preprocess": info["preprocess"], "limits": limits,
+            "card": card(cfg, size) if card and cfg is not None else None}
+    api = ClassifierAPI(str(source), engine, precision, info["preprocess"], info["classes"],
+                        str(state_dir), max_batch if batching == "litserve" else 1,
+                        batch_timeout_ms / 1000 if batching == "litserve" else 0.0, threads)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers, timeout=60,
+                          fast_queue=True)  # responses over ZMQ, not the manager's queues
+    add_routes(server, api, info, meta, limits, state_dir)
+
+    def stop(signum, frame):
+        event = server._shutdown_event
+        if event is None:  # still starting: unwind run(), the children are ended below
+            raise KeyboardInterrupt
+        # set from another thread: this one may be inside a call on the same manager proxy
+        threading.Thread(target=event.set, daemon=True).start()
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_start:
+            on_start({"url": f"http://{host}:{port}", **meta, "card": None})
+        server.run(host=host, port=port, num_api_servers=1, generate_client_file=False,
+                   log_level=log_level, api_server_worker_type="process")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in multiprocessing.active_children():  # whatever LitServe did not end
+            p.terminate()
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+            mark_dead(p.pid)
+        for s, h in old.items():
+            signal.signal(s, h)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,258 @@
+"""`resnetkit serve`: predictions equal the Python API's, every bad input is one 4xx JSON
+sentence and the server keeps serving, the queue limit answers 503 with Retry-After and
+loses no accepted request, SIGTERM drains and leaves no process; the batcher and decoder
+on their own."""
+import asyncio
+import os
+import re
+import signal
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+import torch
+
+pytest.importorskip("litserve")
+
+from serve_helpers import CLASSES, Server, png, write_checkpoint  # noqa: E402
+
+from resnetkit.cli import main  # noqa: E402
+from resnetkit.infer import predict  # noqa: E402
+from resnetkit.serve.batcher import Batcher  # noqa: E402
+from resnetkit.serve.decode import BadInput, check_type, decode_image  # noqa: E402
+from resnetkit.serve.engine import open_engine  # noqa: E402
+
+PRE = {"mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "r20.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    # a 300 ms batch window: requests wait for company, so a burst fills the small queue
+    s = Server(checkpoint, "--max-queue", "4", "--batch-timeout-ms", "300", "--max-batch", "64",
+               "--max-image-pixels", "1000000", "--max-body-mb", "0.05")
+    yield s
+    s.close()
+
+
+def images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(n)]
+
+
+def test_predictions_equal_the_python_api(server, checkpoint, tmp_path):
+    img = images(1)[0]
+    (tmp_path / "x.png").write_bytes(png(img))
+    want = predict(checkpoint, [tmp_path / "x.png"], top_k=3)[0]["top"]
+    raw = httpx.post(f"{server.url}/predict?top_k=3", content=png(img),
+                     headers={"Content-Type": "image/png"}, timeout=30)
+    form = httpx.post(f"{server.url}/predict?top_k=3", files={"file": ("x.png", png(img))},
+                      timeout=30)
+    for r in (raw, form):
+        assert r.status_code == 200, r.text
+        got = r.json()["top"]
+        assert [t["index"] for t in got] == [t["index"] for t in want]
+        assert [t["class"] for t in got] == [CLASSES[t["index"]] for t in want]
+        # bf16 where the CPU has it: probabilities to bf16's 8 bits of mantissa
+        assert np.allclose([t["prob"] for t in got], [t["prob"] for t in want], atol=0.02)
+
+
+def _bomb() -> bytes:  # 4 million pixels in a few kB: refused from its header
+    return png(np.zeros((2000, 2000), dtype=np.uint8))
+
+
+BAD = [  # (what, request kwargs, status)
+    ("empty body", {"content": b"", "headers": {"Content-Type": "image/png"}}, 400),
+    ("not an image", {"content": b"GIF89a garbage" * 10, "headers": {"Content-Type": "image/gif"}}, 400),
+    ("truncated png", {"content": png(np.random.default_rng(0).integers(0, 256, (28, 28),
+                                                                            dtype=np.uint8))[:400],
+                       "headers": {"Content-Type": "image/png"}}, 400),
+    ("wrong content type", {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415),
+    ("json body", {"json": {"image": "x"}}, 415),
+    ("decompression bomb", {"content": _bomb(), "headers": {"Content-Type": "image/png"}}, 413),
+    ("body over --max-body-mb", {"content": os.urandom(80_000),
+                                 "headers": {"Content-Type": "image/png"}}, 413),
+    ("multipart without a file", {"data": {"name": "x"}, "files": {}}, 415),
+    ("multipart with no file field", {"content": b"--b\r\nContent-Disposition: form-data; "
+                                      b"name=\"a\"\r\n\r\nx\r\n--b--\r\n",
+                                      "headers": {"Content-Type": "multipart/form-data; boundary=b"}}, 400),
+    ("top_k of 0", {"content": b"x", "headers": {"Content-Type": "image/png"},
+                    "params": {"top_k": 0}}, 422),
+]
+
+
+@pytest.mark.parametrize("what,kw,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_sentence_and_the_server_keeps_serving(server, what, kw, status):
+    assert _bomb().__len__() < 50_000  # under --max-body-mb: the pixel check is what refuses it
+    r = httpx.post(f"{server.url}/predict", timeout=30, **kw)
+    assert r.status_code == status, (what, r.text)
+    body = r.json()
+    assert list(body) == ["error"] and isinstance(body["error"], str)
+    assert not re.search(r"\. [A-Z]", body["error"]) and "\n" not in body["error"]  # one sentence
+    assert "Traceback" not in body["error"]
+    ok = httpx.post(f"{server.url}/predict", content=png(images(1)[0]),
+                    headers={"Content-Type": "image/png"}, timeout=30)
+    assert ok.status_code == 200
+    assert server.proc.poll() is None
+
+
+def test_health_metadata_docs_and_metrics(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    meta = httpx.get(f"{server.url}/metadata").json()
+    assert meta["classes"] == CLASSES and meta["preprocess"]["image_size"] == 28
+    assert meta["engine"] == "torch" and meta["precision"] in ("fp32", "bf16")
+    card = meta["card"]
+    model = __import__("resnetkit").create_model("resnet20", in_chans=1, num_classes=10)
+    assert card["preset"] == "resnet20"
+    assert card["params"] == sum(p.numel() for p in model.parameters())
+    assert card["depth"]["total"] == 20 and card["diagram_svg"].startswith("<svg")
+    assert "/predict" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    page = httpx.get(f"{server.url}/").text
+    assert "<html" in page and "/metadata" in page
+
+    def count(text, name):
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name) and not line.startswith("#"))
+    before = httpx.get(f"{server.url}/metrics").text
+    r = httpx.post(f"{server.url}/predict", content=png(images(1)[0]),
+                   headers={"Content-Type": "image/png"}, timeout=30)
+    assert r.status_code == 200
+    after = httpx.get(f"{server.url}/metrics").text
+    for name in ("resnetkit_batch_size_count", "resnetkit_request_latency_seconds_count",
+                 "resnetkit_images_total", 'resnetkit_requests_total{code="200"}'):
+        assert count(after, name) == count(before, name) + 1, name
+    assert "resnetkit_queue_depth" in after and "resnetkit_errors_total" in after
+
+
+async def _burst(url: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as c:
+        return await asyncio.gather(*(
+            c.post(f"{url}/predict", content=png(img), headers={"Content-Type": "image/png"})
+            for img in images(n, seed=1)))
+
+
+def test_a_full_queue_answers_503_and_every_accepted_request_is_answered(server):
+    responses = asyncio.run(_burst(server.url, 32))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) > 0 and codes.count(200) >= 4
+    busy = [r for r in responses if r.status_code == 503]
+    assert all(r.headers.get("retry-after") == "1" and "queue limit" in r.json()["error"]
+               for r in busy)
+    # the accepted ones were batched together: the 300 ms window held them
+    assert max(r.json()["batch_size"] for r in responses if r.status_code == 200) > 1
+
+
+def test_sigterm_drains_accepted_requests_then_exits_0_leaving_no_process(checkpoint):
+    s = Server(checkpoint, "--workers", "2", "--batch-timeout-ms", "1500", "--max-batch", "64")
+    try:
+        tree = [p.pid for p in psutil.Process(s.proc.pid).children(recursive=True)]
+        assert len(tree) >= 3  # the HTTP process, 2 inference workers (and LitServe's manager)
+
+        async def in_flight_then_term():
+            async with httpx.AsyncClient(timeout=60) as c:
+                sent = [asyncio.create_task(c.post(
+                    f"{s.url}/predict", content=png(img), headers={"Content-Type": "image/png"}))
+                    for img in images(3)]
+                await asyncio.sleep(0.5)  # accepted, waiting in the 1.5 s batch window
+                s.proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*sent)
+        responses = asyncio.run(in_flight_then_term())
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert s.proc.wait(60) == 0
+        time.sleep(1)
+        left = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        assert left == [], [psutil.Process(p).cmdline() for p in left]
+    finally:
+        s.close()
+
+
+def test_cli_mistakes_are_one_sentence(checkpoint, capsys):
+    assert main(["serve", "no/such/model", "--port", "8123"]) == 2
+    assert "neither a file" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--host", "10.0.0.1"]) == 2
+    assert "--host must be one of" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
+
+
+def test_decode_checks_pixels_before_decoding_and_follows_the_preprocessing():
+    with pytest.raises(BadInput) as e:
+        decode_image(_bomb(), PRE, max_pixels=1_000_000)
+    assert e.value.status == 413 and "4,000,000 pixels" in e.value.message
+    rgb = np.zeros((40, 56, 3), np.uint8)
+    rgb[:, :, 0] = 255  # pure red: luma 0.299 * 255 = 76
+    out = decode_image(png(rgb), PRE, max_pixels=10_000)
+    assert out.shape == (1, 28, 28) and out.dtype == np.uint8 and abs(int(out[0, 0, 0]) - 76) <= 1
+    assert check_type("image/png; charset=binary") == "image/png"
+    with pytest.raises(BadInput):
+        check_type(None)
+
+
+def test_batcher_gathers_routes_results_and_reports_failures():
+    seen = []
+
+    async def submit(payload):
+        seen.append(len(payload["top_k"]))
+        await asyncio.sleep(0.05)
+        return [{"id": int(x[0, 0, 0]), "k": k} for x, k in zip(payload["images"], payload["top_k"])]
+
+    async def run():
+        b = Batcher(submit, max_batch=4, timeout_s=0.02, slots=1)
+        return await asyncio.gather(*(b(np.full((1, 2, 2), i, np.uint8), i) for i in range(10)))
+    out = asyncio.run(run())
+    assert [o["id"] for o in out] == list(range(10)) and [o["k"] for o in out] == list(range(10))
+    assert sum(seen) == 10 and max(seen) == 4 and len(seen) < 10
+
+    async def broken(payload):
+        raise RuntimeError("engine down")
+
+    async def run_broken():
+        b = Batcher(broken, max_batch=4, timeout_s=0.0, slots=2)
+        return await asyncio.gather(*(b(np.zeros((1, 2, 2), np.uint8), 1) for _ in range(3)),
+                                    return_exceptions=True)
+    assert all(isinstance(e, RuntimeError) for e in asyncio.run(run_broken()))
+
+
+def test_engines_agree_and_refuse_what_they_cannot_run(checkpoint, tmp_path):
+    from resnetkit.errors import UserError
+    x = torch.randn(3, 1, 28, 28)
+    torch_fp32 = open_engine(checkpoint, "torch", "fp32")
+    ort = open_engine(checkpoint, "onnxruntime")
+    assert (torch_fp32.engine, ort.engine, ort.precision) == ("torch", "onnxruntime", "fp32")
+    a, b = torch_fp32(x), ort(x)
+    assert torch.allclose(a, b, atol=1e-4 * a.abs().max().item(), rtol=0)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"not a model")
+    with pytest.raises(UserError, match="not torch"):
+        open_engine(onnx, "torch")
+    with pytest.raises(UserError, match="engine must be one of"):
+        open_engine(checkpoint, "tensorrt")
+
+
+def test_litserves_own_batching_gives_the_same_answers(checkpoint, tmp_path):
+    imgs = images(6, seed=2)
+    for i, img in enumerate(imgs):
+        (tmp_path / f"{i}.png").write_bytes(png(img))
+    want = predict(checkpoint, [tmp_path / f"{i}.png" for i in range(6)], top_k=2)
+    s = Server(checkpoint, "--batching", "litserve", "--max-batch", "8", "--batch-timeout-ms", "200")
+    try:
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*(c.post(
+                    f"{s.url}/predict?top_k=2", content=png(img),
+                    headers={"Content-Type": "image/png"}) for img in imgs))
+        got = asyncio.run(burst())
+        assert [r.status_code for r in got] == [200] * 6
+        assert [[t["index"] for t in r.json()["top"]] for r in got] == \
+            [[t["index"] for t in w["top"]] for w in want]
+        assert httpx.get(f"{s.url}/metadata").json()["limits"]["batching"] == "litserve"
+    finally:
+        s.close()

@@ -1,0 +1,79 @@
+"""The page at / in a real headless Chromium (Debian's `chromium`, driven by Playwright):
+upload a Fashion-MNIST test image, read the top class off the page, compare it with the
+model's prediction through the Python API, and check the screenshot is not blank."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("litserve")
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install 'resnetkit[dev]'")
+
+from serve_helpers import Server, write_checkpoint  # noqa: E402
+
+from resnetkit.infer import predict  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def drive_page(url: str, image: Path, screenshot: Path) -> dict:
+    """Open the page, choose `image` in its file picker, wait for the bars; returns the top
+    class read off the page, the classes of the bars and the model card's facts."""
+    with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        browser = p.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
+            viewport={"width": 1280, "height": 900})
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("#facts dt", timeout=30_000)  # the model card from /metadata
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#top-class", timeout=60_000)
+            page.wait_for_selector("#diagram svg", timeout=10_000)
+            out = {"top": page.inner_text("#top-class"),
+                   "bars": [r.get_attribute("data-cls") for r in page.query_selector_all("#bars .row")],
+                   "facts": page.inner_text("#facts"),
+                   "status": page.inner_text("#status")}
+            page.screenshot(path=str(screenshot), full_page=True)
+            return out
+        finally:
+            browser.close()
+
+
+def fashion_test_image(folder: Path, index: int = 0) -> Path:
+    from resnetkit.data import load_dataset
+    ds = load_dataset("fashion-mnist", "test")
+    path = folder / f"fashion-test-{index}.png"
+    Image.fromarray(ds.images[index, 0].numpy()).save(path)
+    return path
+
+
+def check_page(model: Path, folder: Path, screenshot: Path, index: int = 0) -> dict:
+    """Serve `model`, drive the page with Fashion-MNIST test image `index`; asserts and
+    returns what the page showed."""
+    image = fashion_test_image(folder, index)
+    want = predict(model, [image], top_k=5)[0]["top"]
+    server = Server(model)
+    try:
+        shown = drive_page(server.url, image, screenshot)
+    finally:
+        server.close()
+    assert shown["top"] == want[0]["class"], (shown, want)
+    assert shown["bars"] == [t["class"] for t in want]
+    assert "resnet20" in shown["facts"] and "20 = 1 stem conv" in shown["facts"]
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
+    assert pixels.std() > 10, "the screenshot is blank"
+    return shown
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install chromium (make test "
+                                             "installs it where apt is available)")
+def test_page_shows_the_models_top_class(tmp_path):
+    model = write_checkpoint(tmp_path / "r20.safetensors")
+    check_page(model, tmp_path, tmp_path / "page.png")
