@@ -282,3 +282,55 @@ def _onnx_is_qdq(path: str | Path) -> bool:
 def _onnx_file_meta(path: Path) -> dict[str, Any]:
     from .export import onnx_meta, onnx_session
     return onnx_meta(onnx_session(path, 1), str(path))
+
+
+def open_source(source: str | Path, engine: str = "auto", precision: str = "auto",
+                calibration: str | None = None, data_dir: str | None = None
+                ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """(callable on a preprocessed float batch, {"classes", "preprocess"}) for an exported
+    file (see open_file; `precision` must then be auto or the file's own) or a checkpoint on
+    `engine` at `precision` (int8 calibrated on `calibration`, a dataset spec read with the
+    checkpoint's preprocessing; see optimize)."""
+    if Path(source).suffix in (".onnx", ".xml"):
+        run, info = open_file(source, engine)
+        if precision not in ("auto", run.precision):
+            raise UserError(f"{Path(source).name} is a {run.precision} model; precision "
+                            f"{precision} needs a checkpoint (or `resnetkit quantize` for int8)")
+        return run, info
+    from ..weights.sources import load_source
+    from .optimize import optimize
+    if calibration and precision != "int8":
+        raise UserError("--calibration is for --precision int8 only")
+    model, info = load_source(source)
+    run = optimize(model, precision, engine=engine, calibration=calibration,
+                   preprocess=info.get("preprocess"), data_dir=data_dir)
+    return run, info
+
+
+def evaluate_on_engine(source: str | Path, dataset: str = "fashion-mnist", split: str = "test",
+                       data_dir: str | None = None, engine: str = "auto",
+                       precision: str = "auto", calibration: str | None = None,
+                       tta_flip: bool = False, batch_size: int = 256) -> dict[str, Any]:
+    """`resnetkit eval` of an exported file, or of a checkpoint on an engine (see
+    open_source): the dataset split read at the model's input size and channels, in its
+    preprocessing and class order; the result of evaluate() plus "engine" and "precision"."""
+    from ..data import load_dataset, materialize
+    from ..evaluate import evaluate
+    run, info = open_source(source, engine, precision, calibration, data_dir)
+    pre = info.get("preprocess")
+    if pre is None:
+        raise UserError(f"{source} has no preprocessing metadata; export it from a trained "
+                        f"checkpoint")
+    chans = pre.get("in_chans") or len(pre["mean"])
+    data = materialize(load_dataset(dataset, split, data_dir, pre.get("image_size", 0), chans,
+                                    resize=pre.get("resize", 0),
+                                    interpolation=pre.get("interpolation", "bilinear")),
+                       classes=info.get("classes"))
+    classes = info.get("classes")
+    if classes is not None and len(classes) != len(data.classes):
+        raise UserError(f"dataset {dataset} has {len(data.classes)} classes, the model "
+                        f"{len(classes)}")
+    r = evaluate(run, data, pre["mean"], pre["std"], pre.get("image_size", 0), batch_size,
+                 tta_flip=tta_flip)
+    return {**r, "engine": getattr(run, "engine", engine),
+            "precision": getattr(run, "precision", precision)}

@@ -151,7 +151,7 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
              fold: bool = True, compile: str | bool = "auto",
              bf16_weights: bool = False, engine: str = "torch", calibration: Any = None,
              calibration_batches: int = 0, preprocess: dict[str, Any] | None = None,
-             input_shape: tuple[int, ...] | None = None):
+             input_shape: tuple[int, ...] | None = None, data_dir: str | None = None):
     """A fast inference copy of `model` (the original is untouched).
 
     precision: "auto" (bf16 where the hardware has native bf16, else fp32), "bf16", "fp32".
@@ -176,7 +176,7 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
     float NCHW tensor, it gives fp32 logits; `.engine` and `.precision` say what runs."""
     if precision == "int8" or engine != "torch":
         return _on_engine(model, precision, engine, compile, calibration, calibration_batches,
-                          preprocess, input_shape)
+                          preprocess, input_shape, data_dir)
     device = next(model.parameters()).device
     if compile == "auto":
         compile = compile_pays(device)
@@ -200,7 +200,8 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
 
 def _on_engine(model: ResNet, precision: str, engine: str, compile: str | bool,
                calibration: Any, calibration_batches: int,
-               preprocess: dict[str, Any] | None, input_shape: tuple[int, ...] | None):
+               preprocess: dict[str, Any] | None, input_shape: tuple[int, ...] | None,
+               data_dir: str | None = None):
     """optimize() for int8 or another engine than torch (see infer.engines)."""
     from .engines import ENGINES, AutoEngine, build, installed
     if engine != "auto" and engine not in ENGINES:
@@ -219,7 +220,7 @@ def _on_engine(model: ResNet, precision: str, engine: str, compile: str | bool,
             raise UserError(f"calibration_batches must be >= 0, got {calibration_batches}")
         size = input_shape[-1] if input_shape else 0
         batches = calibration_set(calibration, model.cfg.in_chans, size, preprocess,
-                                  calibration_batches * CALIBRATION_BATCH)
+                                  calibration_batches * CALIBRATION_BATCH, data_dir)
     elif calibration is not None:
         raise UserError("calibration images are for precision int8 only")
     model = copy.deepcopy(model).eval()
