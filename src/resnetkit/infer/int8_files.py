@@ -26,6 +26,10 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
+def _tmp_ir(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.partial.xml")  # OpenVINO wants .xml
+
+
 def _check_folder(path: Path) -> None:
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
@@ -112,7 +116,7 @@ def write_openvino_ir(model: ResNet, batches: list[torch.Tensor], path: str | Pa
         for k, v in (meta or {}).items():
             q.set_rt_info(json.dumps(v), ["resnetkit", k])
         import openvino as ov
-        tmp = _tmp(path)
+        tmp = _tmp_ir(path)
         ov.save_model(q, str(tmp), compress_to_fp16=False)
         os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(tmp, path)
@@ -120,7 +124,7 @@ def write_openvino_ir(model: ResNet, batches: list[torch.Tensor], path: str | Pa
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        for t in (_tmp(path), _tmp(path).with_suffix(".bin")):
+        for t in (_tmp_ir(path), _tmp_ir(path).with_suffix(".bin")):
             t.unlink(missing_ok=True)
     return path
 

@@ -225,7 +225,11 @@ def _on_engine(model: ResNet, precision: str, engine: str, compile: str | bool,
         raise UserError("calibration images are for precision int8 only")
     model = copy.deepcopy(model).eval()
     if engine != "auto":
-        return build(model, engine, precision, batches, compile, input_shape)
+        # the exported files' input size: the shape's, else the checkpoint's, else the
+        # calibration images' (else 224)
+        size = (preprocess or {}).get("image_size", 0)
+        shape = input_shape or ((1, model.cfg.in_chans, size, size) if size else None)
+        return build(model, engine, precision, batches, compile, shape)
     auto = AutoEngine(model, precision, batches, compile)
     if input_shape is not None:
         auto.resolve(tuple(input_shape))
