@@ -136,7 +136,8 @@ def quantize_graph(model: ResNet, batches: list[torch.Tensor]) -> torch.fx.Graph
     The result runs in float (quantize/dequantize around each conv and the fc) until
     inductor compiles it; see Int8Model."""
     try:
-        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e import (allow_exported_model_train_eval,
+                                               move_exported_model_to_eval)
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     except ImportError:
@@ -155,7 +156,9 @@ def quantize_graph(model: ResNet, batches: list[torch.Tensor]) -> torch.fx.Graph
     with torch.no_grad():
         for x in batches:
             prepared(x)
-    return move_exported_model_to_eval(convert_pt2e(prepared))
+    # .eval() on it (as evaluate() does with any module) then switches the graph's mode
+    # properly instead of raising
+    return allow_exported_model_train_eval(move_exported_model_to_eval(convert_pt2e(prepared)))
 
 
 class Int8Model(nn.Module):
