@@ -93,9 +93,13 @@ def nncf_quantize(onnx_fp32: str | Path, batches: list[torch.Tensor]):
     except ImportError:
         raise UserError("int8 with OpenVINO needs openvino and nncf: pip install "
                         "'resnetkit[openvino,int8]'") from None
+    import contextlib
+    import sys
     model = core.read_model(str(onnx_fp32))
     data = nncf.Dataset([b.numpy() for b in batches])
-    return nncf.quantize(model, data, subset_size=len(batches),  # items: batches
+    # NNCF draws progress bars on stdout, which --json keeps for the result
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.quantize(model, data, subset_size=len(batches),  # items: batches
                          preset=nncf.QuantizationPreset.PERFORMANCE)
 
 
