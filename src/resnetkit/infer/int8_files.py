@@ -100,7 +100,7 @@ def nncf_quantize(onnx_fp32: str | Path, batches: list[torch.Tensor]):
     # NNCF draws progress bars on stdout, which --json keeps for the result
     with contextlib.redirect_stdout(sys.stderr):
         return nncf.quantize(model, data, subset_size=len(batches),  # items: batches
-                         preset=nncf.QuantizationPreset.PERFORMANCE)
+                             preset=nncf.QuantizationPreset.PERFORMANCE)
 
 
 def write_openvino_ir(model: ResNet, batches: list[torch.Tensor], path: str | Path,
