@@ -16,6 +16,11 @@ def test_bench_small_model_reports_every_path():
     engines = {f"openvino_{p}" for p in openvino_precisions()}
     assert engines and engines <= set(res)  # OpenVINO is part of the [all] install
     assert all(res[k]["precision"] == k.split("_")[1] for k in engines)
+    assert {"resnetkit_int8", "onnxruntime_int8", "openvino_int8"} <= set(res)
+    assert all(res[k]["precision"] == "int8" for k in res if k.endswith("int8"))
+    hw = r["hardware"]
+    assert hw["peak_source"] and hw["peak_int8_gops"] >= hw["peak_fp32_gflops"]
+    assert all(v["fraction_of_peak"] <= 1 for v in res.values())  # a true peak
     assert res["baseline_fp32_nchw"]["speedup"] == 1.0
     assert r["allocator"]["allocator"] in ("glibc-tuned", "system")
     for v in res.values():
@@ -66,18 +71,6 @@ def test_hardware_peak_is_derived():
         assert hw["peak_fp32_gflops"] > 0
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small ResNet-20 trained for 2 epochs on 4,096 Fashion-MNIST images (~70% top-1)."""
-    from resnetkit.train import Trainer, build_config
-    out = tmp_path_factory.mktemp("runs")
-    cfg = build_config(None, model="resnet20", train_subset=4096, test_subset=500, epochs=2,
-                       batch_size=128, lr=0.1, precision="fp32", plots=False, out_dir=str(out),
-                       name="r")
-    Trainer(cfg, quiet=True).fit()
-    return out / "r"
-
-
 def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     import json
 
@@ -91,6 +84,7 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     engines = {f"openvino_{p}" for p in openvino_precisions()}
     if compile_pays(torch.device("cpu")):  # optimize() compiles by default here
         engines.add("resnetkit_infer_compiled")
+    engines |= {"resnetkit_int8", "onnxruntime_int8", "openvino_int8"}
     assert r["samples"] == 2000 and set(res) == {"baseline_fp32_nchw", "resnetkit_infer",
                                                  "onnxruntime_fp32"} | engines
     base = res["baseline_fp32_nchw"]
@@ -113,10 +107,15 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     if "resnetkit_infer_compiled" in res:
         comp = res["resnetkit_infer_compiled"]
         assert comp["agreement_with_fp32"] >= 0.99 and abs(comp["top1"] - base["top1"]) <= 0.01
+    for k in ("resnetkit_int8", "onnxruntime_int8", "openvino_int8"):  # calibrated on train
+        q = res[k]
+        assert q["precision"] == "int8" and q["agreement_with_fp32"] >= 0.97, (k, q)
+        assert abs(q["top1"] - base["top1"]) <= 0.02 and q["max_abs_diff"] < 0.25 * r["logit_scale"]
     fast = res["resnetkit_infer"]  # bf16 where native: small differences, same classes
     assert fast["agreement_with_fp32"] >= 0.99 and fast["max_abs_diff"] < 0.1 * r["logit_scale"]
     assert abs(fast["top1"] - base["top1"]) <= 0.01
-    assert main(["bench", "--check", str(trained), "--limit", "300", "--no-onnx", "--json"]) == 0
+    assert main(["bench", "--check", str(trained), "--limit", "300", "--no-onnx", "--no-int8",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["samples"] == 300 and set(out["results"]) - {"resnetkit_infer_compiled"} == {
         "baseline_fp32_nchw", "resnetkit_infer"}

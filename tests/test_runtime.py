@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from resnetkit.runtime import _libc
 
@@ -75,3 +76,53 @@ def test_bad_allocator_choice_is_one_clear_error():
     assert r.returncode == 2
     assert r.stderr.strip() == ("resnetkit bench: error: RESNETKIT_ALLOCATOR must be tuned or "
                                 "system, got 'jemalloc'")
+
+
+# ---- the peak: FLOP per cycle from the flags, the clock from cpufreq or a measured GEMM ------
+
+@pytest.mark.parametrize("vendor,family,flags,want", [
+    # Intel Sapphire Rapids: 2 x 512-bit FMA units (2 x 16 x 2), AMX 1024 bf16 / 2048 int8
+    ("GenuineIntel", 6, {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
+                         "amx_int8"}, (64, 1024, 2048)),
+    # AMD Zen 4: AVX-512 on 256-bit units (2 x 8 x 2), bf16 dot products twice that, VNNI 4x
+    ("AuthenticAMD", 25, {"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}, (32, 64, 128)),
+    # AMD Zen 3: AVX2 only, int8 without VNNI about twice fp32
+    ("AuthenticAMD", 25, {"avx2", "fma"}, (32, 32, 64)),
+])
+def test_flop_per_cycle_by_hand(vendor, family, flags, want):
+    from resnetkit.runtime import _flop_per_cycle
+    got = _flop_per_cycle({"vendor": vendor, "family": family, "flags": flags})
+    assert (got["fp32"], got["bf16"], got["int8"]) == want
+
+
+def test_peak_uses_cpufreq_max_where_the_os_reports_it(monkeypatch, tmp_path):
+    from resnetkit import runtime
+    (tmp_path / "cpuinfo_max_freq").write_text("3700000\n")  # kHz
+    monkeypatch.setattr(runtime, "CPUFREQ", tmp_path)
+    hw = runtime.hardware(measure=True)
+    per = hw["flop_per_cycle"]["fp32"]
+    assert hw["peak_source"] == "cpufreq cpuinfo_max_freq" and hw["ghz"] == 3.7
+    assert hw["peak_fp32_gflops"] == pytest.approx(torch.get_num_threads() * per * 3.7)
+    assert "gemm_fp32_gflops" not in hw
+
+
+def test_peak_without_cpufreq_is_never_below_a_measured_gemm(monkeypatch, tmp_path):
+    from resnetkit import runtime
+    monkeypatch.setattr(runtime, "CPUFREQ", tmp_path / "absent")
+    base = runtime.cpu_info()["mhz"] / 1000
+    threads = torch.get_num_threads()
+    per = runtime._flop_per_cycle(runtime.cpu_info())["fp32"]
+    fast = threads * per * (base + 1.0)  # a GEMM that implies a clock 1 GHz above the base
+    monkeypatch.setattr(runtime, "gemm_gflops", lambda t: fast)
+    hw = runtime.hardware(measure=True)
+    assert hw["peak_source"].startswith("measured fp32 GEMM")
+    assert hw["peak_fp32_gflops"] == pytest.approx(fast) and hw["ghz"] == pytest.approx(base + 1)
+    monkeypatch.setattr(runtime, "gemm_gflops", lambda t: 1.0)  # slower: the stated clock
+    hw = runtime.hardware(measure=True)
+    assert hw["peak_source"] == "/proc/cpuinfo clock" and hw["ghz"] == pytest.approx(base)
+
+
+def test_measured_gemm_is_below_the_peak():
+    from resnetkit.runtime import gemm_gflops, hardware
+    hw = hardware(measure=True)
+    assert 0 < gemm_gflops(torch.get_num_threads()) <= hw["peak_fp32_gflops"] * 1.0001

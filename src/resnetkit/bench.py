@@ -48,7 +48,7 @@ def _export_onnx(model: torch.nn.Module, image_size: int, notes: list[str]) -> P
     from .infer.export import export
     path = Path(tempfile.mkdtemp()) / "model.onnx"
     try:
-        export(model, path, "onnx", image_size)
+        export(model, path, "onnx", image_size, dynamic_size=False)
     except ImportError as e:
         notes.append(f"ONNX export needs pip install 'resnetkit[export]' ({e}): "
                      "ONNX Runtime and OpenVINO skipped")
@@ -81,8 +81,33 @@ def _engines(model: torch.nn.Module, image_size: int, notes: list[str],
     return runners
 
 
+def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
+                shape: tuple[int, ...] | None = None, onnx: bool = True,
+                compiled: bool = True) -> dict[str, tuple[str, Callable]]:
+    """{name: ("int8", run on a float batch)}: resnetkit's PT2E int8 model (compiled with
+    frozen weights where optimize() compiles), and where installed ONNX Runtime on its QDQ
+    export and OpenVINO on NNCF's quantization, all calibrated on `batches`. Engines that
+    are not installed are skipped with a note."""
+    from .infer.engines import build, installed
+    from .infer.quantize import Int8Model, quantize_graph
+    paths: dict[str, tuple[str, Callable]] = {}
+    why = installed("torch", "int8")
+    if why:
+        notes.append(f"{why}: int8 paths skipped")
+        return paths
+    paths["resnetkit_int8"] = ("int8", Int8Model(quantize_graph(base, batches), compiled))
+    for engine in ("onnxruntime", "openvino") if onnx else ():
+        why = installed(engine, "int8")
+        if why:
+            notes.append(f"{why}: {engine}_int8 skipped")
+            continue
+        paths[f"{engine}_int8"] = ("int8", build(base, engine, "int8", batches,
+                                                 shape=shape, static=shape is not None))
+    return paths
+
+
 def _paths(model: str, x: torch.Tensor, y: torch.Tensor, image_size: int, train: bool,
-           onnx: bool, compile: bool, notes: list[str], **build: Any
+           onnx: bool, compile: bool, notes: list[str], int8: bool = True, **build: Any
            ) -> tuple[dict[str, Callable[[], Any]], dict[str, str], bool]:
     """Every timed path ({name: run}), its precision, and whether optimize() compiles by
     default here. `build` holds create_model's in_chans and num_classes."""
@@ -108,6 +133,16 @@ def _paths(model: str, x: torch.Tensor, y: torch.Tensor, image_size: int, train:
             precision[name] = prec
     elif onnx:
         notes.append("ONNX Runtime and OpenVINO are timed on the CPU only (use --device cpu)")
+    if int8 and dev.type == "cpu":
+        # random weights, so random calibration images: the speed does not depend on them
+        gen = torch.Generator().manual_seed(0)
+        batches = [torch.randn(x.shape, generator=gen) for _ in range(2)]
+        for name, (prec, run) in _int8_paths(base, batches, notes, tuple(x.shape), onnx,
+                                             auto_compiles or compile).items():
+            paths[name] = infer(run)
+            precision[name] = prec
+    elif int8:
+        notes.append("int8 is timed on the CPU only (use --device cpu)")
     if train:
         tb = create_model(model, **build).to(dev).train()
         ob = torch.optim.SGD(tb.parameters(), lr=0.01, momentum=0.9)
@@ -134,7 +169,8 @@ def _summarise(times: dict[str, list[float]], precision: dict[str, str], batch: 
         med = statistics.median(ts)
         ips = batch / med
         flop = 2 * macs * ips * (3 if k.startswith("train") else 1)  # backward ~ 2x forward
-        peak = hw.get("peak_bf16_gflops" if precision[k] == "bf16" else "peak_fp32_gflops")
+        peak = hw.get({"bf16": "peak_bf16_gflops", "int8": "peak_int8_gops"}.get(
+            precision[k], "peak_fp32_gflops"))
         results[k] = {"img_s": ips, "ms_per_batch": med * 1e3,
                       "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
                       "round_ms": [t * 1e3 for t in ts],
@@ -153,11 +189,15 @@ def _summarise(times: dict[str, list[float]], precision: dict[str, str], batch: 
 def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
           rounds: int = 7, warmup: int = 2, in_chans: int = 3, num_classes: int = 1000,
           train: bool = True, onnx: bool = True, compile: bool = False,
-          device: str = "auto") -> dict[str, Any]:
+          device: str = "auto", int8: bool = True) -> dict[str, Any]:
     """Median images/s and ms per batch of each path, their spread, speed-ups against the
     eager fp32 NCHW baseline (ratio of medians, and the median of the per-round ratios) and
     achieved FLOP/s as a fraction of peak. device: "auto" (CUDA when there is one), "cpu" or
-    "cuda[:N]"; ONNX Runtime and OpenVINO run on the CPU only, so they are timed only there."""
+    "cuda[:N]"; ONNX Runtime and OpenVINO run on the CPU only, so they are timed only there.
+    int8: also time the int8 paths (CPU only; calibrated on random images, as the weights
+    are random). An int8 path's "gflops" counts int8 operations, its fraction is of the
+    int8 peak. The peak's clock is measured where the OS does not report it (see
+    runtime.hardware)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not str(device).split(":")[0] in ("cpu", "cuda"):
@@ -185,7 +225,7 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     y = torch.randint(0, num_classes, (batch,), device=dev)
     notes: list[str] = []
     paths, precision, auto_compiles = _paths(model, x, y, image_size, train, onnx, compile,
-                                             notes, **build)
+                                             notes, int8, **build)
     for fn in paths.values():
         for _ in range(warmup):
             fn()
@@ -193,7 +233,7 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     for _ in range(rounds):
         for k, fn in paths.items():
             times[k].append(_time(fn, dev.type == "cuda"))
-    hw = hardware(dev)
+    hw = hardware(dev, measure=True)
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw,
             "results": _summarise(times, precision, batch, macs, hw),
@@ -204,13 +244,17 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
 
 def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str | None = None,
           batch: int = 500, onnx: bool = True, compile: bool = False,
-          limit: int = 0) -> dict[str, Any]:
+          limit: int = 0, int8: bool = True, calibration_images: int = 512) -> dict[str, Any]:
     """The accuracy guard: every fast path's logits against the eager fp32 model's on a real
     test set, for a trained checkpoint. Reports per path its top-1 accuracy, its top-1
     agreement with fp32 (fraction of images with the same predicted class) and the max and
-    mean absolute logit difference (see evaluate_checkpoint)."""
+    mean absolute logit difference (see evaluate_checkpoint). int8: also the int8 paths,
+    calibrated on `calibration_images` images of the dataset's training split in the
+    checkpoint's preprocessing (never on the test images they are judged on)."""
     import numpy as np
+    from .weights.sources import load_source
     notes: list[str] = []
+    pre = load_source(checkpoint)[1].get("preprocess")
 
     def variants(model: torch.nn.Module, image_size: int) -> dict[str, tuple[str, Callable]]:
         fast = optimize(model, compile=False)
@@ -220,6 +264,14 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
         if onnx:
             for name, (prec, run) in _engines(model, image_size, notes).items():
                 paths[name] = (prec, lambda x, run=run: torch.from_numpy(np.array(run(x.numpy()))))
+        if int8 and next(model.parameters()).device.type == "cpu":
+            from .infer.quantize import calibration_set
+            batches = calibration_set(f"{dataset}:{calibration_images}", model.cfg.in_chans,
+                                      image_size, pre, data_dir=data_dir)
+            notes.append(f"int8 calibrated on {calibration_images} images of the {dataset} "
+                         f"training split")
+            paths.update(_int8_paths(model, batches, notes, onnx=onnx,
+                                     compiled=compile or compile_pays(torch.device("cpu"))))
         return paths
     r = evaluate_checkpoint(checkpoint, dataset, "test", data_dir, limit=limit,
                             batch_size=batch, variants=variants)

@@ -122,19 +122,33 @@ def cmd_train(a: argparse.Namespace) -> int:
 @command(runs_networks=True)
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
-    r = evaluate_checkpoint(a.checkpoint, a.dataset, a.split, a.data_dir, tta_flip=a.tta_flip)
+    if a.engine or Path(a.checkpoint).suffix in (".onnx", ".xml"):
+        from .infer.engines import evaluate_on_engine
+        r = evaluate_on_engine(a.checkpoint, a.dataset, a.split, a.data_dir, a.engine or "auto",
+                               a.precision, a.calibration, tta_flip=a.tta_flip)
+    else:
+        r = evaluate_checkpoint(a.checkpoint, a.dataset, a.split, a.data_dir, tta_flip=a.tta_flip)
     return _show(a, r, lambda r: render.evaluation(r, f"{a.checkpoint} on {a.dataset} {a.split}"))
 
 
 @command(runs_networks=True)
 def cmd_predict(a: argparse.Namespace) -> int:
     from .infer import predict
-    return _show(a, predict(a.checkpoint, a.images, a.top_k), render.predictions)
+    return _show(a, predict(a.checkpoint, a.images, a.top_k, engine=a.engine,
+                            precision=a.precision, calibration=a.calibration),
+                 render.predictions)
 
 
 @command()
 def cmd_export(a: argparse.Namespace) -> int:
     from .infer.export import export_source
+    if a.precision == "int8":
+        if a.opset is not None:
+            raise UserError("--opset is for fp32 exports; the int8 file is written at the "
+                            "quantizer's opset")
+        return _quantize(a.source, a.calibration, a.output, a.data_dir, a.overrides)
+    if a.calibration:
+        raise UserError("--calibration is for --precision int8 only")
     path, model, size = export_source(a.source, a.overrides, a.format, a.output, a.image_size,
                                       fold=not a.no_fold, dynamic_size=a.dynamic_size,
                                       opset=a.opset)
@@ -143,15 +157,43 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(source: str, calibration: str | None, output: str | None, data_dir: str | None,
+              overrides: list[str] | None = None) -> int:
+    from .infer.int8_files import quantize_source
+    if overrides:
+        raise UserError("config overrides apply to a preset name; int8 needs a trained checkpoint")
+    if not calibration:
+        raise UserError("int8 needs calibration images: add --calibration fashion-mnist:512 "
+                        "(or another dataset the checkpoint was trained for)")
+    out = output or f"{Path(source).stem}.int8.onnx"
+    r = quantize_source(source, calibration, out, data_dir)
+    if r["onnx"]:
+        c = r["check"]
+        print(f"wrote {r['onnx']} (int8 QDQ ONNX, dynamic batch, calibrated on {r['images']} "
+              f"images; ONNX Runtime against the quantized PyTorch model on {c['images']} of "
+              f"them: top-1 agreement {c['agreement']:.4f}, max logit difference "
+              f"{c['max_abs_diff']:.4g})")
+    if r["openvino"]:
+        print(f"wrote {r['openvino']} (int8 OpenVINO IR quantized by NNCF)")
+    return 0
+
+
+@command(runs_networks=True)
+def cmd_quantize(a: argparse.Namespace) -> int:
+    return _quantize(a.source, a.calibration, a.output, a.data_dir)
+
+
 @command(runs_networks=True)
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import bench, check
     if a.check:
         return _show(a, check(a.check, a.dataset, a.data_dir, onnx=not a.no_onnx,
-                              compile=a.compile, limit=a.limit), render.check)
+                              compile=a.compile, limit=a.limit, int8=not a.no_int8),
+                     render.check)
     return _show(a, bench(a.model, a.batch, a.image_size, a.threads, a.rounds,
                           in_chans=a.in_chans, num_classes=a.num_classes, train=not a.no_train,
-                          onnx=not a.no_onnx, compile=a.compile, device=a.device), render.bench)
+                          onnx=not a.no_onnx, compile=a.compile, device=a.device,
+                          int8=not a.no_int8), render.bench)
 
 
 @command(runs_networks=True)

@@ -75,6 +75,7 @@ def _verb_args(sub) -> None:
     s.add_argument("--split", default="test", choices=["train", "test"], help="which split")
     s.add_argument("--tta-flip", action="store_true",
                    help="average the probabilities of each image and its mirror image")
+    _engine_args(s)
 
 
 def _data_args(s: argparse.ArgumentParser, when: str = "") -> None:
@@ -88,6 +89,7 @@ def _runtime_args(sub) -> None:
     s.add_argument("checkpoint", help="a .safetensors file, a run folder or an exported .onnx")
     s.add_argument("images", nargs="+", help="image files or folders of them")
     s.add_argument("--top-k", type=int, default=5, help="classes to show per image")
+    _engine_args(s)
 
     s = _verb(sub, "bench", "side-by-side throughput against plain PyTorch")
     s.add_argument("model", nargs="?", default="resnet50", help="preset name")
@@ -100,6 +102,10 @@ def _runtime_args(sub) -> None:
     s.add_argument("--no-train", action="store_true", help="skip the training-step paths")
     s.add_argument("--no-onnx", action="store_true",
                    help="skip the engines that run the exported ONNX file (ONNX Runtime, OpenVINO)")
+    s.add_argument("--no-int8", action="store_true",
+                   help="skip the int8 paths (resnetkit's PT2E int8, ONNX Runtime on its QDQ "
+                        "export, OpenVINO with NNCF); with --check they calibrate on 512 "
+                        "training images")
     s.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the fast path (always timed where "
                         "optimize() compiles by default: CUDA, or a CPU with a C++ compiler)")
@@ -125,6 +131,13 @@ def _runtime_args(sub) -> None:
                         "fixes them at --image-size")
     s.add_argument("--opset", type=int, default=None,
                    help="ONNX opset to write (18 or later; default: the exporter's)")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="int8: a QDQ ONNX file quantized on --calibration (and an OpenVINO "
+                        "IR beside it where OpenVINO is installed); see `resnetkit quantize`")
+    s.add_argument("--calibration", default=None, metavar="DATASET[:N]",
+                   help="with --precision int8: N training images of this dataset "
+                        "(default 512) in the checkpoint's preprocessing")
+    s.add_argument("--data-dir", default=None, help="folder of the calibration dataset's files")
 
 
 def _serve_args(sub) -> None:
@@ -166,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verb_args(sub)
     _runtime_args(sub)
     _serve_args(sub)
+    _quantize_args(sub)
     _verb(sub, "recipes", "list the shipped training recipes", json=False)
     s = _verb(sub, "weights", "published weights: list, download, convert to a checkpoint")
     s.add_argument("action", choices=["list", "download", "convert"], help="what to do")
@@ -175,3 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+
+
+def _engine_args(s: argparse.ArgumentParser) -> None:
+    """--engine, --precision and --calibration of `eval` and `predict`."""
+    s.add_argument("--engine", default=None,
+                   choices=["torch", "onnxruntime", "openvino", "auto"],
+                   help="run on this engine (auto: the one measured fastest here, timed once "
+                        "and cached); default: plain PyTorch for a checkpoint, ONNX Runtime "
+                        "for .onnx, OpenVINO for .xml")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                   help="with --engine on a checkpoint: auto (bf16 where the CPU has it, else "
+                        "fp32; never int8) or int8 with --calibration")
+    s.add_argument("--calibration", default=None, metavar="DATASET[:N]",
+                   help="with --precision int8: N training images of this dataset (default "
+                        "512) in the checkpoint's preprocessing")
+
+
+def _quantize_args(sub) -> None:
+    s = _verb(sub, "quantize", "post-training int8: QDQ ONNX and OpenVINO IR files")
+    s.add_argument("source", help="a trained checkpoint: .safetensors, run folder or weights tag")
+    s.add_argument("--calibration", required=True, metavar="DATASET[:N]",
+                   help="N training images of this dataset (default 512), e.g. "
+                        "fashion-mnist:1000, read in the checkpoint's own preprocessing")
+    s.add_argument("--data-dir", default=None, help="folder of the calibration dataset's files")
+    s.add_argument("-o", "--output", required=True,
+                   help="NAME.onnx (QDQ ONNX, plus NAME.xml/.bin where OpenVINO and NNCF are "
+                        "installed) or NAME.xml (OpenVINO IR only)")

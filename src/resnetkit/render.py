@@ -139,6 +139,10 @@ def bench(r: dict[str, Any]) -> None:
                   f"{v['speedup']:.2f}x ({v['speedup_paired']:.2f}x)", frac)
     c = console()
     c.print(t)
+    hw = r["hardware"]
+    if hw.get("peak_source"):
+        c.print(f"peak: {hw.get('peak_fp32_gflops') or 0:.0f} GFLOP/s fp32 at "
+                f"{hw.get('ghz') or 0:.2f} GHz ({hw['peak_source']})")
     for n in r["notes"]:
         c.print(n)
 

@@ -19,6 +19,7 @@ import ctypes.util
 import functools
 import os
 import resource
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,10 +97,10 @@ GPU_PEAKS = (("H100 PCIe", (51.0, 378.0, 756.0)), ("H100", (67.0, 494.7, 989.4))
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict[str, Any]:
-    """{"name", "mhz", "flags"} of the first CPU in /proc/cpuinfo (flags empty, name "cpu"
+    """{"name", "mhz", "flags", "vendor", "family"} of the first CPU in /proc/cpuinfo (flags empty, name "cpu"
     where unreadable). The flags are those oneDNN may use: ONEDNN_MAX_CPU_ISA, where set,
     hides the instructions above its cap (AVX-512, AVX512-BF16, AMX)."""
-    name, mhz, flags = "cpu", 0.0, set()
+    name, mhz, flags, vendor, family = "cpu", 0.0, set(), "", 0
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -110,6 +111,10 @@ def cpu_info() -> dict[str, Any]:
                 mhz = float(value)
             elif key == "flags" and not flags:
                 flags = set(value.split())
+            elif key == "vendor_id" and not vendor:
+                vendor = value.strip()
+            elif key == "cpu family" and not family:
+                family = int(value)
     except (OSError, ValueError):
         pass
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
@@ -118,7 +123,7 @@ def cpu_info() -> dict[str, Any]:
         for isa, hidden in _ISA_LEVELS:
             if level < _ISA_ORDER.index(isa):
                 flags -= {f for f in flags if f.startswith(hidden)}
-    return {"name": name, "mhz": mhz, "flags": flags}
+    return {"name": name, "mhz": mhz, "flags": flags, "vendor": vendor, "family": family}
 
 
 def cpu_flags() -> set[str]:
@@ -169,8 +174,67 @@ def decide_channels_last(choice: Literal["auto"] | bool, precision: str,
     return training and precision == "fp32" and "amx_bf16" not in cpu_flags()
 
 
-def hardware(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Device name, threads and peak FLOP/s (fp32 and bf16) where they can be derived."""
+def _flop_per_cycle(info: dict[str, Any]) -> dict[str, int]:
+    """Per core and cycle: fp32 FLOP, bf16 FLOP and int8 operations (a multiply-add is two).
+    AVX-512 = 2 FMA units x 16 fp32 lanes x 2; AMD's Zen 4 (family 25 with AVX-512) runs
+    512-bit instructions in two halves on 256-bit units, so half that; AVX2 = 2 x 8 x 2.
+    AVX512-BF16 dot products double the fp32 rate; AMX tiles give 1024 bf16 FLOP and 2048
+    int8 operations. VNNI's int8 dot products (vpdpbusd: 4 multiply-adds per 32-bit lane)
+    give four times the fp32 rate; without VNNI, int8 takes a multiply-add pair per step,
+    about twice the fp32 rate."""
+    flags = info["flags"]
+    wide = "avx512f" in flags and not (info.get("vendor") == "AuthenticAMD"
+                                       and info.get("family") == 25)
+    fp32 = 64 if wide else 32
+    bf16 = 1024 if "amx_bf16" in flags else (2 * fp32 if "avx512_bf16" in flags else fp32)
+    vnni = {"avx512_vnni", "avx_vnni"} & flags
+    int8 = 2048 if "amx_int8" in flags else (4 if vnni else 2) * fp32
+    return {"fp32": fp32, "bf16": bf16, "int8": int8}
+
+
+CPUFREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq")
+
+
+def max_clock() -> tuple[float, str]:
+    """(GHz, source) of the cores' highest clock as the OS reports it (cpufreq's
+    cpuinfo_max_freq), or (0, "") where it does not (virtual machines often hide cpufreq)."""
+    root = CPUFREQ
+    for name in ("cpuinfo_max_freq", "scaling_max_freq"):
+        try:
+            khz = int((root / name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if khz > 0:
+            return khz / 1e6, f"cpufreq {name}"
+    return 0.0, ""
+
+
+@functools.lru_cache(maxsize=4)
+def gemm_gflops(threads: int, n: int = 1536, reps: int = 6) -> float:
+    """The best fp32 GFLOP/s of an n x n matrix product (oneDNN/MKL's GEMM, `threads`
+    threads): a lower bound of the true peak, as no kernel beats the clock."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * n ** 3 / best / 1e9
+
+
+def hardware(device: torch.device | str = "cpu", measure: bool = False) -> dict[str, Any]:
+    """Device name, threads and peak FLOP/s (fp32, bf16; int8 operations on the CPU) where
+    they can be derived. On the CPU the peak is threads x FLOP per cycle (_flop_per_cycle) x
+    the highest clock: cpufreq's maximum where the OS reports it; else, with measure=True,
+    the clock a large fp32 GEMM implies when it is above /proc/cpuinfo's (which is often the
+    base clock: boosting cores then made fractions of peak above 1); else /proc/cpuinfo's.
+    "peak_source" says which."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -179,18 +243,29 @@ def hardware(device: torch.device | str = "cpu") -> dict[str, Any]:
         tf32 = torch.backends.cudnn.allow_tf32
         return {"device": name, "threads": threads, "fp32_convs": "tf32" if tf32 else "fp32",
                 "peak_fp32_gflops": peaks[1 if tf32 else 0] * 1e3 if peaks else None,
-                "peak_bf16_gflops": peaks[2] * 1e3 if peaks else None}
+                "peak_bf16_gflops": peaks[2] * 1e3 if peaks else None,
+                "peak_source": "data sheet" if peaks else None}
     info = cpu_info()
     flags = info["flags"]
-    # FLOP per cycle per core: AVX-512 = 2 FMA units x 16 fp32 lanes x 2; AMX-BF16 tiles
-    # = 1024 bf16 FLOP; AVX512-BF16 dot products = 2 x 32 x 2; AVX2 = 2 x 8 x 2.
-    fp32 = 64 if "avx512f" in flags else 32
-    bf16 = 1024 if "amx_bf16" in flags else (128 if "avx512_bf16" in flags else fp32)
-    ghz = info["mhz"] / 1000
-    return {"device": info["name"], "threads": threads, "ghz": ghz,
+    per_cycle = _flop_per_cycle(info)
+    ghz, source = max_clock()
+    out: dict[str, Any] = {}
+    if not ghz:
+        ghz, source = info["mhz"] / 1000, "/proc/cpuinfo clock"
+        if measure:
+            gemm = gemm_gflops(threads)
+            implied = gemm / (threads * per_cycle["fp32"])
+            out = {"gemm_fp32_gflops": gemm, "gemm_implied_ghz": implied}
+            if implied > ghz:
+                ghz, source = implied, "measured fp32 GEMM (clock it implies)"
+    return {"device": info["name"], "threads": threads, "ghz": ghz, "peak_source": source,
+            "flop_per_cycle": per_cycle, **out,
             "avx512": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
             "avx512_bf16": "avx512_bf16" in flags,
-            "peak_fp32_gflops": threads * fp32 * ghz, "peak_bf16_gflops": threads * bf16 * ghz}
+            "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
+            "peak_fp32_gflops": threads * per_cycle["fp32"] * ghz,
+            "peak_bf16_gflops": threads * per_cycle["bf16"] * ghz,
+            "peak_int8_gops": threads * per_cycle["int8"] * ghz}
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:

@@ -7,6 +7,7 @@ import copy
 import os
 import shutil
 import types
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,6 +96,7 @@ class InferenceModel(nn.Module):
     eagerly."""
 
     MAX_SHAPES = 8
+    engine = "torch"
 
     def __init__(self, model: ResNet, precision: str, channels_last: bool,
                  compiled: bool = False, bf16_weights: bool = False):
@@ -152,7 +154,9 @@ def compile_pays(device: torch.device) -> bool:
 
 def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool = "auto",
              fold: bool = True, compile: str | bool = "auto",
-             bf16_weights: bool = False) -> InferenceModel:
+             bf16_weights: bool = False, engine: str = "torch", calibration: Any = None,
+             calibration_batches: int = 0, preprocess: dict[str, Any] | None = None,
+             input_shape: tuple[int, ...] | None = None, data_dir: str | None = None):
     """A fast inference copy of `model` (the original is untouched).
 
     precision: "auto" (bf16 where the hardware has native bf16, else fp32), "bf16", "fp32".
@@ -164,7 +168,20 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
     bf16_weights: with bf16, store the feature weights in bf16 once instead of letting
     autocast cast them on every call (the fc stays fp32 either way): half the weight
     memory; no measurable speed difference on AVX512-BF16 (+1.7% ResNet-50 at 224, -0.6%
-    ResNet-20 at 28, within the noise), so off by default."""
+    ResNet-20 at 28, within the noise), so off by default.
+
+    engine: "torch" (the path above), "onnxruntime", "openvino", or "auto": the engine
+    measured fastest on this CPU for the precision and input shape (timed at the first call,
+    or now when `input_shape` is given; cached per CPU model, see infer.engines).
+    precision "int8" (never chosen by "auto": it needs calibration images) quantizes after
+    training: calibration is a dataset spec ("fashion-mnist:512", its training split read
+    with `preprocess`, a checkpoint's {"mean", "std", "image_size"}), a float tensor or a
+    DataLoader of preprocessed images; calibration_batches limits it to that many batches
+    of 32. Every engine but torch at fp32/bf16 returns an infer.engines.Engine: called on a
+    float NCHW tensor, it gives fp32 logits; `.engine` and `.precision` say what runs."""
+    if precision == "int8" or engine != "torch":
+        return _on_engine(model, precision, engine, compile, calibration, calibration_batches,
+                          preprocess, input_shape, data_dir)
     device = next(model.parameters()).device
     if compile == "auto":
         compile = compile_pays(device)
@@ -184,3 +201,41 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
         m.to(torch.bfloat16)
         m.fc.float()
     return InferenceModel(m, precision, cl, compile, bf16_weights).eval()
+
+
+def _on_engine(model: ResNet, precision: str, engine: str, compile: str | bool,
+               calibration: Any, calibration_batches: int,
+               preprocess: dict[str, Any] | None, input_shape: tuple[int, ...] | None,
+               data_dir: str | None = None):
+    """optimize() for int8 or another engine than torch (see infer.engines)."""
+    from .engines import ENGINES, AutoEngine, build, installed
+    if engine != "auto" and engine not in ENGINES:
+        raise UserError(f"engine must be auto or one of {', '.join(ENGINES)}, got {engine!r}")
+    device = next(model.parameters()).device
+    if device.type != "cpu" and (precision == "int8" or engine != "torch"):
+        raise UserError("int8 and the ONNX Runtime and OpenVINO engines run on the CPU; "
+                        "move the model there first")
+    precision = decide_precision(precision, device, choices=("bf16", "fp32", "int8"))
+    if engine != "auto" and installed(engine, precision):
+        raise UserError(installed(engine, precision))
+    batches = None
+    if precision == "int8":
+        from .quantize import CALIBRATION_BATCH, calibration_set
+        if calibration_batches < 0:
+            raise UserError(f"calibration_batches must be >= 0, got {calibration_batches}")
+        size = input_shape[-1] if input_shape else 0
+        batches = calibration_set(calibration, model.cfg.in_chans, size, preprocess,
+                                  calibration_batches * CALIBRATION_BATCH, data_dir)
+    elif calibration is not None:
+        raise UserError("calibration images are for precision int8 only")
+    model = copy.deepcopy(model).eval()
+    if engine != "auto":
+        # the exported files' input size: the shape's, else the checkpoint's, else the
+        # calibration images' (else 224)
+        size = (preprocess or {}).get("image_size", 0)
+        shape = input_shape or ((1, model.cfg.in_chans, size, size) if size else None)
+        return build(model, engine, precision, batches, compile, shape)
+    auto = AutoEngine(model, precision, batches, compile)
+    if input_shape is not None:
+        auto.resolve(tuple(input_shape))
+    return auto

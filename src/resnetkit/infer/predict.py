@@ -29,15 +29,23 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
 
 
 def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
-            batch_size: int = 64) -> list[dict[str, Any]]:
+            batch_size: int = 64, engine: str | None = None, precision: str = "auto",
+            calibration: str | None = None) -> list[dict[str, Any]]:
     """[{"file", "top": [{"class", "index", "prob"}...]}] for each image, best first.
 
     The checkpoint's metadata gives the architecture, class names, input size, channels and
     normalisation, so nothing has to be repeated. Raises UserError for a file that cannot be
-    decoded (before any prediction is made)."""
+    decoded (before any prediction is made). engine, precision, calibration: run on that
+    engine (see infer.engines.open_source); an exported .xml (OpenVINO IR) needs no engine."""
     if top_k < 1:
         raise UserError(f"top_k must be >= 1, got {top_k}")
-    if str(checkpoint).endswith(".onnx"):
+    if engine is not None or str(checkpoint).endswith(".xml"):
+        from .engines import open_source
+        run, info = open_source(checkpoint, engine or "auto", precision, calibration)
+        if "preprocess" not in info:
+            raise UserError(f"{checkpoint} has no preprocessing metadata; export it from a "
+                            f"trained checkpoint")
+    elif str(checkpoint).endswith(".onnx"):
         from .export import onnx_meta, onnx_session
         sess = onnx_session(checkpoint)
         info = onnx_meta(sess, str(checkpoint))

@@ -1,0 +1,193 @@
+"""int8 files: a QDQ ONNX file exported from the PT2E graph (the same scales and zero points
+as the torch engine's int8 model; checked in ONNX Runtime against that graph before it is
+put in place) and an OpenVINO IR quantized by NNCF on the same calibration images."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..model import ResNet
+
+# the exported file against the PT2E graph on the first calibration images: the two round
+# at quantization steps independently, so a few values move by one step (about 1% of the
+# logits' range); a wrong export differs by far more
+MIN_AGREEMENT = 0.95
+MAX_DIFF_FRACTION = 0.1
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def _tmp_ir(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.partial.xml")  # OpenVINO wants .xml
+
+
+def _check_folder(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+
+
+def write_qdq_onnx(graph: torch.fx.GraphModule, path: str | Path, example: torch.Tensor,
+                   meta: dict[str, Any] | None = None) -> dict[str, float]:
+    """Export a converted PT2E graph as QDQ ONNX (QuantizeLinear/DequantizeLinear around
+    float Conv/Gemm, dynamic batch), check it in ONNX Runtime against the graph on `example`
+    and move it into place. Returns the check: {"agreement", "max_abs_diff",
+    "logit_scale"}. Nothing is left at `path` when any step fails."""
+    path = Path(path)
+    _check_folder(path)
+    tmp = _tmp(path)
+    try:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        prog = torch.onnx.export(graph, (example[:2],), dynamo=True,
+                                 dynamic_shapes={"x": {0: batch}}, input_names=["input"],
+                                 output_names=["logits"], verbose=False)
+        prog.save(str(tmp))
+        if meta:
+            import onnx
+            proto = onnx.load(str(tmp))
+            for k, v in meta.items():
+                proto.metadata_props.add(key=k, value=json.dumps(v))
+            onnx.save(proto, str(tmp))
+        check = compare_onnx(graph, tmp, example)
+        if check["agreement"] < MIN_AGREEMENT or \
+                check["max_abs_diff"] > MAX_DIFF_FRACTION * check["logit_scale"]:
+            raise RuntimeError(f"the int8 ONNX file disagrees with the quantized PyTorch "
+                               f"model: {check}")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return check
+
+
+def compare_onnx(graph: torch.fx.GraphModule, path: str | Path,
+                 x: torch.Tensor) -> dict[str, float]:
+    """The ONNX file's logits in ONNX Runtime against the graph's on a batch."""
+    from .export import onnx_session
+    sess = onnx_session(path)
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        ref = graph(x).float()
+    return {"agreement": (got.argmax(1) == ref.argmax(1)).float().mean().item(),
+            "max_abs_diff": (got - ref).abs().max().item(),
+            "logit_scale": ref.abs().max().item(), "images": len(x)}
+
+
+def nncf_quantize(onnx_fp32: str | Path, batches: list[torch.Tensor]):
+    """The fp32 ONNX file read by OpenVINO and quantized by NNCF's post-training
+    quantization (per-channel weights, per-tensor activations, its fast bias correction) on
+    the calibration batches. Returns an openvino.Model."""
+    try:
+        import nncf
+        from .export import _openvino_core
+        core = _openvino_core()
+    except ImportError:
+        raise UserError("int8 with OpenVINO needs openvino and nncf: pip install "
+                        "'resnetkit[openvino,int8]'") from None
+    import contextlib
+    import sys
+    model = core.read_model(str(onnx_fp32))
+    data = nncf.Dataset([b.numpy() for b in batches])
+    # NNCF draws progress bars on stdout, which --json keeps for the result
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.quantize(model, data, subset_size=len(batches),  # items: batches
+                             preset=nncf.QuantizationPreset.PERFORMANCE)
+
+
+def write_openvino_ir(model: ResNet, batches: list[torch.Tensor], path: str | Path,
+                      meta: dict[str, Any] | None = None) -> Path:
+    """An int8 OpenVINO IR (PATH.xml and PATH.bin) quantized by NNCF, the classes and
+    preprocessing in its rt_info; both files are written beside the target and renamed into
+    place."""
+    from .export import export
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise UserError(f"an OpenVINO IR is named NAME.xml (with NAME.bin), not {path.name!r}")
+    _check_folder(path)
+    work = Path(tempfile.mkdtemp())
+    try:
+        export(model, work / "fp32.onnx", "onnx", batches[0].shape[-1], dynamic_size=False)
+        q = nncf_quantize(work / "fp32.onnx", batches)
+        for k, v in (meta or {}).items():
+            q.set_rt_info(json.dumps(v), ["resnetkit", k])
+        import openvino as ov
+        tmp = _tmp_ir(path)
+        ov.save_model(q, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        for t in (_tmp_ir(path), _tmp_ir(path).with_suffix(".bin")):
+            t.unlink(missing_ok=True)
+    return path
+
+
+def openvino_meta(model, source: str) -> dict[str, Any]:
+    """The classes and preprocessing an IR written by write_openvino_ir carries, checked."""
+    from ..weights.checkpoint import check_preprocess
+    info = {}
+    for k in ("classes", "preprocess"):
+        if model.has_rt_info(["resnetkit", k]):
+            try:
+                info[k] = json.loads(model.get_rt_info(["resnetkit", k]).astype(str))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{source}: its {k} metadata is not valid JSON ({e})") from None
+    if "preprocess" in info:
+        chans = model.inputs[0].get_partial_shape()[1].get_length()
+        info["preprocess"] = check_preprocess(info["preprocess"], chans, source)
+    classes, outputs = info.get("classes"), model.outputs[0].get_partial_shape()[-1]
+    if classes is not None and (not isinstance(classes, list) or
+                                (outputs.is_static and len(classes) != outputs.get_length())):
+        raise UserError(f"{source}: its class list does not match its outputs")
+    return info
+
+
+def quantize_source(source: str | Path, calibration: str, output: str | Path,
+                    data_dir: str | None = None, openvino: str = "auto") -> dict[str, Any]:
+    """`resnetkit quantize` and `export --precision int8`: a checkpoint (file, run folder or
+    tag) quantized on `calibration` (a dataset spec, ":N" images of its training split, in
+    the checkpoint's own preprocessing). output NAME.onnx writes the QDQ ONNX file and, with
+    openvino="auto" where OpenVINO and NNCF are installed, NAME.xml/.bin beside it; NAME.xml
+    writes only the IR. Returns {"onnx", "openvino", "check", "images"}."""
+    from ..weights.sources import REGISTRY, load_source
+    from .quantize import calibration_set, quantize_graph
+    out = Path(output)
+    if out.suffix not in (".onnx", ".xml"):
+        raise UserError(f"the int8 output is NAME.onnx (QDQ ONNX) or NAME.xml (OpenVINO IR), "
+                        f"not {out.name!r}")
+    _check_folder(out)
+    if not (Path(source).exists() or str(source) in REGISTRY):
+        raise UserError(f"{source} is not a checkpoint: int8 calibrates with a trained "
+                        f"checkpoint's own preprocessing (a .safetensors file, a run folder "
+                        f"or a weights tag)")
+    model, info = load_source(source)
+    meta = {k: info[k] for k in ("classes", "preprocess") if k in info}
+    batches = calibration_set(calibration, model.cfg.in_chans,
+                              preprocess=info.get("preprocess"), data_dir=data_dir)
+    result: dict[str, Any] = {"images": sum(len(b) for b in batches), "onnx": None,
+                              "openvino": None}
+    ir = out if out.suffix == ".xml" else out.with_suffix(".xml")
+    if out.suffix == ".onnx":
+        graph = quantize_graph(model, batches)
+        example = torch.cat(batches)[:256]
+        result["check"] = write_qdq_onnx(graph, out, example, meta)
+        result["onnx"] = str(out)
+        if openvino == "auto":
+            try:
+                import nncf  # noqa: F401
+                import openvino as ov  # noqa: F401
+            except ImportError:
+                return result
+    result["openvino"] = str(write_openvino_ir(model, batches, ir, meta))
+    return result
