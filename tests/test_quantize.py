@@ -121,9 +121,17 @@ def test_compiled_int8_equals_the_reference_graph():
     ref = Int8Model(graph, compiled=False)(x)
     out = Int8Model(graph, compiled=True)(x)
     # the same scales; oneDNN requantizes inside its fused kernels, so a value may move by
-    # one quantization step
-    assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.9
-    assert (ref - out).abs().max() < 0.05 * ref.abs().max()
+    # one quantization step: that can swap near-tied classes of this untrained net (it did
+    # on 2 of 16 images with oneDNN capped at AVX2), not clear winners. Without VNNI its
+    # u8 x s8 products go through vpmaddubsw's saturating 16-bit pairs: larger errors (6.5%
+    # of the logit scale measured with oneDNN capped at AVX2)
+    from resnetkit.runtime import cpu_flags
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+    tol = (0.05 if vnni else 0.10) * ref.abs().max()
+    assert (ref - out).abs().max() < tol
+    top2 = ref.topk(2, 1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+    assert clear.any() and torch.equal(ref.argmax(1)[clear], out.argmax(1)[clear])
 
 
 def test_int8_bad_input():

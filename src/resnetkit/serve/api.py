@@ -55,7 +55,7 @@ class ClassifierAPI(ls.LitAPI):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model = open_engine(self.source, self.engine_choice, self.precision_choice,
-                                 self.threads, workdir=self.state_dir)
+                                 self.threads)
         self.metrics = worker_metrics()
         chans, size = self.pre["in_chans"], self.pre["image_size"]
         self.model(torch.zeros(1, chans, size, size))  # first-call costs before serving

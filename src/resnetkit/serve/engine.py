@@ -6,28 +6,16 @@ preprocessed float NCHW batch giving fp32 logits, with `.engine` and `.precision
 `infer.optimize` is to give for every engine, so that the choice can move there whole."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..errors import UserError
+from ..infer.engines import Engine
 from ..weights.sources import load_source
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-
-
-class Engine:
-    """A callable on a preprocessed float NCHW batch giving fp32 logits."""
-
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], engine: str, precision: str):
-        self.run, self.engine, self.precision = run, engine, precision
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.run(x).float()
 
 
 def is_onnx(source: str | Path) -> bool:
@@ -60,12 +48,12 @@ def model_info(source: str | Path) -> dict[str, Any]:
 
 
 def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto",
-                threads: int = 0, workdir: str | Path | None = None) -> Engine:
+                threads: int = 0) -> Engine:
     """The served model on its engine. engine: "auto" (ONNX Runtime for an ONNX file, else
     torch), "torch" (infer.optimize: BN folded, bf16 where the CPU has native bf16, not
     compiled: a server sees every batch size from 1 to --max-batch, and compiling each
     shape costs tens of seconds), "onnxruntime" or "openvino" (a checkpoint is exported to
-    ONNX first, into `workdir`, default a new temporary folder). precision: "auto", "fp32"
+    ONNX at its input size first, by infer.engines.build). precision: "auto", "fp32"
     or "bf16" (torch and OpenVINO)."""
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -81,27 +69,31 @@ def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto
         from ..infer.optimize import optimize
         model, _ = load_source(source)
         fast = optimize(model, precision=precision, compile=False)
-        return Engine(fast, "torch", fast.precision)
-    from ..infer.export import export_source, onnx_session, openvino_model, openvino_precisions
-    path = Path(source)
-    if not onnx:  # the engines read ONNX: export the checkpoint (its preprocessing goes along)
-        folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
-        path = folder / f"model-{os.getpid()}.onnx"
-        export_source(source, output=path)
-    if engine == "onnxruntime":
-        if precision == "bf16":
-            raise UserError("ONNX Runtime serves fp32 here; use --engine openvino for bf16")
-        sess = onnx_session(path, threads)
-        name = sess.get_inputs()[0].name
-        return Engine(lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0]),
-                      "onnxruntime", "fp32")
-    offered = openvino_precisions()
-    if not offered:
-        raise UserError("OpenVINO is not installed: pip install 'resnetkit[openvino]'")
-    if precision == "auto":
-        precision = "bf16" if "bf16" in offered else "fp32"
-    elif precision not in offered:
-        raise UserError(f"OpenVINO offers {', '.join(offered)} on this CPU, not {precision}")
-    run = openvino_model(path, precision, threads)
-    return Engine(lambda x: torch.from_numpy(run(x.contiguous().numpy()).copy()),
-                  "openvino", precision)
+        return Engine("torch", fast.precision, fast, numpy_io=False)
+    if engine == "onnxruntime" and precision == "bf16":
+        raise UserError("ONNX Runtime serves fp32 here; use --engine openvino for bf16")
+    from ..infer.export import openvino_precisions
+    if engine == "openvino":
+        offered = openvino_precisions()
+        if not offered:
+            raise UserError("OpenVINO is not installed: pip install 'resnetkit[openvino]'")
+        if precision == "auto":
+            precision = "bf16" if "bf16" in offered else "fp32"
+        elif precision not in offered:
+            raise UserError(f"OpenVINO offers {', '.join(offered)} on this CPU, not {precision}")
+    else:
+        precision = "fp32"
+    if onnx:
+        from ..infer.export import onnx_session, openvino_model
+        if engine == "onnxruntime":
+            sess = onnx_session(source, threads)
+            name = sess.get_inputs()[0].name
+            return Engine("onnxruntime", "fp32", lambda a: sess.run(None, {name: a})[0])
+        return Engine("openvino", precision, openvino_model(source, precision, threads))
+    # a checkpoint: exported to ONNX at its own input size for the engine (infer.engines)
+    from ..infer.engines import build
+    model, info = load_source(source)
+    pre = info["preprocess"]
+    return build(model, engine, precision,
+                 shape=(1, pre.get("in_chans", model.cfg.in_chans), pre["image_size"],
+                        pre["image_size"]))

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
+from ..model import IMAGENET_MEAN, IMAGENET_STD
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, all three
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # all three publishers use ImageNet's statistics
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ResNetConfig
 from ..errors import UserError
-from ..model import ResNet
+from ..model import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from ..zoo import create_model as build, get_config
 from .checkpoint import check_finite, read_checkpoint
 from .download import download
@@ -25,7 +25,6 @@ from .registry import REGISTRY, Weights, default_weights, get_weights
 
 # ImageNet statistics and torchvision's evaluation transform: the default for foreign files
 # that carry no preprocessing of their own (torchvision's ImageClassification preset).
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET_EVAL = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "image_size": 224,
                  "resize": 256, "interpolation": "bilinear", "in_chans": 3}
 
