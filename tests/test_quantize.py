@@ -113,6 +113,7 @@ def test_int8_on_every_engine_follows_fp32(engine):
     assert not isinstance(m.conv1, torch.nn.Identity) and m.training is False  # untouched
 
 
+@pytest.mark.slow  # compiles the int8 graph (15 s); bench --check in CI runs it compiled
 def test_compiled_int8_equals_the_reference_graph():
     m = small()
     graph = quantize_graph(m, list(cal().split(32)))
