@@ -106,20 +106,78 @@ def test_peak_uses_cpufreq_max_where_the_os_reports_it(monkeypatch, tmp_path):
     assert "gemm_fp32_gflops" not in hw
 
 
-def test_peak_without_cpufreq_is_never_below_a_measured_gemm(monkeypatch, tmp_path):
+def test_peak_without_cpufreq_falls_back_to_a_measured_gemm(monkeypatch, tmp_path):
+    # no C compiler: no multiply-add measurement; the GEMM counts where it beats the clock
     from resnetkit import runtime
     monkeypatch.setattr(runtime, "CPUFREQ", tmp_path / "absent")
+    monkeypatch.setattr(runtime, "multiply_add_peaks", lambda t: {})
     base = runtime.cpu_info()["mhz"] / 1000
     threads = torch.get_num_threads()
-    per = runtime._flop_per_cycle(runtime.cpu_info())["fp32"]
-    fast = threads * per * (base + 1.0)  # a GEMM that implies a clock 1 GHz above the base
+    per = runtime._flop_per_cycle(runtime.cpu_info())
+    fast = threads * per["fp32"] * (base + 1.0)  # a GEMM that implies a clock 1 GHz above
     monkeypatch.setattr(runtime, "gemm_gflops", lambda t: fast)
     hw = runtime.hardware(measure=True)
     assert hw["peak_source"].startswith("measured fp32 GEMM")
     assert hw["peak_fp32_gflops"] == pytest.approx(fast) and hw["ghz"] == pytest.approx(base + 1)
+    assert hw["peak_int8_gops"] == pytest.approx(fast * per["int8"] / per["fp32"])
     monkeypatch.setattr(runtime, "gemm_gflops", lambda t: 1.0)  # slower: the stated clock
     hw = runtime.hardware(measure=True)
     assert hw["peak_source"] == "/proc/cpuinfo clock" and hw["ghz"] == pytest.approx(base)
+
+
+def test_peak_without_cpufreq_takes_the_measured_multiply_add_rates(monkeypatch, tmp_path):
+    from resnetkit import runtime
+    monkeypatch.setattr(runtime, "CPUFREQ", tmp_path / "absent")
+    base = runtime.cpu_info()["mhz"] / 1000
+    threads = torch.get_num_threads()
+    per = runtime._flop_per_cycle(runtime.cpu_info())
+    fp32 = threads * per["fp32"] * (base + 1.0)
+    monkeypatch.setattr(runtime, "gemm_gflops", lambda t: fp32 * 0.8)
+    # a bf16 rate above the table's ratio counts as measured; int8 absent: the ratio
+    monkeypatch.setattr(runtime, "multiply_add_peaks",
+                        lambda t: {"fp32": fp32, "bf16": fp32 * per["bf16"] / per["fp32"] * 1.1})
+    hw = runtime.hardware(measure=True)
+    assert hw["peak_source"].startswith("measured multiply-add")
+    assert hw["peak_fp32_gflops"] == pytest.approx(fp32) and hw["ghz"] == pytest.approx(base + 1)
+    assert hw["peak_bf16_gflops"] == pytest.approx(fp32 * per["bf16"] / per["fp32"] * 1.1)
+    assert hw["peak_int8_gops"] == pytest.approx(fp32 * per["int8"] / per["fp32"])
+
+
+def test_measured_multiply_add_rates_match_the_instruction_tables():
+    # an independent check of _flop_per_cycle's ratios (the vendors' instruction tables):
+    # the measured dot-product rates against the measured FMA rate on this CPU, and no
+    # GEMM faster than the FMA chains
+    from resnetkit import runtime
+    threads = torch.get_num_threads()
+    rates = runtime.multiply_add_peaks(threads)
+    if not rates:
+        pytest.skip("no C compiler: the multiply-add rates are not measured here")
+    per = runtime._flop_per_cycle(runtime.cpu_info())
+    flags = runtime.cpu_flags()
+    assert set(rates) == {"fp32"} | ({"bf16"} if "avx512_bf16" in flags else set()) | (
+        {"int8"} if {"avx512_vnni", "avx_vnni"} & flags else set())
+    for p in set(rates) - {"fp32"}:
+        assert rates[p] / rates["fp32"] == pytest.approx(per[p] / per["fp32"], rel=0.2)
+    assert runtime.gemm_gflops(threads) <= rates["fp32"] * 1.05
+
+
+def test_onednn_isa_cap_hides_the_instructions_above_it():
+    # capped at AVX2, every AVX-512 and VNNI flag is hidden and peak.c is built without them
+    code = ("from resnetkit import runtime; f = runtime.cpu_flags(); "
+            "assert not [x for x in f if x.startswith(('avx512', 'amx', 'avx_vnni'))], f; "
+            "r = runtime.multiply_add_peaks(1, 0.01, 1); "
+            "assert set(r) <= {'fp32'}, r; print('ok')")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_peak_kernels_need_a_compiler(monkeypatch, tmp_path):
+    from resnetkit import runtime
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert runtime._peak_kernels() is None
 
 
 def test_measured_gemm_is_below_the_peak():

@@ -81,7 +81,8 @@ def allocator_state() -> dict[str, Any]:
 # oneDNN's ISA levels (ONEDNN_MAX_CPU_ISA) in rising order, with the CPU flags that need at
 # least that level: a cap below a level hides its flags, so every decision here follows what
 # oneDNN will really run.
-_ISA_LEVELS = (("AVX512_CORE", ("avx512f",)), ("AVX512_CORE_BF16", ("avx512_bf16",)),
+_ISA_LEVELS = (("AVX2_VNNI", ("avx_vnni",)), ("AVX512_CORE", ("avx512",)),
+               ("AVX512_CORE_VNNI", ("avx512_vnni",)), ("AVX512_CORE_BF16", ("avx512_bf16",)),
                ("AVX512_CORE_AMX", ("amx_bf16", "amx_tile", "amx_int8")))
 _ISA_ORDER = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
               "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16",
@@ -228,13 +229,84 @@ def gemm_gflops(threads: int, n: int = 1536, reps: int = 6) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+PEAK_SOURCE = Path(__file__).with_name("peak.c")
+# the instruction sets peak.c may use, by CPU flag (compiled in only where the flag is set,
+# and cpu_info's flags already follow ONEDNN_MAX_CPU_ISA)
+_PEAK_ISA = (("avx2", "-mavx2"), ("fma", "-mfma"), ("avx512f", "-mavx512f"),
+             ("avx512_bf16", "-mavx512bf16"), ("avx512_vnni", "-mavx512vnni"),
+             ("avx_vnni", "-mavxvnni"))
+
+
+def _peak_kernels() -> Any:
+    """peak.c built for the instruction sets this CPU offers oneDNN, loaded with ctypes; None
+    where there is no C compiler or the build fails (the caller then falls back to a GEMM)."""
+    import shutil
+    import subprocess
+    import tempfile
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not cc or not PEAK_SOURCE.is_file():
+        return None
+    flags = cpu_flags()
+    isa = [opt for flag, opt in _PEAK_ISA if flag in flags]
+    with tempfile.TemporaryDirectory(prefix="resnetkit-peak-") as tmp:
+        lib = Path(tmp) / "peak.so"
+        try:
+            subprocess.run([cc, "-O2", "-shared", "-fPIC", *isa, str(PEAK_SOURCE), "-o", str(lib)],
+                           check=True, capture_output=True, timeout=60)
+            kernels = ctypes.CDLL(str(lib))  # stays mapped after the file is removed
+        except (OSError, subprocess.SubprocessError):
+            return None
+    for name, seed in (("fp32_fma", ctypes.c_float), ("bf16_dot", ctypes.c_float),
+                       ("int8_dot", ctypes.c_int)):
+        fn = getattr(kernels, name)
+        fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_long, seed]
+    return kernels
+
+
+@functools.lru_cache(maxsize=4)
+def multiply_add_peaks(threads: int, seconds: float = 0.05, reps: int = 5) -> dict[str, float]:
+    """{"fp32", "bf16", "int8"}: GFLOP/s (int8: G operations/s) of `threads` cores each
+    running peak.c's multiply-add chains at once (ctypes releases the GIL), best of `reps`
+    rounds of about `seconds`. fp32 is the widest FMA; bf16 AVX512-BF16's dot product; int8
+    VNNI's. A precision whose instruction this CPU lacks (or AMX, which peak.c does not
+    drive) is absent; everything is absent where no C compiler is found."""
+    import threading
+    kernels = _peak_kernels()
+    if kernels is None:
+        return {}
+    out: dict[str, float] = {}
+    for precision, name, seed in (("fp32", "fp32_fma", 1.0), ("bf16", "bf16_dot", 1.0),
+                                  ("int8", "int8_dot", 3)):
+        fn = getattr(kernels, name)
+        t = time.perf_counter()
+        ops = fn(100_000, seed)
+        if not ops:
+            continue
+        iters = max(100_000, int(100_000 * seconds / max(time.perf_counter() - t, 1e-6)))
+        best = 0.0
+        for _ in range(reps):
+            done = [0.0] * threads
+            workers = [threading.Thread(target=lambda i: done.__setitem__(i, fn(iters, seed)),
+                                        args=(i,)) for i in range(threads)]
+            t = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best = max(best, sum(done) / (time.perf_counter() - t) / 1e9)
+        out[precision] = best
+    return out
+
+
 def hardware(device: torch.device | str = "cpu", measure: bool = False) -> dict[str, Any]:
     """Device name, threads and peak FLOP/s (fp32, bf16; int8 operations on the CPU) where
     they can be derived. On the CPU the peak is threads x FLOP per cycle (_flop_per_cycle) x
-    the highest clock: cpufreq's maximum where the OS reports it; else, with measure=True,
-    the clock a large fp32 GEMM implies when it is above /proc/cpuinfo's (which is often the
-    base clock: boosting cores then made fractions of peak above 1); else /proc/cpuinfo's.
-    "peak_source" says which."""
+    the highest clock where the OS reports it (cpufreq's maximum). Else, with measure=True,
+    it is measured: every core runs chains of the widest multiply-add instruction at once
+    (peak.c: the FMA for fp32, AVX512-BF16's and VNNI's dot products for bf16 and int8), so
+    no kernel can beat it; /proc/cpuinfo's clock (often the base clock, which boosting cores
+    beat) or a large GEMM count only where they give more. Without measure, /proc/cpuinfo's
+    clock. "peak_source" says which; "ghz" is the clock the fp32 peak implies."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -250,22 +322,34 @@ def hardware(device: torch.device | str = "cpu", measure: bool = False) -> dict[
     per_cycle = _flop_per_cycle(info)
     ghz, source = max_clock()
     out: dict[str, Any] = {}
+    peaks = {p: threads * n * ghz for p, n in per_cycle.items()}
     if not ghz:
         ghz, source = info["mhz"] / 1000, "/proc/cpuinfo clock"
+        peaks = {p: threads * n * ghz for p, n in per_cycle.items()}
         if measure:
+            measured = multiply_add_peaks(threads)
             gemm = gemm_gflops(threads)
-            implied = gemm / (threads * per_cycle["fp32"])
-            out = {"gemm_fp32_gflops": gemm, "gemm_implied_ghz": implied}
-            if implied > ghz:
-                ghz, source = implied, "measured fp32 GEMM (clock it implies)"
+            out = {"measured_multiply_add": measured, "gemm_fp32_gflops": gemm}
+            # each precision: the largest of the stated clock's figure, the measured
+            # instruction rate and, where that instruction is absent, the measured fp32
+            # rate times the table's ratio (AMX, or a build without a compiler: the GEMM)
+            fp32 = max(measured.get("fp32", 0.0), gemm)
+            if fp32 > peaks["fp32"]:
+                source = ("measured multiply-add throughput (peak.c, all cores)"
+                          if measured.get("fp32", 0.0) >= gemm
+                          else "measured fp32 GEMM (clock it implies)")
+                ghz = fp32 / (threads * per_cycle["fp32"])
+            for p in peaks:
+                scaled = fp32 * per_cycle[p] / per_cycle["fp32"]
+                peaks[p] = max(peaks[p], measured.get(p, 0.0), scaled)
+            out["gemm_implied_ghz"] = gemm / (threads * per_cycle["fp32"])
     return {"device": info["name"], "threads": threads, "ghz": ghz, "peak_source": source,
             "flop_per_cycle": per_cycle, **out,
             "avx512": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
             "avx512_bf16": "avx512_bf16" in flags,
             "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
-            "peak_fp32_gflops": threads * per_cycle["fp32"] * ghz,
-            "peak_bf16_gflops": threads * per_cycle["bf16"] * ghz,
-            "peak_int8_gops": threads * per_cycle["int8"] * ghz}
+            "peak_fp32_gflops": peaks["fp32"], "peak_bf16_gflops": peaks["bf16"],
+            "peak_int8_gops": peaks["int8"]}
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
