@@ -324,3 +324,32 @@ def test_cache_images_auto_follows_memory(tmp_path):
     assert not isinstance(in_memory_or_streamed(folder, "auto"), StreamedFolder)
     with pytest.raises(UserError, match="cache_images"):
         build_config(None, cache_images="sometimes")
+
+
+def test_a_model_of_some_classes_is_evaluated_and_calibrated_on_those(tmp_path, capsys):
+    # a checkpoint that knows three Fashion-MNIST classes, in its own order (as `train
+    # --classes 8,0,7` or the transfer recipe writes): eval and int8 calibration read only
+    # their images, labelled in the checkpoint's order
+    from resnetkit.data import load_dataset
+    from resnetkit.evaluate import open_eval
+    from resnetkit.infer.quantize import calibration_set
+    names = ["Bag", "T-shirt/top", "Sneaker"]  # dataset indices 8, 0, 7
+    torch.manual_seed(0)
+    model = rk.create_model("resnet20", in_chans=1, num_classes=3).eval()
+    pre = {"mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1}
+    ckpt.save_weights(tmp_path / "w.safetensors", model, {"classes": names, "preprocess": pre})
+    raw = load_dataset("fashion-mnist", "test")
+    e = open_eval(tmp_path / "w.safetensors")
+    assert e.data.classes == names and len(e.data) == 3000  # 1,000 test images a class
+    for new, old in enumerate((8, 0, 7)):
+        assert torch.equal(e.data.images[e.data.labels == new], raw.images[raw.labels == old])
+    assert main(["eval", str(tmp_path / "w.safetensors"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 3000 and list(out["per_class"]) == names
+    train = load_dataset("fashion-mnist", "train")
+    allowed = {bytes(x.numpy()) for x in train.images[(train.labels == 8) | (train.labels == 0)
+                                                      | (train.labels == 7)]}
+    batches = calibration_set("fashion-mnist:64", 1, preprocess=pre, classes=names)
+    pixels = torch.cat(batches) * 0.35 + 0.29  # back to [0, 1]
+    assert len(pixels) == 64
+    assert all(bytes((p[0] * 255).round().byte().numpy()) in allowed for p in pixels)

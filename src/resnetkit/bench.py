@@ -254,7 +254,8 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
     import numpy as np
     from .weights.sources import load_source
     notes: list[str] = []
-    pre = load_source(checkpoint)[1].get("preprocess")
+    info = load_source(checkpoint)[1]
+    pre = info.get("preprocess")
 
     def variants(model: torch.nn.Module, image_size: int) -> dict[str, tuple[str, Callable]]:
         fast = optimize(model, compile=False)
@@ -267,7 +268,8 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
         if int8 and next(model.parameters()).device.type == "cpu":
             from .infer.quantize import calibration_set
             batches = calibration_set(f"{dataset}:{calibration_images}", model.cfg.in_chans,
-                                      image_size, pre, data_dir=data_dir)
+                                      image_size, pre, data_dir=data_dir,
+                                      classes=info.get("classes"))
             notes.append(f"int8 calibrated on {calibration_images} images of the {dataset} "
                          f"training split")
             paths.update(_int8_paths(model, batches, notes, onnx=onnx,

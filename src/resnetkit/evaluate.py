@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import ArrayDataset, StreamedFolder, load_dataset, materialize
+from .data import ArrayDataset, StreamedFolder, load_dataset, materialize, restrict_to_classes
 from .data import transforms as T
 from .errors import UserError
 from .model import ResNet
@@ -116,7 +116,8 @@ def open_eval(checkpoint: str | Path, dataset: str = "fashion-mnist", split: str
               data_dir: str | None = None, limit: int = 0) -> EvalInput:
     """Load a checkpoint (a .safetensors file, a run folder, a registry tag or a foreign
     weights file: see weights.load_source) and the dataset split at the
-    checkpoint's input size and channels, with the checkpoint's class order; `limit` keeps
+    checkpoint's input size and channels, with the checkpoint's class order (only the
+    checkpoint's classes where it was trained on a subset of the dataset's); `limit` keeps
     the first N samples. Raises UserError when the class counts differ."""
     if limit < 0:
         raise UserError(f"limit must be >= 0 (0: every sample), got {limit}")
@@ -127,6 +128,8 @@ def open_eval(checkpoint: str | Path, dataset: str = "fashion-mnist", split: str
                                     resize=pre.get("resize", 0),
                                     interpolation=pre.get("interpolation", "bilinear")),
                        classes=info.get("classes"))
+    # a model trained on some of the dataset's classes is judged on those, in its order
+    data = restrict_to_classes(data, info.get("classes"))
     if len(data.classes) != model.num_classes:
         raise UserError(f"dataset {dataset} has {len(data.classes)} classes, the checkpoint "
                         f"{model.num_classes}")

@@ -1,7 +1,8 @@
 """Datasets, batched tensor transforms and dataset lookup."""
 from .lookup import (DATASETS, find_fashion_mnist, in_memory_or_streamed, load_dataset,
-                     materialize)
+                     materialize, restrict_to_classes, select_classes)
 from .readers import ArrayDataset, ImageFolder, StreamedFolder, load_image, read_idx
 
 __all__ = ["ArrayDataset", "ImageFolder", "DATASETS", "StreamedFolder", "find_fashion_mnist",
-           "in_memory_or_streamed", "load_dataset", "load_image", "materialize", "read_idx"]
+           "in_memory_or_streamed", "load_dataset", "load_image", "materialize", "read_idx",
+           "restrict_to_classes", "select_classes"]

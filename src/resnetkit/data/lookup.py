@@ -140,6 +140,39 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, image_size:
     raise UserError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
 
 
+def select_classes(data: ArrayDataset, classes: list[int], per_class: int = 0,
+                   seed: int = 0) -> ArrayDataset:
+    """Only the given classes (renumbered from 0 in the order given), and at most per_class
+    samples of each (a fixed random choice)."""
+    if not classes and not per_class:
+        return data
+    if not isinstance(data, ArrayDataset):
+        raise UserError("classes and per_class need a dataset held in memory (cache_images)")
+    classes = classes or list(range(len(data.classes)))
+    bad = [c for c in classes if c >= len(data.classes)]
+    if bad or len(set(classes)) != len(classes):
+        raise UserError(f"classes {classes}: need distinct indices below {len(data.classes)}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    keep = [order[data.labels[order] == c][:per_class or None] for c in classes]
+    idx = torch.cat(keep).sort().values
+    remap = torch.full((len(data.classes),), -1, dtype=torch.long)
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
+    return ArrayDataset(data.images[idx], remap[data.labels[idx]],
+                        [data.classes[c] for c in classes], data.mean, data.std)
+
+
+def restrict_to_classes(data: ArrayDataset, names: list[str] | None) -> ArrayDataset:
+    """The samples of the named classes, labelled in the order of `names`, where a model was
+    trained on a subset of the dataset's classes (`train --classes`, the transfer recipe):
+    its checkpoint lists their names. Unchanged where the names are the dataset's own, or
+    not all of them are the dataset's (the caller then compares the class counts)."""
+    if not names or list(names) == list(data.classes) or not set(names) <= set(data.classes):
+        return data
+    if len(set(names)) != len(names):
+        return data
+    return select_classes(data, [list(data.classes).index(n) for n in names])
+
+
 def materialize(ds: ArrayDataset | ImageFolder, workers: int = 2,
                 classes: list[str] | None = None) -> ArrayDataset:
     """An in-memory uint8 copy; image folders are decoded by DataLoader workers."""

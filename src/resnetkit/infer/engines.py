@@ -303,7 +303,8 @@ def open_source(source: str | Path, engine: str = "auto", precision: str = "auto
         raise UserError("--calibration is for --precision int8 only")
     model, info = load_source(source)
     run = optimize(model, precision, engine=engine, calibration=calibration,
-                   preprocess=info.get("preprocess"), data_dir=data_dir)
+                   preprocess=info.get("preprocess"), data_dir=data_dir,
+                   classes=info.get("classes"))
     return run, info
 
 

@@ -174,7 +174,8 @@ def quantize_source(source: str | Path, calibration: str, output: str | Path,
     model, info = load_source(source)
     meta = {k: info[k] for k in ("classes", "preprocess") if k in info}
     batches = calibration_set(calibration, model.cfg.in_chans,
-                              preprocess=info.get("preprocess"), data_dir=data_dir)
+                              preprocess=info.get("preprocess"), data_dir=data_dir,
+                              classes=info.get("classes"))
     result: dict[str, Any] = {"images": sum(len(b) for b in batches), "onnx": None,
                               "openvino": None}
     ir = out if out.suffix == ".xml" else out.with_suffix(".xml")

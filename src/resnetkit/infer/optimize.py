@@ -156,7 +156,8 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
              fold: bool = True, compile: str | bool = "auto",
              bf16_weights: bool = False, engine: str = "torch", calibration: Any = None,
              calibration_batches: int = 0, preprocess: dict[str, Any] | None = None,
-             input_shape: tuple[int, ...] | None = None, data_dir: str | None = None):
+             input_shape: tuple[int, ...] | None = None, data_dir: str | None = None,
+             classes: list[str] | None = None):
     """A fast inference copy of `model` (the original is untouched).
 
     precision: "auto" (bf16 where the hardware has native bf16, else fp32), "bf16", "fp32".
@@ -177,11 +178,12 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
     training: calibration is a dataset spec ("fashion-mnist:512", its training split read
     with `preprocess`, a checkpoint's {"mean", "std", "image_size"}), a float tensor or a
     DataLoader of preprocessed images; calibration_batches limits it to that many batches
-    of 32. Every engine but torch at fp32/bf16 returns an infer.engines.Engine: called on a
+    of 32; classes: the checkpoint's class names, so that a spec calibrates on those
+    classes where the model knows a subset of the dataset's. Every engine but torch at fp32/bf16 returns an infer.engines.Engine: called on a
     float NCHW tensor, it gives fp32 logits; `.engine` and `.precision` say what runs."""
     if precision == "int8" or engine != "torch":
         return _on_engine(model, precision, engine, compile, calibration, calibration_batches,
-                          preprocess, input_shape, data_dir)
+                          preprocess, input_shape, data_dir, classes)
     device = next(model.parameters()).device
     if compile == "auto":
         compile = compile_pays(device)
@@ -206,7 +208,7 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
 def _on_engine(model: ResNet, precision: str, engine: str, compile: str | bool,
                calibration: Any, calibration_batches: int,
                preprocess: dict[str, Any] | None, input_shape: tuple[int, ...] | None,
-               data_dir: str | None = None):
+               data_dir: str | None = None, classes: list[str] | None = None):
     """optimize() for int8 or another engine than torch (see infer.engines)."""
     from .engines import ENGINES, AutoEngine, build, installed
     if engine != "auto" and engine not in ENGINES:
@@ -225,7 +227,8 @@ def _on_engine(model: ResNet, precision: str, engine: str, compile: str | bool,
             raise UserError(f"calibration_batches must be >= 0, got {calibration_batches}")
         size = input_shape[-1] if input_shape else 0
         batches = calibration_set(calibration, model.cfg.in_chans, size, preprocess,
-                                  calibration_batches * CALIBRATION_BATCH, data_dir)
+                                  calibration_batches * CALIBRATION_BATCH, data_dir,
+                                  classes=classes)
     elif calibration is not None:
         raise UserError("calibration images are for precision int8 only")
     model = copy.deepcopy(model).eval()

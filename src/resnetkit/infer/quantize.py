@@ -37,14 +37,16 @@ def parse_calibration(spec: str) -> tuple[str, int]:
 
 def calibration_set(calibration: Any, in_chans: int, image_size: int = 0,
                     preprocess: dict[str, Any] | None = None, limit: int = 0,
-                    data_dir: str | None = None, batch_size: int = CALIBRATION_BATCH
-                    ) -> list[torch.Tensor]:
+                    data_dir: str | None = None, batch_size: int = CALIBRATION_BATCH,
+                    classes: list[str] | None = None) -> list[torch.Tensor]:
     """Calibration batches (float NCHW, preprocessed) from any of:
     a dataset spec ("fashion-mnist", "folder:DIR", ...; a trailing ":N" takes N images) whose
     training split is read at the checkpoint's size and normalised with its `preprocess`
     (mean, std, image_size, resize, interpolation); a float tensor (N, C, H, W) already
     preprocessed; or an iterable of such tensors or of (tensor, label) pairs (a DataLoader).
-    At most `limit` images are used (0: for a spec, DEFAULT_IMAGES; else all).
+    At most `limit` images are used (0: for a spec, DEFAULT_IMAGES; else all). classes: the
+    checkpoint's class names; a dataset spec then gives images of those classes only, where
+    the model was trained on a subset of the dataset's classes.
 
     Raises UserError for no data, fewer than MIN_IMAGES images, or images whose channels or
     size differ from the model's."""
@@ -55,7 +57,7 @@ def calibration_set(calibration: Any, in_chans: int, image_size: int = 0,
                         "command line")
     if isinstance(calibration, str):
         batches = _from_dataset(calibration, in_chans, image_size, preprocess, limit,
-                                data_dir, batch_size)
+                                data_dir, batch_size, classes)
     else:
         batches = _from_tensors(calibration, limit, batch_size)
     n = sum(len(b) for b in batches)
@@ -103,8 +105,9 @@ def _from_tensors(data: Any, limit: int, batch_size: int) -> list[torch.Tensor]:
 
 
 def _from_dataset(spec: str, in_chans: int, image_size: int, pre: dict[str, Any] | None,
-                  limit: int, data_dir: str | None, batch_size: int) -> list[torch.Tensor]:
-    from ..data import load_dataset, materialize
+                  limit: int, data_dir: str | None, batch_size: int,
+                  classes: list[str] | None = None) -> list[torch.Tensor]:
+    from ..data import load_dataset, materialize, restrict_to_classes
     from ..data.readers import ArrayDataset
     from ..evaluate import preprocess
     name, count = parse_calibration(spec)
@@ -116,6 +119,8 @@ def _from_dataset(spec: str, in_chans: int, image_size: int, pre: dict[str, Any]
     size = pre.get("image_size", image_size) or image_size
     ds = load_dataset(name, "train", data_dir, size, in_chans, resize=pre.get("resize", 0),
                       interpolation=pre.get("interpolation", "bilinear"))
+    if isinstance(ds, ArrayDataset):
+        ds = restrict_to_classes(ds, classes)
     # a fixed random draw over the whole split: the first N images of a folder would be the
     # first classes only
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:count]
@@ -191,8 +196,8 @@ class Int8Model(nn.Module):
 
 def quantize(model: ResNet, calibration: Any, calibration_batches: int = 0,
              compile: bool = True, image_size: int = 0,
-             preprocess: dict[str, Any] | None = None, data_dir: str | None = None
-             ) -> Int8Model:
+             preprocess: dict[str, Any] | None = None, data_dir: str | None = None,
+             classes: list[str] | None = None) -> Int8Model:
     """An int8 copy of `model` for the torch engine (the original is untouched).
 
     calibration: see calibration_set; calibration_batches: how many batches of
@@ -200,5 +205,6 @@ def quantize(model: ResNet, calibration: Any, calibration_batches: int = 0,
     if calibration_batches < 0:
         raise UserError(f"calibration_batches must be >= 0, got {calibration_batches}")
     batches = calibration_set(calibration, model.cfg.in_chans, image_size, preprocess,
-                              calibration_batches * CALIBRATION_BATCH, data_dir)
+                              calibration_batches * CALIBRATION_BATCH, data_dir,
+                              classes=classes)
     return Int8Model(quantize_graph(model, batches), compiled=compile)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import weights as ckpt
-from ..data import ArrayDataset, StreamedFolder, in_memory_or_streamed, load_dataset
+from ..data import (ArrayDataset, StreamedFolder, in_memory_or_streamed, load_dataset,
+                   select_classes)
 from ..data import transforms as T
 from ..errors import UserError
 from ..evaluate import autocast, evaluate
@@ -67,29 +68,9 @@ def _load_data(cfg: TrainConfig) -> tuple[ArrayDataset | StreamedFolder, ArrayDa
         load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.image_size, train.shape[0],
                      on_bad=cfg.on_bad_image),
         cfg.cache_images, cfg.workers, train.classes)
-    train, test = _select(train, cfg.classes, cfg.per_class, cfg.seed), _select(test, cfg.classes)
+    train = select_classes(train, cfg.classes, cfg.per_class, cfg.seed)
+    test = select_classes(test, cfg.classes)
     return _subset(train, cfg.train_subset, cfg.seed), _subset(test, cfg.test_subset, cfg.seed)
-
-
-def _select(data: ArrayDataset | StreamedFolder, classes: list[int], per_class: int = 0,
-            seed: int = 0) -> ArrayDataset | StreamedFolder:
-    """Only the given classes (renumbered from 0 in the order given), and at most per_class
-    samples of each (a fixed random choice)."""
-    if not classes and not per_class:
-        return data
-    if not isinstance(data, ArrayDataset):
-        raise UserError("classes and per_class need a dataset held in memory (cache_images)")
-    classes = classes or list(range(len(data.classes)))
-    bad = [c for c in classes if c >= len(data.classes)]
-    if bad or len(set(classes)) != len(classes):
-        raise UserError(f"classes {classes}: need distinct indices below {len(data.classes)}")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    keep = [order[data.labels[order] == c][:per_class or None] for c in classes]
-    idx = torch.cat(keep).sort().values
-    remap = torch.full((len(data.classes),), -1, dtype=torch.long)
-    remap[torch.tensor(classes)] = torch.arange(len(classes))
-    return ArrayDataset(data.images[idx], remap[data.labels[idx]],
-                        [data.classes[c] for c in classes], data.mean, data.std)
 
 
 class Trainer(RunFolder):
