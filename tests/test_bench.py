@@ -138,3 +138,19 @@ def test_check_bad_input(trained, tmp_path):
         check(trained, batch=0)
     with pytest.raises(UserError):
         check(tmp_path / "missing.safetensors")
+
+
+def test_a_failing_peer_engine_is_dropped_with_a_note(monkeypatch):
+    from resnetkit.bench import _working
+    calls = []
+
+    def broken(x):
+        raise RuntimeError("Exception from plugin.cpp:1:\n[CPU] node is not initialized\n")
+    paths = {"openvino_fp32": ("fp32", broken), "onnxruntime_fp32": ("fp32", calls.append),
+             "resnetkit_int8": ("int8", broken)}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    notes = []
+    ok = _working(paths, "probe", notes)
+    assert list(ok) == ["onnxruntime_fp32", "resnetkit_int8"] and calls == ["probe"]
+    assert notes == ["openvino_fp32 skipped: it failed on this machine with "
+                     "ONEDNN_MAX_CPU_ISA=AVX2 ([CPU] node is not initialized)"]

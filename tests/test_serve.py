@@ -3,6 +3,7 @@ sentence and the server keeps serving, the queue limit answers 503 with Retry-Af
 loses no accepted request, SIGTERM drains and leaves no process; the batcher and decoder
 on their own."""
 import asyncio
+import json
 import os
 import re
 import signal
@@ -181,6 +182,35 @@ def test_cli_mistakes_are_one_sentence(checkpoint, capsys):
     assert "--host must be one of" in capsys.readouterr().err
     assert main(["serve", str(checkpoint), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--precision", "int8"]) == 2
+    assert "needs --calibration" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--calibration", "fashion-mnist:64"]) == 2
+    assert "--calibration is for --precision int8 only" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--precision", "int8", "--calibration",
+                 "fashion-mnist:1"]) == 2
+    assert "at least" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--worker-nice", "20"]) == 2
+    assert "worker_nice must be from 0 to 19" in capsys.readouterr().err
+
+
+def test_int8_engine_for_serving_agrees_with_fp32(checkpoint, tmp_path):
+    from resnetkit.data import load_dataset
+    from resnetkit.errors import UserError
+    from resnetkit.evaluate import preprocess
+    images = load_dataset("fashion-mnist", "test").images[:64]
+    x = preprocess(images, PRE["mean"], PRE["std"])
+    fp32 = open_engine(checkpoint, "torch", "fp32")(x)
+    for engine in ("onnxruntime", "auto"):
+        int8 = open_engine(checkpoint, engine, "int8", calibration="fashion-mnist:128")
+        assert int8.precision == "int8" and int8.engine != "torch"
+        out = int8(x)
+        spread = (fp32.max() - fp32.min()).item()
+        assert (out - fp32).abs().max().item() <= 0.1 * spread
+        assert (out.argmax(1) == fp32.argmax(1)).float().mean().item() >= 0.9
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"x")
+    with pytest.raises(UserError, match="served as it was exported"):
+        open_engine(onnx, "auto", "int8", calibration="fashion-mnist:64")
 
 
 def test_decode_checks_pixels_before_decoding_and_follows_the_preprocessing():
@@ -256,3 +286,57 @@ def test_litserves_own_batching_gives_the_same_answers(checkpoint, tmp_path):
         assert httpx.get(f"{s.url}/metadata").json()["limits"]["batching"] == "litserve"
     finally:
         s.close()
+
+
+def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
+    # the handler the middleware calls for every POST /predict, driven with ASGI messages:
+    # the query check, the body limit, the queue limit and a good answer, in-process
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    from resnetkit.serve.routes import Predictor
+    limits = {"max_queue": 1, "max_body_bytes": 1000, "max_image_pixels": 10_000}
+    info = {"preprocess": {"image_size": 28, "in_chans": 1}}
+    release = asyncio.Event()
+
+    async def run_one(image, top_k):
+        await release.wait()
+        return {"shape": list(image.shape), "k": top_k}
+
+    def scope(query=b"", kind=b"image/png", length=None):
+        headers = [(b"content-type", kind)] + ([(b"content-length", length)] if length else [])
+        return {"type": "http", "query_string": query, "headers": headers}
+
+    def receive_of(body: bytes, pieces: int = 3):
+        step = max(1, len(body) // pieces)
+        chunks = [body[i:i + step] for i in range(0, len(body), step)] or [b""]
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                    for i, c in enumerate(chunks)]
+
+        async def receive():
+            return messages.pop(0)
+        return receive
+
+    image = png(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+
+    async def run():
+        p = Predictor(run_one, info, limits)
+        out = {}
+        for name, q in (("zero", b"top_k=0"), ("word", b"top_k=five"), ("big", b"top_k=1001")):
+            out[name] = await p(scope(q), receive_of(image))
+        out["declared"] = await p(scope(length=b"5000"), receive_of(image))
+        out["streamed"] = await p(scope(), receive_of(bytes(1500), pieces=5))
+        out["type"] = await p(scope(kind=b"text/plain"), receive_of(image))
+        first = asyncio.ensure_future(p(scope(b"top_k=3"), receive_of(image)))
+        await asyncio.sleep(0.01)  # the first is accepted and waits for its batch
+        out["full"] = await p(scope(), receive_of(image))
+        release.set()
+        out["ok"] = await first
+        out["pending"] = p.pending
+        return out
+    out = asyncio.run(run())
+    for name in ("zero", "word", "big"):
+        assert out[name][0] == 422 and b"query.top_k" in out[name][1]
+    assert out["declared"][0] == 413 and out["streamed"][0] == 413 and out["type"][0] == 415
+    assert out["full"][0] == 503 and (b"retry-after", b"1") in out["full"][3]
+    status, body, kind, _ = out["ok"]
+    assert status == 200 and kind == b"application/json"
+    assert json.loads(body) == {"shape": [1, 28, 28], "k": 3} and out["pending"] == 0

@@ -81,6 +81,28 @@ def _engines(model: torch.nn.Module, image_size: int, notes: list[str],
     return runners
 
 
+def _working(paths: dict[str, tuple[str, Callable]], probe: Any, notes: list[str]
+             ) -> dict[str, tuple[str, Callable]]:
+    """The peer engines' paths that run on `probe` (one small batch). A peer engine that
+    fails here is dropped with a note instead of ending the run: OpenVINO's CPU plugin, for
+    one, cannot build its convolution and pooling nodes under ONEDNN_MAX_CPU_ISA=AVX2 on an
+    AVX-512 CPU. resnetkit's own paths are not probed: their failure is an error."""
+    ok = {}
+    for name, (prec, run) in paths.items():
+        if not name.startswith("resnetkit"):
+            try:
+                run(probe)
+            except Exception as e:  # the peer engine's own exception types
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+                notes.append(f"{name} skipped: it failed on this machine"
+                             f"{f' with ONEDNN_MAX_CPU_ISA={cap}' if cap else ''} "
+                             f"({(lines[-1] if lines else type(e).__name__)[:200]})")
+                continue
+        ok[name] = (prec, run)
+    return ok
+
+
 def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
                 shape: tuple[int, ...] | None = None, onnx: bool = True,
                 compiled: bool = True) -> dict[str, tuple[str, Callable]]:
@@ -128,7 +150,8 @@ def _paths(model: str, x: torch.Tensor, y: torch.Tensor, image_size: int, train:
         precision["resnetkit_infer_compiled"] = fast.precision
     if onnx and dev.type == "cpu":
         xn = x.numpy()
-        for name, (prec, run) in _engines(base, image_size, notes, tuple(x.shape)).items():
+        engines = _working(_engines(base, image_size, notes, tuple(x.shape)), xn, notes)
+        for name, (prec, run) in engines.items():
             paths[name] = lambda run=run: run(xn)
             precision[name] = prec
     elif onnx:
@@ -137,8 +160,9 @@ def _paths(model: str, x: torch.Tensor, y: torch.Tensor, image_size: int, train:
         # random weights, so random calibration images: the speed does not depend on them
         gen = torch.Generator().manual_seed(0)
         batches = [torch.randn(x.shape, generator=gen) for _ in range(2)]
-        for name, (prec, run) in _int8_paths(base, batches, notes, tuple(x.shape), onnx,
-                                             auto_compiles or compile).items():
+        int8_paths = _working(_int8_paths(base, batches, notes, tuple(x.shape), onnx,
+                                          auto_compiles or compile), x, notes)
+        for name, (prec, run) in int8_paths.items():
             paths[name] = infer(run)
             precision[name] = prec
     elif int8:
@@ -263,7 +287,9 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
         if compile or compile_pays(next(model.parameters()).device):
             paths["resnetkit_infer_compiled"] = (fast.precision, optimize(model, compile=True))
         if onnx:
-            for name, (prec, run) in _engines(model, image_size, notes).items():
+            probe = torch.zeros(2, model.cfg.in_chans, image_size, image_size).numpy()
+            for name, (prec, run) in _working(_engines(model, image_size, notes), probe,
+                                              notes).items():
                 paths[name] = (prec, lambda x, run=run: torch.from_numpy(np.array(run(x.numpy()))))
         if int8 and next(model.parameters()).device.type == "cpu":
             from .infer.quantize import calibration_set
@@ -272,8 +298,9 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
                                       classes=info.get("classes"))
             notes.append(f"int8 calibrated on {calibration_images} images of the {dataset} "
                          f"training split")
-            paths.update(_int8_paths(model, batches, notes, onnx=onnx,
-                                     compiled=compile or compile_pays(torch.device("cpu"))))
+            paths.update(_working(_int8_paths(model, batches, notes, onnx=onnx,
+                                              compiled=compile or compile_pays(torch.device("cpu"))),
+                                  batches[0][:2], notes))
         return paths
     r = evaluate_checkpoint(checkpoint, dataset, "test", data_dir, limit=limit,
                             batch_size=batch, variants=variants)

@@ -203,6 +203,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve(a.model, a.host, a.port, a.workers, a.max_batch, a.batch_timeout_ms, a.engine,
                  a.precision, a.max_image_pixels, a.max_body_mb, a.max_queue, a.threads,
                  a.batching, card=model_card, log_level=a.log_level,
+                 calibration=a.calibration,
+                 **({} if a.worker_nice is None else {"worker_nice": a.worker_nice}),
                  on_start=lambda m: print(f"serving {a.model} at {m['url']} (page at /, API "
                                           f"docs at /docs); SIGTERM or Ctrl-C drains and stops",
                                           flush=True))

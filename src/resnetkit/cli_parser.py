@@ -160,8 +160,15 @@ def _serve_args(sub) -> None:
                         "(server) or LitServe's worker loop (litserve; slower here)")
     s.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
                    help="what runs the model (auto: onnxruntime for an .onnx file, else torch)")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 where the CPU has native bf16, else fp32")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                   help="auto: bf16 where the CPU has native bf16, else fp32; int8 needs "
+                        "--calibration")
+    s.add_argument("--calibration", default=None,
+                   help="int8: the model's training images to calibrate on, e.g. "
+                        "fashion-mnist:512 or folder:DIR:512")
+    s.add_argument("--worker-nice", type=int, default=None,
+                   help="how much nicer (0-19) the inference workers run than the HTTP "
+                        "process, which goes first where they share cores (default 5)")
     s.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="largest image accepted, width x height (decompression bombs)")
     s.add_argument("--max-body-mb", type=float, default=20.0, help="largest upload accepted, MB")

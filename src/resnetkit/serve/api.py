@@ -38,13 +38,14 @@ class ClassifierAPI(ls.LitAPI):
 
     def __init__(self, source: str, engine: str, precision: str, pre: dict[str, Any],
                  classes: list[str], state_dir: str, max_batch: int, batch_timeout_s: float,
-                 threads: int = 0):
+                 threads: int = 0, calibration: str | None = None, nice: int = 0):
         with warnings.catch_warnings():  # max_batch 1 with batch/unbatch is meant: batcher.py
             warnings.filterwarnings("ignore", "The LitServer has both batch and unbatch")
             super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout_s,
                              api_path="/predict")
         self.source, self.engine_choice, self.precision_choice = source, engine, precision
         self.pre, self.classes, self.state_dir, self.threads = pre, classes, state_dir, threads
+        self.calibration, self.nice = calibration, nice
         self.parent = os.getpid()
 
     def setup(self, device: str) -> None:
@@ -52,10 +53,12 @@ class ClassifierAPI(ls.LitAPI):
         # Ctrl-C reaches the whole process group: the server process drains, then ends the
         # workers; a worker that stopped at once would drop the batch it is running
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.nice:  # the HTTP process first where they share cores (see server.WORKER_NICE)
+            os.nice(self.nice)
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model = open_engine(self.source, self.engine_choice, self.precision_choice,
-                                 self.threads)
+                                 self.threads, self.calibration)
         self.metrics = worker_metrics()
         chans, size = self.pre["in_chans"], self.pre["image_size"]
         self.model(torch.zeros(1, chans, size, size))  # first-call costs before serving

@@ -47,18 +47,48 @@ def model_info(source: str | Path) -> dict[str, Any]:
     return {"classes": classes, "preprocess": pre, "config": model.cfg}
 
 
+def int8_calibration(source: str | Path, calibration: str | None, data_dir: str | None = None
+                     ) -> list[torch.Tensor]:
+    """The calibration batches for serving `source` in int8: `calibration` (a dataset spec
+    such as fashion-mnist:512) read with the checkpoint's preprocessing and classes. Raises
+    UserError for an ONNX file, a missing or bad spec (see infer.quantize.calibration_set)."""
+    if is_onnx(source):
+        raise UserError("an ONNX file is served as it was exported; for int8 serve the "
+                        "checkpoint with --precision int8 --calibration DATASET, or an int8 "
+                        "file written by `resnetkit quantize`")
+    if not calibration:
+        raise UserError("--precision int8 needs --calibration: a dataset of the model's "
+                        "training images, e.g. --calibration fashion-mnist:512")
+    from ..infer.quantize import calibration_set
+    model, info = load_source(source)
+    return calibration_set(calibration, model.cfg.in_chans, preprocess=info.get("preprocess"),
+                           data_dir=data_dir, classes=info.get("classes"))
+
+
 def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto",
-                threads: int = 0) -> Engine:
+                threads: int = 0, calibration: str | None = None,
+                data_dir: str | None = None) -> Engine:
     """The served model on its engine. engine: "auto" (ONNX Runtime for an ONNX file, else
     torch), "torch" (infer.optimize: BN folded, bf16 where the CPU has native bf16, not
     compiled: a server sees every batch size from 1 to --max-batch, and compiling each
     shape costs tens of seconds), "onnxruntime" or "openvino" (a checkpoint is exported to
     ONNX at its input size first, by infer.engines.build). precision: "auto", "fp32"
-    or "bf16" (torch and OpenVINO)."""
+    or "bf16" (torch and OpenVINO), or "int8" for a checkpoint, calibrated on `calibration`
+    (see int8_calibration); engine "auto" then takes the first installed of OpenVINO
+    (NNCF), ONNX Runtime (QDQ) and torch (PT2E, compiled per batch size: slow to start)."""
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16", "int8"):
+        raise UserError(f"precision must be auto, fp32, bf16 or int8, got {precision!r}")
+    if precision == "int8":
+        from ..infer.engines import build, installed
+        batches = int8_calibration(source, calibration, data_dir)
+        if engine == "auto":
+            engine = next((e for e in ("openvino", "onnxruntime", "torch")
+                           if not installed(e, "int8")), "torch")
+        model, info = load_source(source)
+        size = info["preprocess"]["image_size"]
+        return build(model, engine, "int8", batches, shape=(1, model.cfg.in_chans, size, size))
     onnx = is_onnx(source)
     if engine == "auto":
         engine = "onnxruntime" if onnx else "torch"

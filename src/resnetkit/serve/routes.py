@@ -10,6 +10,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from urllib.parse import parse_qs
+
 from fastapi import HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -19,32 +21,38 @@ from .decode import IMAGE_TYPES, BadInput, check_type, decode_image
 from .metrics import exposition, http_metrics
 
 DECODE_IN_THREAD = 64 << 10  # bodies above this are decoded off the event loop
+MAX_TOP_K = 1000
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length", "")
+async def read_body(receive, declared: str, limit: int) -> bytes:
+    """The request body from the ASGI `receive` channel, refused (413) as soon as it passes
+    `limit` bytes (or at once when the declared Content-Length does)."""
     too_big = BadInput(413, f"the upload is over the server's limit of {limit / 2**20:g} MB "
                             f"(--max-body-mb)")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadInput(400, "the client closed the connection before the body arrived")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise too_big
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-async def file_from_form(request, body: bytes) -> bytes:
+async def file_from_form(scope, body: bytes) -> bytes:
     """The first file field of a multipart body."""
     from starlette.datastructures import UploadFile
 
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
     try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+        form = await Request(scope, replay).form(max_files=1, max_fields=8)
     except Exception as e:  # the multipart parser's own exception types
         raise BadInput(400, f"the multipart body cannot be read ({e})") from None
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
@@ -52,6 +60,20 @@ async def file_from_form(request, body: bytes) -> bytes:
         raise BadInput(400, "the multipart body has no file field: send the image as "
                             "a file field (curl -F file=@image.png)")
     return await files[0].read()
+
+
+def top_k_of(query_string: bytes) -> int:
+    """The top_k query parameter (default 5; 1 to MAX_TOP_K), else BadInput 422."""
+    values = parse_qs(query_string.decode("latin-1")).get("top_k")
+    if not values:
+        return 5
+    try:
+        k = int(values[-1])
+    except ValueError:
+        raise BadInput(422, f"query.top_k: must be a whole number, got {values[-1]!r}") from None
+    if not 1 <= k <= MAX_TOP_K:
+        raise BadInput(422, f"query.top_k: must be from 1 to {MAX_TOP_K}, got {k}")
+    return k
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -64,17 +86,16 @@ def busy_message(limits: dict[str, Any]) -> str:
 
 
 class FastPaths:
-    """ASGI middleware in front of everything: /health, and the 503 of a full queue, are
-    answered here without FastAPI's routing, body reading or decoding. Under 2x overload of
-    a small model the HTTP process is the bottleneck, and there the cost of each refusal
-    and each health check decides how long /health waits. /health is 200 once every worker
-    has loaded its model (LitServe's own makes a round trip to its manager process on every
-    call)."""
+    """ASGI middleware in front of everything. /health, and POST /predict (the 503 of a full
+    queue included), are answered here without FastAPI's routing, parameter validation and
+    response classes: on a small model the HTTP process is the bottleneck, and what each
+    request costs there decides the throughput and how long /health waits under overload.
+    /health is 200 once every worker has loaded its model (LitServe's own makes a round
+    trip to its manager process on every call)."""
 
-    def __init__(self, app, pending: list[int], limits: dict[str, Any], state_dir: Path):
-        self.app, self.pending, self.limits, self.state_dir = app, pending, limits, state_dir
+    def __init__(self, app, predictor: "Predictor", limits: dict[str, Any], state_dir: Path):
+        self.app, self.predictor, self.limits, self.state_dir = app, predictor, limits, state_dir
         self.ready = False
-        self.busy = json.dumps({"error": busy_message(limits)}).encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -83,21 +104,70 @@ class FastPaths:
                 if not self.ready:
                     found = len(list(self.state_dir.glob("worker-*.json")))
                     self.ready = found >= self.limits["workers"]
-                return await self._send(send, 200 if self.ready else 503,
-                                        b"ok" if self.ready else b"not ready", b"text/plain")
-            if path == "/predict" and self.pending[0] >= self.limits["max_queue"]:
-                m = http_metrics()
-                m.requests.labels("503").inc()
-                m.errors.labels("overloaded").inc()
-                return await self._send(send, 503, self.busy, b"application/json",
-                                        [(b"retry-after", b"1")])
+                return await send_response(send, 200 if self.ready else 503,
+                                           b"ok" if self.ready else b"not ready", b"text/plain")
+            if path == "/predict" and scope["method"] == "POST":
+                return await send_response(send, *await self.predictor(scope, receive))
         await self.app(scope, receive, send)
 
-    @staticmethod
-    async def _send(send, status: int, body: bytes, kind: bytes, extra=()) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", kind), (b"content-length", str(len(body)).encode()), *extra]})
-        await send({"type": "http.response.body", "body": body})
+
+async def send_response(send, status: int, body: bytes, kind: bytes = b"application/json",
+                        extra=()) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", kind), (b"content-length", str(len(body)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Predictor:
+    """POST /predict: the image as the raw body or a multipart file field, checked and
+    decoded here (a bad upload never reaches a batch), then queued for a batch; answers
+    (status, JSON body, content type, extra headers). Requests beyond `max_queue` accepted
+    and unanswered ones get 503 with Retry-After."""
+
+    def __init__(self, run_one, info: dict[str, Any], limits: dict[str, Any]):
+        self.run_one, self.info, self.limits = run_one, info, limits
+        self.pending = 0  # accepted requests not yet answered, in this HTTP process
+        self.busy = json.dumps({"error": busy_message(limits)}).encode()
+
+    def _refuse(self, m, status: int, message: str, kind: str):
+        m.requests.labels(str(status)).inc()
+        m.errors.labels(kind).inc()
+        if status == 503:
+            return 503, self.busy, b"application/json", [(b"retry-after", b"1")]
+        return status, json.dumps({"error": message}).encode(), b"application/json", []
+
+    async def __call__(self, scope, receive):
+        m, start = http_metrics(), time.perf_counter()
+        if self.pending >= self.limits["max_queue"]:
+            return self._refuse(m, 503, "", "overloaded")
+        headers = dict(scope["headers"])
+        try:
+            top_k = top_k_of(scope.get("query_string", b""))
+            kind = check_type(headers.get(b"content-type", b"").decode("latin-1"))
+            body = await read_body(receive, headers.get(b"content-length", b"").decode(
+                "latin-1"), self.limits["max_body_bytes"])
+            if kind == "multipart/form-data":
+                body = await file_from_form(scope, body)
+            args = (body, self.info["preprocess"], self.limits["max_image_pixels"])
+            image = (await asyncio.to_thread(decode_image, *args)
+                     if len(body) > DECODE_IN_THREAD else decode_image(*args))
+        except BadInput as e:
+            return self._refuse(m, e.status, e.message, "bad_input")
+        if self.pending >= self.limits["max_queue"]:  # again: no await from here on
+            return self._refuse(m, 503, "", "overloaded")
+        self.pending += 1
+        m.queue.inc()
+        try:
+            result = await self.run_one(image, top_k)
+        except HTTPException as e:
+            return self._refuse(m, e.status_code, f"the model failed on this request "
+                                                  f"({e.detail})", "internal")
+        finally:
+            self.pending -= 1
+            m.queue.dec()
+        m.requests.labels("200").inc()
+        m.latency.observe(time.perf_counter() - start)
+        return 200, json.dumps(result).encode(), b"application/json", []
 
 
 def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: dict[str, Any],
@@ -121,8 +191,8 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
                                    limits["workers"]))
         return await batcher[0](image, top_k)
 
-    pending = [0]  # accepted /predict requests not yet answered, in this HTTP process
-    app.add_middleware(FastPaths, pending=pending, limits=limits, state_dir=state_dir)
+    predictor = Predictor(run_one, info, limits)
+    app.add_middleware(FastPaths, predictor=predictor, limits=limits, state_dir=state_dir)
     page = resources.files("resnetkit.serve").joinpath("page.html").read_text()
 
     @app.exception_handler(HTTPException)
@@ -141,43 +211,14 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
             "file": {"type": "string", "format": "binary"}}}}}}}
 
     @app.post("/predict", openapi_extra=body_doc, summary="Top-k classes of one image")
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)):
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=MAX_TOP_K)):
         """The image as the raw body (Content-Type image/png, image/jpeg, ...) or as a
-        multipart file field. Answers {"top": [{"class", "index", "prob"}...], "batch_size"}."""
-        m, start = http_metrics(), time.perf_counter()
-        try:
-            kind = check_type(request.headers.get("content-type"))
-            body = await read_body(request, limits["max_body_bytes"])
-            if kind == "multipart/form-data":
-                body = await file_from_form(request, body)
-            args = (body, info["preprocess"], limits["max_image_pixels"])
-            image = (await asyncio.to_thread(decode_image, *args)
-                     if len(body) > DECODE_IN_THREAD else decode_image(*args))
-        except BadInput as e:
-            m.requests.labels(str(e.status)).inc()
-            m.errors.labels("bad_input").inc()
-            return _error(e.status, e.message)
-        if pending[0] >= limits["max_queue"]:  # again: no await from here to the increment
-            return overloaded(m)
-        pending[0] += 1
-        m.queue.inc()
-        try:
-            result = await run_one(image, top_k)
-        except HTTPException as e:
-            m.requests.labels(str(e.status_code)).inc()
-            m.errors.labels("internal").inc()
-            return _error(e.status_code, f"the model failed on this request ({e.detail})")
-        finally:
-            pending[0] -= 1
-            m.queue.dec()
-        m.requests.labels("200").inc()
-        m.latency.observe(time.perf_counter() - start)
-        return JSONResponse(result)
-
-    def overloaded(m) -> JSONResponse:
-        m.requests.labels("503").inc()
-        m.errors.labels("overloaded").inc()
-        return _error(503, busy_message(limits), {"Retry-After": "1"})
+        multipart file field. Answers {"top": [{"class", "index", "prob"}...], "batch_size"}.
+        (Served by the middleware ahead of FastAPI, with the same handler; this route gives
+        the OpenAPI entry and serves the app where the middleware is not in front.)"""
+        status, body, kind, extra = await predictor(request.scope, request.receive)
+        return Response(body, status, {k.decode(): v.decode() for k, v in extra},
+                        media_type=kind.decode())
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -188,7 +229,7 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
         workers = [json.loads(p.read_text()) for p in sorted(state_dir.glob("worker-*.json"))]
         return {**meta, "engine": workers[0]["engine"] if workers else None,
                 "precision": workers[0]["precision"] if workers else None,
-                "workers": workers, "queue_depth": pending[0]}
+                "workers": workers, "queue_depth": predictor.pending}
 
     @app.get("/metrics", summary="Prometheus text format")
     async def metrics():

@@ -20,6 +20,11 @@ from .metrics import mark_dead, use_folder
 from .routes import add_routes
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
+# The inference workers run this much nicer than the HTTP process. Where they share cores,
+# a request that waits to be read or answered costs latency and throughput, while a batch
+# that starts a moment later only grows; on a small model the HTTP process is the
+# bottleneck (see benchmarks/serve_load.py and the README's load figures).
+WORKER_NICE = 5
 
 
 def check_options(host: str, port: int, workers: int, max_batch: int, batch_timeout_ms: float,
@@ -45,21 +50,29 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int =
           precision: str = "auto", max_image_pixels: int = 40_000_000, max_body_mb: float = 20,
           max_queue: int = 256, threads: int = 0, batching: str = "server",
           card: Callable[[Any, int], dict[str, Any]] | None = None,
-          log_level: str = "warning", on_start: Callable[[dict[str, Any]], None] | None = None
-          ) -> int:
+          log_level: str = "warning", on_start: Callable[[dict[str, Any]], None] | None = None,
+          calibration: str | None = None, worker_nice: int = WORKER_NICE) -> int:
     """Serve a run folder, checkpoint, registry tag or ONNX file until SIGTERM or SIGINT, then
     drain: the HTTP process stops accepting, answers what it accepted, and every process
     ends. Returns 0. `card(config, image_size)` gives the page's model card (the CLI passes
     analysis.card.model_card); threads: torch threads per worker (0: one core for HTTP, the rest
     shared by the workers);
     batching: "server" (gathered in the HTTP process, batcher.py) or "litserve" (LitServe's
-    own, in the worker).
+    own, in the worker); precision "int8" needs `calibration` (a dataset spec, checked here
+    before any process starts; see engine.open_engine); worker_nice: see WORKER_NICE.
     Raises UserError for a bad option or an unreadable model."""
     check_options(host, port, workers, max_batch, batch_timeout_ms, engine, max_image_pixels,
                   max_body_mb, max_queue)
     if batching not in ("server", "litserve"):
         raise UserError(f"batching must be server or litserve, got {batching!r}")
     info = model_info(source)
+    if precision == "int8":
+        from .engine import int8_calibration
+        int8_calibration(source, calibration)
+    elif calibration:
+        raise UserError("--calibration is for --precision int8 only")
+    if not 0 <= worker_nice <= 19:
+        raise UserError(f"worker_nice must be from 0 to 19, got {worker_nice}")
     cfg, size = info["config"], info["preprocess"]["image_size"]
     state_dir = Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
     (state_dir / "metrics").mkdir()
@@ -71,7 +84,7 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int =
     limits = {"max_batch": max_batch, "batch_timeout_ms": batch_timeout_ms,
               "max_queue": max_queue, "max_image_pixels": max_image_pixels,
               "max_body_bytes": int(max_body_mb * 2**20), "workers": workers,
-              "threads_per_worker": threads, "batching": batching}
+              "threads_per_worker": threads, "batching": batching, "worker_nice": worker_nice}
     arch = None
     if cfg is not None:
         from ..weights.checkpoint import config_to_dict
@@ -81,7 +94,8 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int =
             "card": card(cfg, size) if card and cfg is not None else None}
     api = ClassifierAPI(str(source), engine, precision, info["preprocess"], info["classes"],
                         str(state_dir), max_batch if batching == "litserve" else 1,
-                        batch_timeout_ms / 1000 if batching == "litserve" else 0.0, threads)
+                        batch_timeout_ms / 1000 if batching == "litserve" else 0.0, threads,
+                        calibration, worker_nice)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers, timeout=60,
                           fast_queue=True)  # responses over ZMQ, not the manager's queues
     add_routes(server, api, info, meta, limits, state_dir)
