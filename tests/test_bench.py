@@ -154,3 +154,15 @@ def test_a_failing_peer_engine_is_dropped_with_a_note(monkeypatch):
     assert list(ok) == ["onnxruntime_fp32", "resnetkit_int8"] and calls == ["probe"]
     assert notes == ["openvino_fp32 skipped: it failed on this machine with "
                      "ONEDNN_MAX_CPU_ISA=AVX2 ([CPU] node is not initialized)"]
+    # and one that fails to build (OpenVINO's compile_model under that cap)
+    import resnetkit.infer.export as export
+
+    def no_build(*a, **k):
+        raise RuntimeError("Check failed:\nSupported primitive descriptors list is empty")
+    monkeypatch.setattr(export, "openvino_model", no_build)
+    from resnetkit.bench import _engines
+    notes = []
+    from resnetkit import create_model
+    runners = _engines(create_model("resnet20", num_classes=3).eval(), 32, notes)
+    assert set(runners) == {"onnxruntime_fp32"} and all(
+        n.endswith("(Supported primitive descriptors list is empty)") for n in notes) and notes

@@ -77,7 +77,10 @@ def _engines(model: torch.nn.Module, image_size: int, notes: list[str],
     if not precs:
         notes.append("openvino not installed: skipped (pip install 'resnetkit[openvino]')")
     for p in precs:
-        runners[f"openvino_{p}"] = (p, openvino_model(path, p, threads, shape))
+        try:
+            runners[f"openvino_{p}"] = (p, openvino_model(path, p, threads, shape))
+        except Exception as e:  # OpenVINO's own exception types
+            _peer_failed(f"openvino_{p}", e, notes)
     return runners
 
 
@@ -93,14 +96,19 @@ def _working(paths: dict[str, tuple[str, Callable]], probe: Any, notes: list[str
             try:
                 run(probe)
             except Exception as e:  # the peer engine's own exception types
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-                cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-                notes.append(f"{name} skipped: it failed on this machine"
-                             f"{f' with ONEDNN_MAX_CPU_ISA={cap}' if cap else ''} "
-                             f"({(lines[-1] if lines else type(e).__name__)[:200]})")
+                _peer_failed(name, e, notes)
                 continue
         ok[name] = (prec, run)
     return ok
+
+
+def _peer_failed(name: str, e: Exception, notes: list[str]) -> None:
+    """The note for a peer engine that failed to build or run here."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    notes.append(f"{name} skipped: it failed on this machine"
+                 f"{f' with ONEDNN_MAX_CPU_ISA={cap}' if cap else ''} "
+                 f"({(lines[-1] if lines else type(e).__name__)[:200]})")
 
 
 def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
@@ -123,8 +131,13 @@ def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[
         if why:
             notes.append(f"{why}: {engine}_int8 skipped")
             continue
-        paths[f"{engine}_int8"] = ("int8", build(base, engine, "int8", batches,
-                                                 shape=shape, static=shape is not None))
+        try:
+            paths[f"{engine}_int8"] = ("int8", build(base, engine, "int8", batches,
+                                                     shape=shape, static=shape is not None))
+        except UserError:
+            raise
+        except Exception as e:  # the engine's (or its quantizer's) own exception types
+            _peer_failed(f"{engine}_int8", e, notes)
     return paths
 
 
