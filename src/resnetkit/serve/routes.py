@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import types
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .metrics import exposition, http_metrics
 
 DECODE_IN_THREAD = 64 << 10  # bodies above this are decoded off the event loop
 MAX_TOP_K = 1000
+BATCHES_IN_FLIGHT = 2  # per worker
 
 
 async def read_body(receive, declared: str, limit: int) -> bytes:
@@ -186,13 +188,21 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
         if limits["batching"] == "litserve":
             return await handler.handle_request({"image": image, "top_k": top_k}, dict)
         if not batcher:
+            # two batches in flight per worker: while one runs, the next waits in the
+            # worker's queue, so the worker never idles through the hand-over
             batcher.append(Batcher(lambda payload: handler.handle_request(payload, dict),
                                    limits["max_batch"], limits["batch_timeout_ms"] / 1000,
-                                   limits["workers"]))
+                                   BATCHES_IN_FLIGHT * limits["workers"]))
         return await batcher[0](image, top_k)
 
     predictor = Predictor(run_one, info, limits)
-    app.add_middleware(FastPaths, predictor=predictor, limits=limits, state_dir=state_dir)
+
+    def build_middleware_stack(self):
+        # FastPaths outside every layer FastAPI adds (its error, body-limit and telemetry
+        # middleware wrap each call and each send: 5-10% of the HTTP process's time per
+        # request under load); Starlette builds the stack at the first request
+        return FastPaths(type(self).build_middleware_stack(self), predictor, limits, state_dir)
+    app.build_middleware_stack = types.MethodType(build_middleware_stack, app)
     page = resources.files("resnetkit.serve").joinpath("page.html").read_text()
 
     @app.exception_handler(HTTPException)
