@@ -81,16 +81,36 @@ async def post(s, url: str, body: bytes, kind: str) -> str:
         return type(e).__name__
 
 
+def cpu_seconds(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this load generator ("client") and of the
+    server's processes by role: "workers" (the spawned inference processes) and "http" (the
+    rest: the HTTP process, and the supervisor and queue manager, which idle under load)."""
+    me = psutil.Process().cpu_times()
+    out = {"client": me.user + me.system, "workers": 0.0, "http": 0.0}
+    if server_pid:
+        root = psutil.Process(server_pid)
+        for p in [root] + root.children(recursive=True):
+            try:
+                t, cmd = p.cpu_times(), " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if "resource_tracker" not in cmd:
+                out["workers" if "spawn_main" in cmd else "http"] += t.user + t.system
+    return out
+
+
 async def closed_loop(url: str, bodies: list, concurrency: int, requests: int,
-                      duration: float) -> dict:
+                      duration: float, server_pid: int | None = None) -> dict:
     """`concurrency` clients, each sending its next request when the last one is answered,
-    until `requests` are sent or `duration` seconds pass."""
+    until `requests` are sent or `duration` seconds pass. With the server's pid, also the
+    CPU milliseconds per answered request of the client, the HTTP side and the workers."""
     lat, codes, sent = [], {}, [0]
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
                                      timeout=timeout) as s:
         async with s.get(f"{url}/metrics") as r:
             before = await r.text()
+        cpu0 = cpu_seconds(server_pid)
         t0 = time.perf_counter()
 
         async def client() -> None:
@@ -104,6 +124,7 @@ async def closed_loop(url: str, bodies: list, concurrency: int, requests: int,
                     lat.append(time.perf_counter() - t)
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        cpu1 = cpu_seconds(server_pid)
         async with s.get(f"{url}/metrics") as r:
             after = await r.text()
     batches = metric(after, "resnetkit_batch_size_count") - metric(before, "resnetkit_batch_size_count")
@@ -112,7 +133,9 @@ async def closed_loop(url: str, bodies: list, concurrency: int, requests: int,
             "requests_per_s": len(lat) / wall, "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
             "p99_ms": pct(lat, 99), "mean_batch": images / batches if batches else None,
             "batches": int(batches), "codes": codes,
-            "errors": sum(n for k, n in codes.items() if k != "200")}
+            "errors": sum(n for k, n in codes.items() if k != "200"),
+            "cpu_ms_per_request": {k: (cpu1[k] - cpu0[k]) * 1e3 / len(lat) if lat else None
+                                   for k in cpu0} if server_pid else None}
 
 
 async def overload(url: str, bodies: list, rate: float, seconds: float, pid: int | None,
@@ -270,7 +293,8 @@ def main() -> None:
               "loadavg_before": load, "levels": []}
     try:
         for c in a.concurrency:
-            lvl = asyncio.run(closed_loop(url, bodies, c, a.requests, a.duration))
+            lvl = asyncio.run(closed_loop(url, bodies, c, a.requests, a.duration,
+                                          proc.pid if proc else None))
             result["levels"].append(lvl)
             print(json.dumps(lvl), file=sys.stderr, flush=True)
         top = max(result["levels"], key=lambda r: r["concurrency"])
@@ -299,6 +323,11 @@ def main() -> None:
             "c_top_over_c_low": top["requests_per_s"] / low["requests_per_s"],
             # what batching can give at most: the model's own speed-up from batch 1
             "bench_batch_over_batch_1": served / single})
+        cpu = top.get("cpu_ms_per_request") or {}
+        if cpu.get("workers"):
+            # the workers' CPU per request at the top level against the model's own time per
+            # image: what the server costs where the worker is not short of a core
+            result["targets"]["worker_cpu_over_bench_time"] = cpu["workers"] / (1e3 / served)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

@@ -4,6 +4,7 @@ requests LitServe's own batching collected; the worker normalises them with the 
 preprocessing and runs the engine."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -62,6 +63,8 @@ class ClassifierAPI(ls.LitAPI):
         self.metrics = worker_metrics()
         chans, size = self.pre["in_chans"], self.pre["image_size"]
         self.model(torch.zeros(1, chans, size, size))  # first-call costs before serving
+        gc.collect()  # what is loaded stays: out of every later collection (see server.py)
+        gc.freeze()
         Path(self.state_dir, f"worker-{os.getpid()}.json").write_text(json.dumps(
             {"engine": self.model.engine, "precision": self.model.precision,
              "threads": torch.get_num_threads()}))

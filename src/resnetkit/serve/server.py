@@ -6,6 +6,7 @@ uploads, so a bad one never reaches a batch), N inference workers (spawned; api.
 LitServe's queue manager."""
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import shutil
 import signal
@@ -111,6 +112,12 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int =
     try:
         if on_start:
             on_start({"url": f"http://{host}:{port}", **meta, "card": None})
+        # The HTTP process is forked from this one and inherits its heap: millions of
+        # objects from torch, FastAPI and the model's analysis. Frozen, they are left out of
+        # every garbage collection there, whose full passes otherwise stop its event loop
+        # for tens of milliseconds under load.
+        gc.collect()
+        gc.freeze()
         server.run(host=host, port=port, num_api_servers=1, generate_client_file=False,
                    log_level=log_level, api_server_worker_type="process")
     except KeyboardInterrupt:
