@@ -7,47 +7,63 @@
  */
 #include <immintrin.h>
 
-#define REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-
 static volatile float float_sink;
 static volatile int int_sink;
+
+/* Twelve chains a0..a11 of type ACC started at INIT(i), each stepped by STEP(a) `iters`
+ * times, then summed lane-wise with ADD from ZERO and handed to FINISH (so that the
+ * compiler cannot drop the loop). */
+#define CHAINS(ACC, INIT, STEP, ADD, ZERO, FINISH)                                        \
+    ACC a0 = INIT(0), a1 = INIT(1), a2 = INIT(2), a3 = INIT(3), a4 = INIT(4),             \
+        a5 = INIT(5), a6 = INIT(6), a7 = INIT(7), a8 = INIT(8), a9 = INIT(9),              \
+        a10 = INIT(10), a11 = INIT(11);                                                    \
+    for (long n = 0; n < iters; n++) {                                                     \
+        a0 = STEP(a0); a1 = STEP(a1); a2 = STEP(a2); a3 = STEP(a3); a4 = STEP(a4);         \
+        a5 = STEP(a5); a6 = STEP(a6); a7 = STEP(a7); a8 = STEP(a8); a9 = STEP(a9);         \
+        a10 = STEP(a10); a11 = STEP(a11);                                                  \
+    }                                                                                      \
+    FINISH(ADD(ADD(ADD(ADD(ADD(ADD(ADD(ADD(ADD(ADD(ADD(ADD(ZERO, a0), a1), a2), a3), a4),  \
+           a5), a6), a7), a8), a9), a10), a11))
+
+#if defined(__AVX2__)
+static inline void finish256(__m256 s)
+{
+    float lanes[8];
+    _mm256_storeu_ps(lanes, s);
+    float_sink = lanes[0] + lanes[7];
+}
+
+static inline void finish256i(__m256i s)
+{
+    int lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, s);
+    int_sink = lanes[0] + lanes[7];
+}
+#endif
+
+#if defined(__AVX512F__)
+static inline void finish512(__m512 s) { float_sink = _mm512_reduce_add_ps(s); }
+static inline void finish512i(__m512i s) { int_sink = _mm512_reduce_add_epi32(s); }
+#endif
 
 double fp32_fma(long iters, float seed)
 {
 #if defined(__AVX512F__)
     __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-#define DECL(i) __m512 a##i = _mm512_set1_ps(seed + (float)i);
-#define STEP(i) a##i = _mm512_fmadd_ps(a##i, m, c);
-#define SUM(i) s = _mm512_add_ps(s, a##i);
-    REP12(DECL)
-    for (long n = 0; n < iters; n++) {
-        REP12(STEP)
-    }
-    __m512 s = _mm512_setzero_ps();
-    REP12(SUM)
-    float_sink = _mm512_reduce_add_ps(s);
-    return (double)iters * 12 * 16 * 2;
-#undef DECL
+#define INIT(i) _mm512_set1_ps(seed + (float)(i))
+#define STEP(a) _mm512_fmadd_ps(a, m, c)
+    CHAINS(__m512, INIT, STEP, _mm512_add_ps, _mm512_setzero_ps(), finish512);
+#undef INIT
 #undef STEP
-#undef SUM
+    return (double)iters * 12 * 16 * 2;
 #elif defined(__FMA__)
     __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-#define DECL(i) __m256 a##i = _mm256_set1_ps(seed + (float)i);
-#define STEP(i) a##i = _mm256_fmadd_ps(a##i, m, c);
-#define SUM(i) s = _mm256_add_ps(s, a##i);
-    REP12(DECL)
-    for (long n = 0; n < iters; n++) {
-        REP12(STEP)
-    }
-    __m256 s = _mm256_setzero_ps();
-    REP12(SUM)
-    float lanes[8];
-    _mm256_storeu_ps(lanes, s);
-    float_sink = lanes[0] + lanes[7];
-    return (double)iters * 12 * 8 * 2;
-#undef DECL
+#define INIT(i) _mm256_set1_ps(seed + (float)(i))
+#define STEP(a) _mm256_fmadd_ps(a, m, c)
+    CHAINS(__m256, INIT, STEP, _mm256_add_ps, _mm256_setzero_ps(), finish256);
+#undef INIT
 #undef STEP
-#undef SUM
+    return (double)iters * 12 * 8 * 2;
 #else
     (void)iters; (void)seed;
     return 0;
@@ -60,20 +76,12 @@ double bf16_dot(long iters, float seed)
 #if defined(__AVX512BF16__)
     __m512 x = _mm512_set1_ps(seed);
     __m512bh p = _mm512_cvtne2ps_pbh(x, x), q = _mm512_cvtne2ps_pbh(x, x);
-#define DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
-#define STEP(i) a##i = _mm512_dpbf16_ps(a##i, p, q);
-#define SUM(i) s = _mm512_add_ps(s, a##i);
-    REP12(DECL)
-    for (long n = 0; n < iters; n++) {
-        REP12(STEP)
-    }
-    __m512 s = _mm512_setzero_ps();
-    REP12(SUM)
-    float_sink = _mm512_reduce_add_ps(s);
-    return (double)iters * 12 * 16 * 4;
-#undef DECL
+#define INIT(i) _mm512_set1_ps((float)(i))
+#define STEP(a) _mm512_dpbf16_ps(a, p, q)
+    CHAINS(__m512, INIT, STEP, _mm512_add_ps, _mm512_setzero_ps(), finish512);
+#undef INIT
 #undef STEP
-#undef SUM
+    return (double)iters * 12 * 16 * 4;
 #else
     (void)iters; (void)seed;
     return 0;
@@ -85,38 +93,20 @@ double int8_dot(long iters, int seed)
 {
 #if defined(__AVX512VNNI__)
     __m512i p = _mm512_set1_epi32(seed), q = _mm512_set1_epi32(seed ^ 0x01020304);
-#define DECL(i) __m512i a##i = _mm512_set1_epi32(i);
-#define STEP(i) a##i = _mm512_dpbusd_epi32(a##i, p, q);
-#define SUM(i) s = _mm512_add_epi32(s, a##i);
-    REP12(DECL)
-    for (long n = 0; n < iters; n++) {
-        REP12(STEP)
-    }
-    __m512i s = _mm512_setzero_si512();
-    REP12(SUM)
-    int_sink = _mm512_reduce_add_epi32(s);
-    return (double)iters * 12 * 16 * 8;
-#undef DECL
+#define INIT(i) _mm512_set1_epi32(i)
+#define STEP(a) _mm512_dpbusd_epi32(a, p, q)
+    CHAINS(__m512i, INIT, STEP, _mm512_add_epi32, _mm512_setzero_si512(), finish512i);
+#undef INIT
 #undef STEP
-#undef SUM
+    return (double)iters * 12 * 16 * 8;
 #elif defined(__AVXVNNI__)
     __m256i p = _mm256_set1_epi32(seed), q = _mm256_set1_epi32(seed ^ 0x01020304);
-#define DECL(i) __m256i a##i = _mm256_set1_epi32(i);
-#define STEP(i) a##i = _mm256_dpbusd_avx_epi32(a##i, p, q);
-#define SUM(i) s = _mm256_add_epi32(s, a##i);
-    REP12(DECL)
-    for (long n = 0; n < iters; n++) {
-        REP12(STEP)
-    }
-    __m256i s = _mm256_setzero_si256();
-    REP12(SUM)
-    int lanes[8];
-    _mm256_storeu_si256((__m256i *)lanes, s);
-    int_sink = lanes[0] + lanes[7];
-    return (double)iters * 12 * 8 * 8;
-#undef DECL
+#define INIT(i) _mm256_set1_epi32(i)
+#define STEP(a) _mm256_dpbusd_avx_epi32(a, p, q)
+    CHAINS(__m256i, INIT, STEP, _mm256_add_epi32, _mm256_setzero_si256(), finish256i);
+#undef INIT
 #undef STEP
-#undef SUM
+    return (double)iters * 12 * 8 * 8;
 #else
     (void)iters; (void)seed;
     return 0;
