@@ -200,13 +200,14 @@ def test_int8_engine_for_serving_agrees_with_fp32(checkpoint, tmp_path):
     images = load_dataset("fashion-mnist", "test").images[:64]
     x = preprocess(images, PRE["mean"], PRE["std"])
     fp32 = open_engine(checkpoint, "torch", "fp32")(x)
-    for engine in ("onnxruntime", "auto"):
-        int8 = open_engine(checkpoint, engine, "int8", calibration="fashion-mnist:128")
-        assert int8.precision == "int8" and int8.engine != "torch"
-        out = int8(x)
-        spread = (fp32.max() - fp32.min()).item()
-        assert (out - fp32).abs().max().item() <= 0.1 * spread
-        assert (out.argmax(1) == fp32.argmax(1)).float().mean().item() >= 0.9
+    # auto: OpenVINO (part of the [all] install); ONNX Runtime's QDQ file is checked by
+    # test_quantize.py
+    int8 = open_engine(checkpoint, "auto", "int8", calibration="fashion-mnist:128")
+    assert (int8.engine, int8.precision) == ("openvino", "int8")
+    out = int8(x)
+    spread = (fp32.max() - fp32.min()).item()
+    assert (out - fp32).abs().max().item() <= 0.1 * spread
+    assert (out.argmax(1) == fp32.argmax(1)).float().mean().item() >= 0.9
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"x")
     with pytest.raises(UserError, match="served as it was exported"):
