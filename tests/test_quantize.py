@@ -259,3 +259,16 @@ def test_int8_file_bad_input(int8_files, trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_serve_runs_an_int8_file_as_int8(int8_files):
+    # the label /metadata shows comes from the file's operators, not from the engine choice
+    from resnetkit.serve.engine import open_engine
+    e = open_engine(int8_files)
+    assert (e.engine, e.precision) == ("onnxruntime", "int8")
+    ov = open_engine(int8_files, "openvino")
+    assert (ov.engine, ov.precision) == ("openvino", "int8")
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(e(x), ov(x), atol=0.1 * e(x).abs().max().item())
+    with pytest.raises(UserError, match="int8 \\(QDQ\\) file"):
+        open_engine(int8_files, "auto", "fp32")

@@ -254,7 +254,7 @@ def open_file(path: str | Path, engine: str = "auto") -> tuple[Engine, dict[str,
         from .export import onnx_meta, onnx_session
         sess = onnx_session(path, threads)
         name = sess.get_inputs()[0].name
-        precision = "int8" if _onnx_is_qdq(path) else "fp32"
+        precision = "int8" if is_qdq_onnx(path) else "fp32"
         return (Engine("onnxruntime", precision, lambda a: sess.run(None, {name: a})[0]),
                 onnx_meta(sess, str(path)))
     from .export import _openvino_core, openvino_model
@@ -269,12 +269,13 @@ def open_file(path: str | Path, engine: str = "auto") -> tuple[Engine, dict[str,
         raise UserError(f"cannot load {path} in OpenVINO ({e})") from None
     info = openvino_meta(model, str(path)) if kind == "openvino" else _onnx_file_meta(path)
     int8 = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()) or \
-        kind == "onnx" and _onnx_is_qdq(path)
+        kind == "onnx" and is_qdq_onnx(path)
     return Engine("openvino", "int8" if int8 else "fp32",
                   openvino_model(path, "fp32", threads)), info
 
 
-def _onnx_is_qdq(path: str | Path) -> bool:
+def is_qdq_onnx(path: str | Path) -> bool:
+    """Whether an ONNX file is int8 (QuantizeLinear nodes, as `resnetkit quantize` writes)."""
     import onnx
     return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
 

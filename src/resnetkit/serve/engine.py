@@ -100,6 +100,13 @@ def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto
         model, _ = load_source(source)
         fast = optimize(model, precision=precision, compile=False)
         return Engine("torch", fast.precision, fast, numpy_io=False)
+    if onnx:
+        from ..infer.engines import is_qdq_onnx, open_file
+        if is_qdq_onnx(source):  # int8, from `resnetkit quantize`: it runs as written
+            if precision != "auto":
+                raise UserError(f"{source} is an int8 (QDQ) file: serve it with --precision "
+                                f"auto")
+            return open_file(source, engine)[0]
     if engine == "onnxruntime" and precision == "bf16":
         raise UserError("ONNX Runtime serves fp32 here; use --engine openvino for bf16")
     from ..infer.export import openvino_precisions
