@@ -84,12 +84,17 @@ async def post(s, url: str, body: bytes, kind: str) -> str:
 def cpu_seconds(server_pid: int | None) -> dict[str, float]:
     """CPU seconds (user + system) so far of this load generator ("client") and of the
     server's processes by role: "workers" (the spawned inference processes) and "http" (the
-    rest: the HTTP process, and the supervisor and queue manager, which idle under load)."""
+    rest: the HTTP process, the queue manager, and the supervisor, whose thread passes the
+    workers' responses on to the HTTP process)."""
     me = psutil.Process().cpu_times()
     out = {"client": me.user + me.system, "workers": 0.0, "http": 0.0}
     if server_pid:
-        root = psutil.Process(server_pid)
-        for p in [root] + root.children(recursive=True):
+        try:
+            root = psutil.Process(server_pid)
+            tree = [root] + root.children(recursive=True)
+        except psutil.Error:  # the server is gone: its figures stay 0
+            return out
+        for p in tree:
             try:
                 t, cmd = p.cpu_times(), " ".join(p.cmdline())
             except psutil.Error:

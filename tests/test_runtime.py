@@ -137,6 +137,9 @@ def test_peak_without_cpufreq_takes_the_measured_multiply_add_rates(monkeypatch,
     monkeypatch.setattr(runtime, "multiply_add_peaks",
                         lambda t: {"fp32": fp32, "bf16": fp32 * per["bf16"] / per["fp32"] * 1.1})
     hw = runtime.hardware(measure=True)
+    assert hw["peak_source_by_precision"] == {
+        "fp32": "measured instruction rate", "bf16": "measured instruction rate",
+        "int8": "measured fp32 rate x the table's ratio"}
     assert hw["peak_source"].startswith("measured multiply-add")
     assert hw["peak_fp32_gflops"] == pytest.approx(fp32) and hw["ghz"] == pytest.approx(base + 1)
     assert hw["peak_bf16_gflops"] == pytest.approx(fp32 * per["bf16"] / per["fp32"] * 1.1)
@@ -156,9 +159,11 @@ def test_measured_multiply_add_rates_match_the_instruction_tables():
     flags = runtime.cpu_flags()
     assert set(rates) == {"fp32"} | ({"bf16"} if "avx512_bf16" in flags else set()) | (
         {"int8"} if {"avx512_vnni", "avx_vnni"} & flags else set())
+    # best of five rounds each, taken moments apart: generous bounds for a busy machine,
+    # still far from the wrong table entries (a factor of 2)
     for p in set(rates) - {"fp32"}:
-        assert rates[p] / rates["fp32"] == pytest.approx(per[p] / per["fp32"], rel=0.2)
-    assert runtime.gemm_gflops(threads) <= rates["fp32"] * 1.05
+        assert rates[p] / rates["fp32"] == pytest.approx(per[p] / per["fp32"], rel=0.35)
+    assert runtime.gemm_gflops(threads) <= rates["fp32"] * 1.25
 
 
 def test_onednn_isa_cap_hides_the_instructions_above_it():

@@ -194,6 +194,8 @@ def test_cli_mistakes_are_one_sentence(checkpoint, capsys):
 
 
 def test_int8_engine_for_serving_agrees_with_fp32(checkpoint, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
     from resnetkit.data import load_dataset
     from resnetkit.errors import UserError
     from resnetkit.evaluate import preprocess
@@ -321,7 +323,8 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
     async def run():
         p = Predictor(run_one, info, limits)
         out = {}
-        for name, q in (("zero", b"top_k=0"), ("word", b"top_k=five"), ("big", b"top_k=1001")):
+        for name, q in (("zero", b"top_k=0"), ("word", b"top_k=five"), ("big", b"top_k=1001"),
+                        ("blank", b"top_k="), ("underscore", b"top_k=1_0")):
             out[name] = await p(scope(q), receive_of(image))
         out["declared"] = await p(scope(length=b"5000"), receive_of(image))
         out["streamed"] = await p(scope(), receive_of(bytes(1500), pieces=5))
@@ -334,10 +337,36 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
         out["pending"] = p.pending
         return out
     out = asyncio.run(run())
-    for name in ("zero", "word", "big"):
+    for name in ("zero", "word", "big", "blank", "underscore"):
         assert out[name][0] == 422 and b"query.top_k" in out[name][1]
     assert out["declared"][0] == 413 and out["streamed"][0] == 413 and out["type"][0] == 415
     assert out["full"][0] == 503 and (b"retry-after", b"1") in out["full"][3]
     status, body, kind, _ = out["ok"]
     assert status == 200 and kind == b"application/json"
     assert json.loads(body) == {"shape": [1, 28, 28], "k": 3} and out["pending"] == 0
+
+
+def test_a_fault_in_the_predict_handler_is_one_json_500(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    from resnetkit.serve.routes import FastPaths, Predictor
+
+    async def broken(image, top_k):
+        raise RuntimeError("engine down")
+    limits = {"max_queue": 4, "max_body_bytes": 10_000, "max_image_pixels": 10_000,
+              "workers": 1}
+    info = {"preprocess": {"image_size": 28, "in_chans": 1}}
+    paths = FastPaths(None, Predictor(broken, info, limits), limits, tmp_path)
+    body = png(np.zeros((28, 28), np.uint8))
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "path": "/predict", "method": "POST", "query_string": b"",
+             "headers": [(b"content-type", b"image/png")]}
+    asyncio.run(paths(scope, receive, send))
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"]) == {
+        "error": "the server failed on this request (RuntimeError)"}

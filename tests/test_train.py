@@ -353,3 +353,26 @@ def test_a_model_of_some_classes_is_evaluated_and_calibrated_on_those(tmp_path, 
     pixels = torch.cat(batches) * 0.35 + 0.29  # back to [0, 1]
     assert len(pixels) == 64
     assert all(bytes((p[0] * 255).round().byte().numpy()) in allowed for p in pixels)
+
+
+def test_a_model_of_some_classes_on_an_image_folder(tmp_path):
+    # the same for a folder dataset: its class names come from its directories
+    from resnetkit.evaluate import open_eval
+    from resnetkit.infer.quantize import calibration_set
+    root = fashion_folder(tmp_path / "data", per_class=6, classes=3)  # 3 class directories
+    names = ["Trouser", "Pullover"]
+    torch.manual_seed(0)
+    model = rk.create_model("resnet20", in_chans=1, num_classes=2).eval()
+    pre = {"mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1}
+    ckpt.save_weights(tmp_path / "w.safetensors", model, {"classes": names, "preprocess": pre})
+    e = open_eval(tmp_path / "w.safetensors", f"folder:{root}")
+    assert e.data.classes == names and e.data.labels.bincount().tolist() == [6, 6]
+    for new, folder in enumerate(names):
+        want = sorted(int(p.stem) for p in (root / "test" / folder).glob("*.png"))
+        from resnetkit.data import load_dataset
+        raw = load_dataset("fashion-mnist", "test").images[want]
+        got = e.data.images[e.data.labels == new]
+        assert sorted(map(bytes, (x.numpy() for x in got))) == sorted(
+            map(bytes, (x.numpy() for x in raw)))
+    batches = calibration_set(f"folder:{root}:18", 1, preprocess=pre, classes=names)
+    assert 2 <= sum(len(b) for b in batches) <= 18

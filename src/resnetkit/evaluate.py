@@ -124,12 +124,13 @@ def open_eval(checkpoint: str | Path, dataset: str = "fashion-mnist", split: str
     model, info = load_source(checkpoint)
     pre = info.get("preprocess", {})
     size = pre.get("image_size", 0)
-    data = materialize(load_dataset(dataset, split, data_dir, size, model.cfg.in_chans,
-                                    resize=pre.get("resize", 0),
-                                    interpolation=pre.get("interpolation", "bilinear")),
-                       classes=info.get("classes"))
-    # a model trained on some of the dataset's classes is judged on those, in its order
-    data = restrict_to_classes(data, info.get("classes"))
+    names = info.get("classes")
+    ds = load_dataset(dataset, split, data_dir, size, model.cfg.in_chans,
+                      resize=pre.get("resize", 0),
+                      interpolation=pre.get("interpolation", "bilinear"))
+    # a folder's classes take the checkpoint's names where there are as many; a model
+    # trained on some of the dataset's classes is judged on those, in its order
+    data = restrict_to_classes(materialize(ds, classes=names), names)
     if len(data.classes) != model.num_classes:
         raise UserError(f"dataset {dataset} has {len(data.classes)} classes, the checkpoint "
                         f"{model.num_classes}")

@@ -248,14 +248,22 @@ def _peak_kernels() -> Any:
         return None
     flags = cpu_flags()
     isa = [opt for flag, opt in _PEAK_ISA if flag in flags]
+    base = [opt for opt in isa if opt in ("-mavx2", "-mfma", "-mavx512f")]
+    kernels = None
     with tempfile.TemporaryDirectory(prefix="resnetkit-peak-") as tmp:
         lib = Path(tmp) / "peak.so"
-        try:
-            subprocess.run([cc, "-O2", "-shared", "-fPIC", *isa, str(PEAK_SOURCE), "-o", str(lib)],
-                           check=True, capture_output=True, timeout=60)
-            kernels = ctypes.CDLL(str(lib))  # stays mapped after the file is removed
-        except (OSError, subprocess.SubprocessError):
-            return None
+        # an older compiler may not know a newer instruction set's flag: then without the
+        # dot products (their rates come from the table's ratios)
+        for opts in (isa, base) if base != isa else (isa,):
+            try:
+                subprocess.run([cc, "-O2", "-shared", "-fPIC", *opts, str(PEAK_SOURCE), "-o",
+                                str(lib)], check=True, capture_output=True, timeout=60)
+                kernels = ctypes.CDLL(str(lib))  # stays mapped after the file is removed
+                break
+            except (OSError, subprocess.SubprocessError):
+                continue
+    if kernels is None:
+        return None
     for name, seed in (("fp32_fma", ctypes.c_float), ("bf16_dot", ctypes.c_float),
                        ("int8_dot", ctypes.c_int)):
         fn = getattr(kernels, name)
@@ -322,27 +330,32 @@ def hardware(device: torch.device | str = "cpu", measure: bool = False) -> dict[
     per_cycle = _flop_per_cycle(info)
     ghz, source = max_clock()
     out: dict[str, Any] = {}
-    peaks = {p: threads * n * ghz for p, n in per_cycle.items()}
     if not ghz:
         ghz, source = info["mhz"] / 1000, "/proc/cpuinfo clock"
-        peaks = {p: threads * n * ghz for p, n in per_cycle.items()}
-        if measure:
-            measured = multiply_add_peaks(threads)
-            gemm = gemm_gflops(threads)
-            out = {"measured_multiply_add": measured, "gemm_fp32_gflops": gemm}
-            # each precision: the largest of the stated clock's figure, the measured
-            # instruction rate and, where that instruction is absent, the measured fp32
-            # rate times the table's ratio (AMX, or a build without a compiler: the GEMM)
-            fp32 = max(measured.get("fp32", 0.0), gemm)
-            if fp32 > peaks["fp32"]:
-                source = ("measured multiply-add throughput (peak.c, all cores)"
-                          if measured.get("fp32", 0.0) >= gemm
-                          else "measured fp32 GEMM (clock it implies)")
-                ghz = fp32 / (threads * per_cycle["fp32"])
-            for p in peaks:
-                scaled = fp32 * per_cycle[p] / per_cycle["fp32"]
-                peaks[p] = max(peaks[p], measured.get(p, 0.0), scaled)
-            out["gemm_implied_ghz"] = gemm / (threads * per_cycle["fp32"])
+    peaks = {p: threads * n * ghz for p, n in per_cycle.items()}
+    if source == "/proc/cpuinfo clock" and measure:
+        measured = multiply_add_peaks(threads)
+        gemm = gemm_gflops(threads)
+        out = {"measured_multiply_add": measured, "gemm_fp32_gflops": gemm}
+        # each precision: the largest of the stated clock's figure, the measured
+        # instruction rate and, where that instruction is absent, the measured fp32
+        # rate times the table's ratio (AMX, or a build without a compiler: the GEMM)
+        fp32 = max(measured.get("fp32", 0.0), gemm)
+        if fp32 > peaks["fp32"]:
+            source = ("measured multiply-add throughput (peak.c, all cores)"
+                      if measured.get("fp32", 0.0) >= gemm
+                      else "measured fp32 GEMM (clock it implies)")
+            ghz = fp32 / (threads * per_cycle["fp32"])
+        by: dict[str, str] = {}
+        for p in peaks:
+            options = {"stated clock x FLOP per cycle": peaks[p],
+                       "measured instruction rate": measured.get(p, 0.0),
+                       "measured fp32 rate x the table's ratio":
+                           fp32 * per_cycle[p] / per_cycle["fp32"]}
+            by[p] = max(options, key=options.get)
+            peaks[p] = options[by[p]]
+        out["gemm_implied_ghz"] = gemm / (threads * per_cycle["fp32"])
+        out["peak_source_by_precision"] = by
     return {"device": info["name"], "threads": threads, "ghz": ghz, "peak_source": source,
             "flop_per_cycle": per_cycle, **out,
             "avx512": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,

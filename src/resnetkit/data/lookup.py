@@ -175,13 +175,18 @@ def restrict_to_classes(data: ArrayDataset, names: list[str] | None) -> ArrayDat
 
 def materialize(ds: ArrayDataset | ImageFolder, workers: int = 2,
                 classes: list[str] | None = None) -> ArrayDataset:
-    """An in-memory uint8 copy; image folders are decoded by DataLoader workers."""
+    """An in-memory uint8 copy; image folders are decoded by DataLoader workers. classes:
+    names for the folder's classes, in its order, where there are as many (else the
+    folder's own names are kept)."""
     if isinstance(ds, ArrayDataset):
         return ds
+    own = list(getattr(ds, "classes", None) or [])  # a Subset has none: `classes` names them
+    if classes and own and len(classes) != len(own):
+        classes = own
     loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
     xs, ys = zip(*loader) if len(ds) else ((), ())
-    return ArrayDataset(torch.cat(xs), torch.cat(ys), classes or list(ds.classes))
+    return ArrayDataset(torch.cat(xs), torch.cat(ys), classes or own)
 
 
 def memory_bytes() -> int:

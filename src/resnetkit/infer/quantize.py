@@ -126,8 +126,9 @@ def _from_dataset(spec: str, in_chans: int, image_size: int, pre: dict[str, Any]
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:count]
     if isinstance(ds, ArrayDataset):
         ds = ds.subset(keep.sort().values)
-    else:
-        ds = materialize(torch.utils.data.Subset(ds, keep.tolist()), classes=ds.classes)
+    else:  # a folder: the draw is decoded, then kept to the classes (fewer images)
+        ds = restrict_to_classes(materialize(torch.utils.data.Subset(ds, keep.tolist()),
+                                             classes=ds.classes), classes)
     chans = ds.images.shape[1] if len(ds) else in_chans
     if chans != in_chans:
         raise UserError(f"{name} has {chans}-channel images, the model takes {in_chans}")

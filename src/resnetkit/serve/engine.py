@@ -65,6 +65,19 @@ def int8_calibration(source: str | Path, calibration: str | None, data_dir: str 
                            data_dir=data_dir, classes=info.get("classes"))
 
 
+def int8_engine(engine: str) -> str:
+    """The engine that serves int8: `engine`, or for "auto" the first installed of OpenVINO
+    (NNCF), ONNX Runtime (QDQ) and torch (PT2E). Raises UserError where it is not installed."""
+    from ..infer.engines import installed
+    if engine == "auto":
+        engine = next((e for e in ("openvino", "onnxruntime", "torch")
+                       if not installed(e, "int8")), "torch")
+    why = installed(engine, "int8")
+    if why:
+        raise UserError(why)
+    return engine
+
+
 def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto",
                 threads: int = 0, calibration: str | None = None,
                 data_dir: str | None = None) -> Engine:
@@ -81,11 +94,9 @@ def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto
     if precision not in ("auto", "fp32", "bf16", "int8"):
         raise UserError(f"precision must be auto, fp32, bf16 or int8, got {precision!r}")
     if precision == "int8":
-        from ..infer.engines import build, installed
+        from ..infer.engines import build
+        engine = int8_engine(engine)
         batches = int8_calibration(source, calibration, data_dir)
-        if engine == "auto":
-            engine = next((e for e in ("openvino", "onnxruntime", "torch")
-                           if not installed(e, "int8")), "torch")
         model, info = load_source(source)
         size = info["preprocess"]["image_size"]
         return build(model, engine, "int8", batches, shape=(1, model.cfg.in_chans, size, size))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import types
 from importlib import resources
@@ -23,6 +24,7 @@ from .metrics import exposition, http_metrics
 
 DECODE_IN_THREAD = 64 << 10  # bodies above this are decoded off the event loop
 MAX_TOP_K = 1000
+logger = logging.getLogger(__name__)
 BATCHES_IN_FLIGHT = 2  # per worker
 
 
@@ -66,13 +68,13 @@ async def file_from_form(scope, body: bytes) -> bytes:
 
 def top_k_of(query_string: bytes) -> int:
     """The top_k query parameter (default 5; 1 to MAX_TOP_K), else BadInput 422."""
-    values = parse_qs(query_string.decode("latin-1")).get("top_k")
+    values = parse_qs(query_string.decode("latin-1"), keep_blank_values=True).get("top_k")
     if not values:
         return 5
-    try:
-        k = int(values[-1])
-    except ValueError:
-        raise BadInput(422, f"query.top_k: must be a whole number, got {values[-1]!r}") from None
+    text = values[-1].strip()
+    if not (text.isascii() and text.isdigit()):
+        raise BadInput(422, f"query.top_k: must be a whole number, got {values[-1]!r}")
+    k = int(text)
     if not 1 <= k <= MAX_TOP_K:
         raise BadInput(422, f"query.top_k: must be from 1 to {MAX_TOP_K}, got {k}")
     return k
@@ -109,7 +111,15 @@ class FastPaths:
                 return await send_response(send, 200 if self.ready else 503,
                                            b"ok" if self.ready else b"not ready", b"text/plain")
             if path == "/predict" and scope["method"] == "POST":
-                return await send_response(send, *await self.predictor(scope, receive))
+                try:
+                    answer = await self.predictor(scope, receive)
+                except Exception as e:  # a fault of ours: logged, and one JSON sentence
+                    logger.exception("POST /predict failed")
+                    http_metrics().errors.labels("internal").inc()
+                    answer = (500, json.dumps({"error": f"the server failed on this request "
+                                                        f"({type(e).__name__})"}).encode(),
+                              b"application/json", [])
+                return await send_response(send, *answer)
         await self.app(scope, receive, send)
 
 
@@ -134,7 +144,7 @@ class Predictor:
     def _refuse(self, m, status: int, message: str, kind: str):
         m.requests.labels(str(status)).inc()
         m.errors.labels(kind).inc()
-        if status == 503:
+        if kind == "overloaded":
             return 503, self.busy, b"application/json", [(b"retry-after", b"1")]
         return status, json.dumps({"error": message}).encode(), b"application/json", []
 

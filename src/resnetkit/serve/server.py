@@ -66,14 +66,15 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int =
                   max_body_mb, max_queue)
     if batching not in ("server", "litserve"):
         raise UserError(f"batching must be server or litserve, got {batching!r}")
+    if not 0 <= worker_nice <= 19:
+        raise UserError(f"worker_nice must be from 0 to 19, got {worker_nice}")
     info = model_info(source)
     if precision == "int8":
-        from .engine import int8_calibration
+        from .engine import int8_calibration, int8_engine
+        int8_engine(engine)  # installed, or one sentence now rather than in every worker
         int8_calibration(source, calibration)
     elif calibration:
         raise UserError("--calibration is for --precision int8 only")
-    if not 0 <= worker_nice <= 19:
-        raise UserError(f"worker_nice must be from 0 to 19, got {worker_nice}")
     cfg, size = info["config"], info["preprocess"]["image_size"]
     state_dir = Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
     (state_dir / "metrics").mkdir()
@@ -123,6 +124,7 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, workers: int =
     except KeyboardInterrupt:
         pass
     finally:
+        gc.unfreeze()
         for p in multiprocessing.active_children():  # whatever LitServe did not end
             p.terminate()
             p.join(10)
