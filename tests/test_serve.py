@@ -71,6 +71,10 @@ def _bomb() -> bytes:  # 4 million pixels in a few kB: refused from its header
 BAD = [  # (what, request kwargs, status)
     ("empty body", {"content": b"", "headers": {"Content-Type": "image/png"}}, 400),
     ("not an image", {"content": b"GIF89a garbage" * 10, "headers": {"Content-Type": "image/gif"}}, 400),
+    # a format Pillow knows but the server does not take from the network (EPS would run
+    # Ghostscript where it is installed)
+    ("postscript", {"content": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n" * 4,
+                    "headers": {"Content-Type": "application/octet-stream"}}, 400),
     ("truncated png", {"content": png(np.random.default_rng(0).integers(0, 256, (28, 28),
                                                                             dtype=np.uint8))[:400],
                        "headers": {"Content-Type": "image/png"}}, 400),
@@ -115,6 +119,11 @@ def test_health_metadata_docs_and_metrics(server):
     assert card["depth"]["total"] == 20 and card["diagram_svg"].startswith("<svg")
     assert "/predict" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
+    assert httpx.head(f"{server.url}/health").status_code == 200
+    for method, path, status in (("GET", "/predict", 405), ("PUT", "/predict", 405),
+                                 ("GET", "/no-such-page", 404)):
+        r = httpx.request(method, f"{server.url}{path}")
+        assert r.status_code == status and list(r.json()) == ["error"]
     page = httpx.get(f"{server.url}/").text
     assert "<html" in page and "/metadata" in page
 
@@ -225,6 +234,8 @@ def test_decode_checks_pixels_before_decoding_and_follows_the_preprocessing():
     out = decode_image(png(rgb), PRE, max_pixels=10_000)
     assert out.shape == (1, 28, 28) and out.dtype == np.uint8 and abs(int(out[0, 0, 0]) - 76) <= 1
     assert check_type("image/png; charset=binary") == "image/png"
+    with pytest.raises(BadInput, match="not one of PNG, JPEG"):  # never handed to Ghostscript
+        decode_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n", PRE, 10_000)
     with pytest.raises(BadInput):
         check_type(None)
 
@@ -324,8 +335,14 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
         p = Predictor(run_one, info, limits)
         out = {}
         for name, q in (("zero", b"top_k=0"), ("word", b"top_k=five"), ("big", b"top_k=1001"),
-                        ("blank", b"top_k="), ("underscore", b"top_k=1_0")):
+                        ("blank", b"top_k="), ("underscore", b"top_k=1_0"), ("minus", b"top_k=-1"),
+                        ("huge", b"top_k=" + b"9" * 5000)):
             out[name] = await p(scope(q), receive_of(image))
+
+        async def stalled():
+            await asyncio.sleep(3600)
+        out["stalled"] = await Predictor(run_one, info, {**limits, "body_timeout_s": 0.05})(
+            scope(), stalled)
         out["declared"] = await p(scope(length=b"5000"), receive_of(image))
         out["streamed"] = await p(scope(), receive_of(bytes(1500), pieces=5))
         out["type"] = await p(scope(kind=b"text/plain"), receive_of(image))
@@ -337,8 +354,11 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
         out["pending"] = p.pending
         return out
     out = asyncio.run(run())
-    for name in ("zero", "word", "big", "blank", "underscore"):
+    for name in ("zero", "word", "big", "blank", "underscore", "minus", "huge"):
         assert out[name][0] == 422 and b"query.top_k" in out[name][1]
+        assert len(out[name][1]) < 200  # a 5,000-digit value is not echoed back
+    assert b"from 1 to 1000" in out["huge"][1] and b"from 1 to 1000" in out["minus"][1]
+    assert out["stalled"][0] == 408 and b"stalled" in out["stalled"][1]
     assert out["declared"][0] == 413 and out["streamed"][0] == 413 and out["type"][0] == 415
     assert out["full"][0] == 503 and (b"retry-after", b"1") in out["full"][3]
     status, body, kind, _ = out["ok"]

@@ -14,6 +14,9 @@ from ..data.readers import resize_center, to_array
 # what /predict takes as a raw body; multipart/form-data carries the same in a file field
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif",
                "image/tiff", "application/octet-stream")
+# the formats Pillow may decode from the network, whatever the declared type: not the
+# others it knows (EPS and PostScript would run Ghostscript where it is installed)
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class BadInput(Exception):
@@ -47,7 +50,7 @@ def decode_image(data: bytes, pre: dict[str, Any], max_pixels: int) -> np.ndarra
     if not data:
         raise BadInput(400, "the upload is empty: send an image file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise BadInput(413, f"the image is {w}x{h} = {w * h:,} pixels, over the "
@@ -61,7 +64,7 @@ def decode_image(data: bytes, pre: dict[str, Any], max_pixels: int) -> np.ndarra
     except Image.DecompressionBombError:
         raise BadInput(413, "the image is too large to decode safely") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = "not an image format Pillow reads" if isinstance(e, UnidentifiedImageError) \
-            else f"damaged or truncated ({e})"
+        reason = (f"not one of {', '.join(FORMATS)}" if isinstance(e, UnidentifiedImageError)
+                  else f"damaged or truncated ({e})")
         raise BadInput(400, f"the upload cannot be decoded as an image: {reason}") from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from fastapi import HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher
 from .decode import IMAGE_TYPES, BadInput, check_type, decode_image
@@ -24,20 +25,27 @@ from .metrics import exposition, http_metrics
 
 DECODE_IN_THREAD = 64 << 10  # bodies above this are decoded off the event loop
 MAX_TOP_K = 1000
+BODY_TIMEOUT_S = 30.0  # the longest pause inside an upload
 logger = logging.getLogger(__name__)
 BATCHES_IN_FLIGHT = 2  # per worker
 
 
-async def read_body(receive, declared: str, limit: int) -> bytes:
+async def read_body(receive, declared: str, limit: int,
+                    timeout_s: float = BODY_TIMEOUT_S) -> bytes:
     """The request body from the ASGI `receive` channel, refused (413) as soon as it passes
-    `limit` bytes (or at once when the declared Content-Length does)."""
+    `limit` bytes (or at once when the declared Content-Length does), and (408) when the
+    client sends nothing for `timeout_s` (a stalled upload holds no slot for ever)."""
     too_big = BadInput(413, f"the upload is over the server's limit of {limit / 2**20:g} MB "
                             f"(--max-body-mb)")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except asyncio.TimeoutError:
+            raise BadInput(408, f"the upload stalled: nothing arrived for {timeout_s:g} s") \
+                from None
         if message["type"] == "http.disconnect":
             raise BadInput(400, "the client closed the connection before the body arrived")
         chunk = message.get("body", b"")
@@ -72,9 +80,13 @@ def top_k_of(query_string: bytes) -> int:
     if not values:
         return 5
     text = values[-1].strip()
-    if not (text.isascii() and text.isdigit()):
-        raise BadInput(422, f"query.top_k: must be a whole number, got {values[-1]!r}")
-    k = int(text)
+    shown = text if len(text) <= 20 else text[:20] + "..."
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise BadInput(422, f"query.top_k: must be a whole number, got {shown!r}")
+    if text.startswith("-") or len(digits.lstrip("0")) > len(str(MAX_TOP_K)):
+        raise BadInput(422, f"query.top_k: must be from 1 to {MAX_TOP_K}, got {shown}")
+    k = int(digits)
     if not 1 <= k <= MAX_TOP_K:
         raise BadInput(422, f"query.top_k: must be from 1 to {MAX_TOP_K}, got {k}")
     return k
@@ -104,7 +116,7 @@ class FastPaths:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            if path == "/health" and scope["method"] == "GET":
+            if path == "/health" and scope["method"] in ("GET", "HEAD"):
                 if not self.ready:
                     found = len(list(self.state_dir.glob("worker-*.json")))
                     self.ready = found >= self.limits["workers"]
@@ -115,6 +127,7 @@ class FastPaths:
                     answer = await self.predictor(scope, receive)
                 except Exception as e:  # a fault of ours: logged, and one JSON sentence
                     logger.exception("POST /predict failed")
+                    http_metrics().requests.labels("500").inc()
                     http_metrics().errors.labels("internal").inc()
                     answer = (500, json.dumps({"error": f"the server failed on this request "
                                                         f"({type(e).__name__})"}).encode(),
@@ -157,7 +170,8 @@ class Predictor:
             top_k = top_k_of(scope.get("query_string", b""))
             kind = check_type(headers.get(b"content-type", b"").decode("latin-1"))
             body = await read_body(receive, headers.get(b"content-length", b"").decode(
-                "latin-1"), self.limits["max_body_bytes"])
+                "latin-1"), self.limits["max_body_bytes"],
+                self.limits.get("body_timeout_s", BODY_TIMEOUT_S))
             if kind == "multipart/form-data":
                 body = await file_from_form(scope, body)
             args = (body, self.info["preprocess"], self.limits["max_image_pixels"])
@@ -215,8 +229,8 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
     app.build_middleware_stack = types.MethodType(build_middleware_stack, app)
     page = resources.files("resnetkit.serve").joinpath("page.html").read_text()
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's, and the router's 404/405
+    async def http_error(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
