@@ -194,13 +194,16 @@ def _openvino_core():
 
 def openvino_precisions() -> list[str]:
     """The inference precisions OpenVINO's CPU plugin offers here ("fp32", plus "bf16" where
-    the CPU has native bf16); empty when OpenVINO is not installed."""
+    the CPU has native bf16 and ONEDNN_MAX_CPU_ISA does not hide it: under such a cap the
+    plugin still offers bf16 but cannot build its nodes); empty when OpenVINO is not
+    installed."""
+    from ..runtime import has_native_bf16
     try:
         core = _openvino_core()
     except ImportError:
         return []
     caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return ["fp32"] + (["bf16"] if "BF16" in caps else [])
+    return ["fp32"] + (["bf16"] if "BF16" in caps and has_native_bf16("cpu") else [])
 
 
 def openvino_model(path: str | Path, precision: str = "fp32", threads: int = 0,
