@@ -48,9 +48,10 @@ def model_info(source: str | Path) -> dict[str, Any]:
 
 
 def int8_calibration(source: str | Path, calibration: str | None, data_dir: str | None = None
-                     ) -> list[torch.Tensor]:
-    """The calibration batches for serving `source` in int8: `calibration` (a dataset spec
-    such as fashion-mnist:512) read with the checkpoint's preprocessing and classes. Raises
+                     ) -> tuple[Any, dict[str, Any], list[torch.Tensor]]:
+    """(model, info, calibration batches) for serving `source` in int8: the checkpoint as
+    load_source gives it, and `calibration` (a dataset spec such as fashion-mnist:512) read
+    with its preprocessing and classes. Raises
     UserError for an ONNX file, a missing or bad spec (see infer.quantize.calibration_set)."""
     if is_onnx(source):
         raise UserError("an ONNX file is served as it was exported; for int8 serve the "
@@ -61,8 +62,9 @@ def int8_calibration(source: str | Path, calibration: str | None, data_dir: str 
                         "training images, e.g. --calibration fashion-mnist:512")
     from ..infer.quantize import calibration_set
     model, info = load_source(source)
-    return calibration_set(calibration, model.cfg.in_chans, preprocess=info.get("preprocess"),
-                           data_dir=data_dir, classes=info.get("classes"))
+    return model, info, calibration_set(calibration, model.cfg.in_chans,
+                                        preprocess=info.get("preprocess"), data_dir=data_dir,
+                                        classes=info.get("classes"))
 
 
 def int8_engine(engine: str) -> str:
@@ -96,8 +98,7 @@ def open_engine(source: str | Path, engine: str = "auto", precision: str = "auto
     if precision == "int8":
         from ..infer.engines import build
         engine = int8_engine(engine)
-        batches = int8_calibration(source, calibration, data_dir)
-        model, info = load_source(source)
+        model, info, batches = int8_calibration(source, calibration, data_dir)
         size = info["preprocess"]["image_size"]
         return build(model, engine, "int8", batches, shape=(1, model.cfg.in_chans, size, size))
     onnx = is_onnx(source)
