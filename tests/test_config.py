@@ -29,8 +29,14 @@ BAD = [
     (dict(se_divisor=0), "se_divisor", ">= 1"),
     (dict(stem_norm=False), "stem_norm", "pre-activation"),
     (dict(drop_rate=1.0), "drop_rate", r"\[0, 1\)"),
-    (dict(in_chans=0), "in_chans", ">= 1"),
-    (dict(num_classes=-1), "num_classes", ">= 0"),
+    (dict(in_chans=0), "in_chans", "from 1 to"),
+    (dict(num_classes=-1), "num_classes", "from 0"),
+    (dict(in_chans=4096), "in_chans", "from 1 to 1024"),
+    (dict(layers=(1001, 1, 1, 1)), "layers", "at most 1000 blocks"),
+    (dict(widths=(64, 128, 256, 8192)), "widths", "at most 16,384 channels"),
+    (dict(groups=32, width_per_group=100000), "width_per_group", "at most 16,384"),
+    (dict(stem_width=20000), "stem_width", "at most 16,384"),
+    (dict(num_classes=10**7), "num_classes", "to 1,000,000"),
 ]
 
 

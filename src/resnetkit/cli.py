@@ -14,6 +14,8 @@ from typing import Any, Callable
 from . import render
 from .cli_parser import build_parser
 from .errors import UserError
+from .weights.checkpoint import default_output
+from .untrusted import shown
 
 # verb -> (function, whether it runs networks)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], bool]] = {}
@@ -53,7 +55,7 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_describe(a: argparse.Namespace) -> int:
     from .analysis.describe import describe, render_describe
     return _show(a, describe(a.model, a.image_size, **_overrides(a.overrides)),
-                 lambda walk: print(render_describe(walk, expand=a.expand)))
+                 lambda walk: render.say(render_describe(walk, expand=a.expand)))
 
 
 @command()
@@ -87,8 +89,8 @@ def cmd_diagram(a: argparse.Namespace) -> int:
     from .analysis.describe import describe
     from .analysis.diagram import diagram
     path = diagram(describe(a.model, a.image_size, **_overrides(a.overrides)),
-                   a.output or f"{a.model}.svg")
-    print(f"wrote {path}")
+                   a.output or default_output(f"{a.model}.svg"))
+    render.say(f"wrote {path}")
     return 0
 
 
@@ -105,7 +107,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     trainer = start_run(a.recipe, options, a.resume)
     main_rank = trainer.dist.main
     if main_rank:
-        print(render.train_start(trainer), flush=True)
+        render.say(render.train_start(trainer))
+        sys.stdout.flush()
     try:
         r = trainer.fit()
     except KeyboardInterrupt:
@@ -115,7 +118,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                   f"with `resnetkit train --resume {trainer.run_dir}`", file=sys.stderr)
         return 128 + sig
     if main_rank:
-        print(render.train_result(r))
+        render.say(render.train_result(r))
     return 0
 
 
@@ -153,7 +156,7 @@ def cmd_export(a: argparse.Namespace) -> int:
                                       fold=not a.no_fold, dynamic_size=a.dynamic_size,
                                       opset=a.opset)
     dims = "any height and width" if a.dynamic_size else f"{size}x{size}"
-    print(f"wrote {path} ({a.format}, dynamic batch, {model.cfg.in_chans} channels, {dims})")
+    render.say(f"wrote {path} ({a.format}, dynamic batch, {model.cfg.in_chans} channels, {dims})")
     return 0
 
 
@@ -165,16 +168,16 @@ def _quantize(source: str, calibration: str | None, output: str | None, data_dir
     if not calibration:
         raise UserError("int8 needs calibration images: add --calibration fashion-mnist:512 "
                         "(or another dataset the checkpoint was trained for)")
-    out = output or f"{Path(source).stem}.int8.onnx"
+    out = output or default_output(f"{Path(source).stem}.int8.onnx")
     r = quantize_source(source, calibration, out, data_dir)
     if r["onnx"]:
         c = r["check"]
-        print(f"wrote {r['onnx']} (int8 QDQ ONNX, dynamic batch, calibrated on {r['images']} "
+        render.say(f"wrote {r['onnx']} (int8 QDQ ONNX, dynamic batch, calibrated on {r['images']} "
               f"images; ONNX Runtime against the quantized PyTorch model on {c['images']} of "
               f"them: top-1 agreement {c['agreement']:.4f}, max logit difference "
               f"{c['max_abs_diff']:.4g})")
     if r["openvino"]:
-        print(f"wrote {r['openvino']} (int8 OpenVINO IR quantized by NNCF)")
+        render.say(f"wrote {r['openvino']} (int8 OpenVINO IR quantized by NNCF)")
     return 0
 
 
@@ -205,7 +208,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  a.batching, card=model_card, log_level=a.log_level,
                  calibration=a.calibration,
                  **({} if a.worker_nice is None else {"worker_nice": a.worker_nice}),
-                 on_start=lambda m: print(f"serving {a.model} at {m['url']} (page at /, API "
+                 on_start=lambda m: render.say(f"serving {a.model} at {m['url']} (page at /, API "
                                           f"docs at /docs); SIGTERM or Ctrl-C drains and stops",
                                           flush=True))
 
@@ -226,16 +229,29 @@ def cmd_weights(a: argparse.Namespace) -> int:
         raise UserError(f"weights {a.action} needs a TAG (see `resnetkit weights list`)")
     if a.action == "download":
         w, path = sources.fetch(a.target)
-        print(f"{w.tag}: {path} ({w.hash_kind or 'no'} hash checked)")
+        render.say(f"{w.tag}: {path} ({w.hash_kind or 'no'} hash checked)")
     else:
-        path = sources.convert(a.target, a.output or f"{Path(a.target).stem}.safetensors")
-        print(f"wrote {path}")
+        path = sources.convert(a.target, a.output or default_output(f"{Path(a.target).stem}.safetensors"))
+        render.say(f"wrote {path}")
     return 0
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The verb's arguments. key=value overrides may also follow the options (`export
+    resnet20 -o x.onnx in_chans=1`): argparse leaves those over, they join the overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and \
+            all("=" in t and not t.startswith("-") for t in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {shown(' '.join(extra))}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     args.argv = argv
     fn, runs_networks = COMMANDS[args.command]
     try:
@@ -245,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return fn(args)
     except UserError as e:
         rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"resnetkit {args.command}: error{rank}: {e}", file=sys.stderr)
+        # one line: the message may quote a file's text, a folder's or a class's name
+        print(f"resnetkit {args.command}: error{rank}: {shown(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

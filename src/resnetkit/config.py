@@ -11,6 +11,10 @@ SHORTCUTS = ("A", "B", "C")
 NORMS = ("batchnorm", "frozen_batchnorm", "groupnorm")
 POOLS = ("avg", "max", "avgmax", "catavgmax", "")  # timm's global pool types
 GN_GROUPS = 32  # timm's GroupNorm default (resnet50_gn), from Wu & He 2018
+# Bounds on what a config may ask for, checked before anything is built: far above any
+# published ResNet (ResNet-1202 has 200 blocks a stage, wide_resnet101_2 2,048-channel
+# 3x3 convs, timm's largest heads 21,843 classes), far below what exhausts memory.
+MAX_BLOCKS, MAX_WIDTH, MAX_CLASSES, MAX_IN_CHANS = 1000, 16384, 1_000_000, 1024
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,14 @@ class ResNetConfig:
         # Lists are accepted for convenience but stored as tuples so the config stays hashable.
         for name in ("layers", "widths"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("layers", "widths"):
+            if not all(isinstance(n, int) and not isinstance(n, bool) for n in getattr(self, name)):
+                raise UserError(f"ResNetConfig.{name}={getattr(self, name)!r} is invalid: "
+                                f"need whole numbers")
         basic, chs = not self.is_bottleneck, self.channels if self.widths else ()
         checks = [  # (valid, field, what a valid value is), in dependency order
             (self.block in BLOCKS, "block", f"choose one of {', '.join(BLOCKS)}"),
-            (bool(self.layers) and all(isinstance(n, int) and n >= 1 for n in self.layers),
+            (bool(self.layers) and all(n >= 1 for n in self.layers),
              "layers", "need one positive block count per stage"),
             (len(self.widths) == len(self.layers) and all(w >= 1 for w in self.widths),
              "widths", f"need {len(self.layers)} positive widths, one per stage in layers"),
@@ -103,8 +111,17 @@ class ResNetConfig:
             (self.global_pool in POOLS, "global_pool", f"choose one of {POOLS}"),
             (self.global_pool or not self.num_classes, "global_pool",
              "'' (no pooling) needs num_classes=0: a classifier needs pooled features"),
-            (self.in_chans >= 1, "in_chans", "must be >= 1"),
-            (self.num_classes >= 0, "num_classes", "must be >= 0 (0: no classifier)"),
+            (1 <= self.in_chans <= MAX_IN_CHANS, "in_chans", f"must be from 1 to {MAX_IN_CHANS}"),
+            (0 <= self.num_classes <= MAX_CLASSES, "num_classes",
+             f"must be from 0 (no classifier) to {MAX_CLASSES:,}"),
+            (max(self.layers, default=0) <= MAX_BLOCKS, "layers", f"at most {MAX_BLOCKS} blocks a stage"),
+            (self.stem_width <= MAX_WIDTH, "stem_width", f"at most {MAX_WIDTH:,} channels"),
+            (self.groups <= MAX_WIDTH, "groups", f"at most {MAX_WIDTH:,}"),
+            (max(chs, default=0) <= MAX_WIDTH, "widths", f"a stage at most {MAX_WIDTH:,} channels wide "
+             f"(widths x expansion)"),
+            (max(self.norm_widths) <= MAX_WIDTH, "width_per_group",
+             f"a bottleneck's 3x3 conv at most {MAX_WIDTH:,} channels (width x width_per_group "
+             f"/ 64 x groups)"),
         ]
         for ok, name, allowed in checks:
             if not ok:

@@ -11,6 +11,11 @@ from torch import nn
 
 from .errors import UserError
 
+# The largest input side any verb accepts (images, --image-size, a file's metadata): 32x
+# ImageNet's 224 is far beyond any real use, while the activations of a larger one outgrow
+# any machine's memory.
+MAX_IMAGE_SIZE = 8192
+
 
 def out_size(size: int, m: nn.Module, axis: int = 0) -> int:
     """Output size along one spatial axis of a conv or pool layer:
@@ -59,6 +64,9 @@ def check_input_size(model: nn.Module, height: int, width: int | None = None) ->
     """Raise a UserError naming the first layer whose output would be empty at this input
     size, and the smallest size that works."""
     width = height if width is None else width
+    if max(height, width) > MAX_IMAGE_SIZE:
+        raise UserError(f"input {height}x{width} is too large: at most {MAX_IMAGE_SIZE}x"
+                        f"{MAX_IMAGE_SIZE}")
     for side in (height, width):
         walk = size_walk(model, side)
         if walk[-1][2] < 1:
@@ -78,5 +86,5 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
         raise UserError(f"expected {model.cfg.in_chans} input channels, got {x.shape[1]} "
                         f"(shape {tuple(x.shape)}); build the model with "
                         f"in_chans={x.shape[1]} or convert the images")
-    if min(x.shape[2], x.shape[3]) < model.min_input_size:
+    if min(x.shape[2], x.shape[3]) < model.min_input_size or max(x.shape[2:]) > MAX_IMAGE_SIZE:
         check_input_size(model, x.shape[2], x.shape[3])

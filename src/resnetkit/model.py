@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BLOCK_TYPES, ResidualBlock
-from .config import ResNetConfig
+from .config import MAX_CLASSES, ResNetConfig
 from .errors import UserError
 from .features import FeatureInfo, feature_take_indices, is_exporting
 from .geometry import check_input, min_input_size
@@ -75,6 +75,9 @@ class ResNet(nn.Module):
         self.out_indices = list(range(len(info)) if out_indices is None
                                            else out_indices)
         bad = [i for i in self.out_indices if not 0 <= i < len(info)]
+        if not self.out_indices:
+            raise UserError(f"out_indices is empty: choose feature levels from 0 to "
+                            f"{len(info) - 1} (None: all of them)")
         if bad:
             raise UserError(f"out_indices {bad} out of range: this network has feature "
                             f"levels 0..{len(info) - 1}")
@@ -138,6 +141,10 @@ class ResNet(nn.Module):
         if global_pool not in ("avg", "max", "avgmax", "catavgmax", ""):
             raise UserError(f"unknown global_pool {global_pool!r}: choose avg, max, avgmax, "
                             f"catavgmax or '' (none)")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or \
+                not 0 <= num_classes <= MAX_CLASSES:
+            raise UserError(f"num_classes must be a whole number from 0 (no classifier) to "
+                            f"{MAX_CLASSES:,}, got {num_classes!r}")
         if not global_pool and num_classes:
             raise UserError("global_pool '' (no pooling) needs num_classes=0: a classifier "
                             "needs pooled features")

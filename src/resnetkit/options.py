@@ -69,6 +69,34 @@ def convert(tp: Any, raw: str) -> Any:
     raise TypeError(f"no parser for type {tp!r}")  # a field type of ours without a parser: a bug
 
 
+def fits(value: Any, tp: Any) -> bool:
+    """Whether a value read from a file (JSON, TOML) fits a dataclass field type: lists
+    stand for tuples, a bool is not an int, a float must be finite. The check for data that
+    did not come through `convert`."""
+    import math
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(fits(value, a) for a in args)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (tuple, list):
+        return isinstance(value, (list, tuple)) and all(fits(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value)
+    return isinstance(value, tp)
+
+
 def field_types(cls: type) -> dict[str, Any]:
     """{field name: resolved type} of a dataclass."""
     hints = typing.get_type_hints(cls)

@@ -1,5 +1,10 @@
 """How the `resnetkit` command shows each verb's result on a terminal: rich tables and plain
-lines. Every function takes the library's result (the data `--json` prints) and prints it."""
+lines. Every function takes the library's result (the data `--json` prints) and prints it.
+
+Results hold text from outside (class names from folder names and other people's files,
+file names, tags, metadata): every string goes through `untrusted.shown` on its way to the
+terminal, and none is read as rich markup or emoji codes, so none can move the cursor,
+recolour the screen, add table rows or restyle the output."""
 from __future__ import annotations
 
 import sys
@@ -7,11 +12,34 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Column, Table
+from rich.text import Text
+
+from .untrusted import shown
+
+
+class _PlainConsole(Console):
+    """A rich console that shows every string as it is: no markup, no emoji codes, no
+    highlighting, control characters escaped (styles come only from Text objects)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(markup=False, emoji=False, highlight=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(shown(text), **kwargs)
 
 
 def console() -> Console:
     """A console 100 columns wide when not on a terminal (logs, pipes)."""
-    return Console(width=100) if not sys.stdout.isatty() else Console()
+    return _PlainConsole(width=100) if not sys.stdout.isatty() else _PlainConsole()
+
+
+def say(*parts: Any) -> None:
+    """print() for a line that may hold text from outside: escaped as tables are."""
+    print(" ".join(shown(p) for p in parts))
+
+
+def _bold(text: str) -> Text:
+    return Text(shown(text), style="bold")
 
 
 def _n(n: int) -> str:
@@ -52,12 +80,12 @@ def block_costs(rows: list[dict[str, Any]], image_size: int) -> None:
         for cv in r["convs"]:
             t.add_row(r["spec"], cv["layer"], "x".join(map(str, cv["in"])),
                       "x".join(map(str, cv["out"])), _n(cv["weights"]), _n(cv["macs"]))
-        t.add_row(r["spec"], "[b]total", "", "", _n(r["conv_weights"]), f"[b]{r['macs']:,}",
+        t.add_row(r["spec"], _bold("total"), "", "", _n(r["conv_weights"]), _bold(f"{r['macs']:,}"),
                   end_section=True)
     console().print(t)
     if len(rows) == 2:
         d = rows[0]["macs"] - rows[1]["macs"]
-        print(f"difference: {rows[0]['spec']} - {rows[1]['spec']} = {d:,} MACs")
+        say(f"difference: {rows[0]['spec']} - {rows[1]['spec']} = {d:,} MACs")
 
 
 def flops(f: dict[str, Any]) -> None:
@@ -67,7 +95,7 @@ def flops(f: dict[str, Any]) -> None:
               "and elements (others)")
     for st, v in f["per_stage"].items():
         t.add_row(st, *(_n(v[k]) for k in kinds))
-    t.add_row("[b]total", *(f"[b]{f['by_kind'][k]:,}" for k in kinds))
+    t.add_row(_bold("total"), *(_bold(f"{f['by_kind'][k]:,}") for k in kinds))
     c = console()
     c.print(t)
     c.print(f"MACs {f['macs']:,} ({f['macs'] / 1e9:.3f} G)  FLOPs {f['flops']:,}  "
@@ -163,7 +191,7 @@ def check(r: dict[str, Any]) -> None:
 
 def recipes(rows: dict[str, dict[str, Any]]) -> None:
     for n, r in rows.items():
-        print(f"{n}: model {r.get('model')}, {r.get('epochs')} epochs, {r.get('dataset')}")
+        say(f"{n}: model {r.get('model')}, {r.get('epochs')} epochs, {r.get('dataset')}")
 
 
 def weights(rows: list[dict[str, Any]]) -> None:

@@ -111,6 +111,9 @@ def is_model(name: str) -> bool:
 
 def get_config(name: str, **overrides: Any) -> ResNetConfig:
     """The preset's config with overrides applied. Unknown names suggest the closest ones."""
+    if not isinstance(name, str):
+        raise UserError(f"a model is named by a string (see list_models()), not by a "
+                        f"{type(name).__name__}")
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=4, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else \

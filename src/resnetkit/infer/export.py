@@ -15,7 +15,10 @@ import torch
 from ..errors import UserError
 from ..geometry import check_input_size
 from ..model import ResNet
+from ..runtime import check_memory
 from ..options import parse_overrides
+from ..untrusted import parse_json, shown
+from ..weights.checkpoint import default_output
 from ..weights.sources import REGISTRY, class_names, load_source, preprocess_of
 from ..zoo import create_model
 
@@ -54,6 +57,10 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     if not path.parent.exists() or not path.parent.is_dir():
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
     check_input_size(model, image_size)
+    # the copy below, the exporter's graph and the file's bytes each hold the weights again,
+    # and tracing keeps every activation: estimated as a training step's needs, at batch 2
+    check_memory(model.cfg, image_size, batch=2, training=True, what=f"exporting {model.cfg.block} "
+                 f"ResNet of {sum(p.numel() for p in model.parameters()):,} parameters")
     m = copy.deepcopy(model).eval()
     if fold:
         fold_model(m)
@@ -135,7 +142,7 @@ def export_source(source: str | Path, overrides: list[str] | None = None, fmt: s
         meta = {"classes": class_names(model.num_classes),
                 "preprocess": preprocess_of(model.pretrained_cfg, size)}
     stem = Path(source).stem if Path(source).exists() else str(source)  # a tag keeps its dots
-    out = Path(output) if output else Path(stem + SUFFIX[fmt])
+    out = Path(output) if output else Path(default_output(stem + SUFFIX[fmt]))
     if out.suffix != SUFFIX[fmt]:  # what `predict` and the engines go by
         raise UserError(f"a {fmt} file should end in {SUFFIX[fmt]}, not {out.name!r}")
     return export(model, out, fmt, size, fold=fold, meta=meta, dynamic_size=dynamic_size,
@@ -167,10 +174,8 @@ def onnx_meta(sess, source: str = "the ONNX file") -> dict[str, Any]:
     checkpoint's metadata (the file is untrusted input)."""
     from ..weights.checkpoint import check_preprocess
     props = sess.get_modelmeta().custom_metadata_map
-    try:
-        info = {k: json.loads(v) for k, v in props.items() if k in ("classes", "preprocess")}
-    except json.JSONDecodeError as e:
-        raise UserError(f"{source}: its metadata is not valid JSON ({e})") from None
+    info = {k: parse_json(v, source, f"{k} metadata") for k, v in props.items()
+            if k in ("classes", "preprocess")}
     outputs = sess.get_outputs()[0].shape[-1]
     classes = info.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(

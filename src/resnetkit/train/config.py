@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UserError
-from ..options import convert, parse_fields
+from ..options import convert, field_types, fits, kind_name, parse_fields
+from ..untrusted import path_component, shown
 
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
@@ -104,6 +105,14 @@ class TrainConfig:
                     setattr(self, name, convert(Auto | bool, value))
                 except ValueError:
                     pass  # reported by the check below
+        # a recipe file or a run's config.json is untrusted: types first, then ranges
+        for name, tp in field_types(TrainConfig).items():
+            if not fits(getattr(self, name), tp):
+                raise UserError(f"train option {name}={shown(repr(getattr(self, name)))[:80]} "
+                                f"is invalid: must be of type {'finite ' if tp is float else ''}"
+                                f"{kind_name(tp)}")
+        if self.name:  # the run folder's name: one component inside out_dir, never a path
+            path_component(self.name, "run name (--name)")
         checks = [
             (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
             (self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
@@ -136,10 +145,11 @@ class TrainConfig:
             (all(isinstance(c, int) and c >= 0 for c in self.classes), "classes",
              "class indices >= 0"),
             (self.head_lr_mult > 0 and math.isfinite(self.head_lr_mult), "head_lr_mult", "> 0"),
+            (self.threads >= 0, "threads", ">= 0 (0: torch's default)"),
         ]
         for ok, name, allowed in checks:
             if not ok:
-                raise UserError(f"train option {name}={getattr(self, name)!r} is invalid: "
+                raise UserError(f"train option {name}={shown(repr(getattr(self, name)))} is invalid: "
                                 f"must be {allowed}")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .. import weights as ckpt
 from ..errors import UserError
+from ..untrusted import parse_json, regular_file, shown
 
 
 def json_row(obj: Any) -> str:
@@ -31,15 +32,19 @@ def json_row(obj: Any) -> str:
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """RUN_DIR/config.json, an untrusted file: one sentence if it is missing or damaged."""
+    path = run_dir / "config.json"
     try:
-        info = json.loads((run_dir / "config.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} is not a run folder (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{run_dir / 'config.json'} cannot be read ({e}); the run folder is "
+        text = regular_file(path, "run config").read_bytes()
+    except UserError:
+        if not path.exists():
+            raise UserError(f"{shown(run_dir)} is not a run folder (no config.json)") from None
+        raise
+    except OSError as e:
+        raise UserError(f"{shown(path)} cannot be read ({e.strerror or e}); the run folder is "
                         f"damaged") from None
+    info = parse_json(text, str(path), "content")
     if not isinstance(info, dict) or not isinstance(info.get("train"), dict):
-        raise UserError(f"{run_dir / 'config.json'} does not describe a run (no train settings)")
+        raise UserError(f"{shown(path)} does not describe a run (no train settings)")
     return info
 
 
@@ -60,12 +65,17 @@ class RunFolder:
         import fcntl
         if self._lock is not None:
             return
-        if not self._owner and (self.run_dir / "config.json").exists():
-            raise UserError(f"{self.run_dir} already holds a run; continue it with `resnetkit "
-                            f"train --resume {self.run_dir}` or choose another --name")
+        # A new run makes its folder; it never adopts one that exists (a finished run's,
+        # or a folder of the user's own files that the checkpoints would replace).
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(exist_ok=self._owner)
             lock = os.open(self.run_dir, os.O_RDONLY)  # the folder itself is the lock
+        except FileExistsError:
+            what = ("already holds a run; continue it with `resnetkit train --resume "
+                    f"{shown(self.run_dir)}`" if (self.run_dir / "config.json").exists() else
+                    "already exists and is not a run of resnetkit; its files are left as they are")
+            raise UserError(f"{shown(self.run_dir)} {what}, or choose another --name") from None
         except OSError as e:
             raise UserError(f"cannot write to run folder {self.run_dir}: {e.strerror or e}") from None
         try:

@@ -24,8 +24,9 @@ from ..errors import UserError
 from ..evaluate import autocast, evaluate
 from ..geometry import check_input_size
 from ..options import parse_fields
-from ..runtime import decide_channels_last, decide_precision, peak_memory_mb
-from ..zoo import create_model
+from ..runtime import check_memory, decide_channels_last, decide_precision, peak_memory_mb
+from ..untrusted import parse_json, path_component, shown
+from ..zoo import create_model, get_config
 from . import distributed as D
 from .config import RESUMABLE, TrainConfig, build_config
 from .finetune import freeze, freeze_batchnorm, start_from
@@ -101,10 +102,12 @@ class Trainer(RunFolder):
                             f"classifier needs at least 2")
         self.mean, self.std = self.train_data.mean, self.train_data.std
         self.image_size = cfg.image_size or self.train_data.shape[-1]
+        shape = {**cfg.model_overrides, "in_chans": self.train_data.shape[0],
+                 "num_classes": len(self.train_data.classes)}
+        check_memory(get_config(cfg.model, **shape), self.image_size, cfg.batch_size,
+                     training=True, what=f"training {cfg.model}")
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-        model = create_model(cfg.model, **{**cfg.model_overrides,
-                                           "in_chans": self.train_data.shape[0],
-                                           "num_classes": len(self.train_data.classes)})
+        model = create_model(cfg.model, **shape)
         check_input_size(model, self.image_size)
         _warn_if_collapsed(model, cfg.model, self.image_size)
         self._start_from(model, cfg, load_init)
@@ -161,7 +164,7 @@ class Trainer(RunFolder):
     def _new_run_dir(self) -> Path:
         name = self.cfg.name or f"{self.cfg.model}-{self.cfg.dataset.split(':')[0]}-" \
                                 f"{time.strftime('%Y%m%d-%H%M%S')}"
-        return Path(self.cfg.out_dir) / name
+        return Path(self.cfg.out_dir) / path_component(name, "run name")
 
     # ---- the loop ------------------------------------------------------------------
     def _augment(self, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -484,8 +487,13 @@ class Trainer(RunFolder):
         if fresh:
             return t
         resolved = info.get("resolved", {})
-        if "mean" in resolved:  # the run's normalisation (an init checkpoint's, if it had one)
-            t.mean, t.std = tuple(resolved["mean"]), tuple(resolved["std"])
+        if isinstance(resolved, dict) and "mean" in resolved:
+            # the run's normalisation (an init checkpoint's, if it had one), checked as any
+            # preprocessing read from a file is
+            pre = ckpt.check_preprocess({"mean": resolved.get("mean"), "std": resolved.get("std"),
+                                         "image_size": t.image_size}, len(t.mean),
+                                        str(run_dir / "config.json"))
+            t.mean, t.std = tuple(pre["mean"]), tuple(pre["std"])
         s = ckpt.load_state(state_file)
         try:
             t._restore(s, str(state_file))
@@ -508,7 +516,9 @@ class Trainer(RunFolder):
             self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.step_in_epoch = int(s["epoch"]), int(s["step_in_epoch"])
         self.global_step, self.best_acc = int(s["global_step"]), float(s["best_acc"])
-        self.history = json.loads(s["history"])
+        self.history = parse_json(s["history"], source, "history")
+        if not isinstance(self.history, list):
+            raise UserError(f"{shown(source)}: its history is not a list of epochs")
         self._partial = tuple(s.get("epoch_partial", ([], 0.0)))
         if s.get("world_size", 1) == self.dist.world:  # the drop-path stream, mid-epoch
             torch.set_rng_state(s["torch_rng"])

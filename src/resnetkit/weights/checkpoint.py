@@ -17,15 +17,13 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import ResNetConfig
 from ..errors import UserError
+from ..geometry import MAX_IMAGE_SIZE
 from ..model import ResNet
-from ..options import field_types
+from ..options import field_types, fits
+from ..untrusted import parse_json, regular_file, shown
 
 
 TMP_SUFFIX = ".partial"
-# Limits on what a checkpoint's metadata may ask for: far above any published ResNet (the
-# deepest preset, ResNet-1202, has 200 blocks a stage), far below what exhausts memory.
-MAX_IMAGE_SIZE = 8192
-MAX_BLOCKS, MAX_WIDTH, MAX_CLASSES = 1000, 16384, 1_000_000
 
 
 def _umask() -> int:
@@ -64,6 +62,15 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def default_output(path: str | Path) -> str | Path:
+    """An output name the user did not choose (no -o): refused when something is there
+    already, so that a default never replaces a user's file. An output named with -o is
+    replaced, atomically."""
+    if os.path.lexists(path):
+        raise UserError(f"{shown(path)} already exists; name the output with -o to replace it")
+    return path
 
 
 def save_weights(path: Path, model: ResNet, meta: dict[str, Any]) -> None:
@@ -112,6 +119,7 @@ def read_checkpoint(path: str | Path) -> tuple[ResNetConfig, dict[str, torch.Ten
                 break
         else:
             raise UserError(f"{path} holds no best.safetensors or last.safetensors")
+    regular_file(path, "checkpoint")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -131,43 +139,30 @@ def read_checkpoint(path: str | Path) -> tuple[ResNetConfig, dict[str, torch.Ten
 
 
 def _bad_meta(source: str, what: str) -> UserError:
-    return UserError(f"{source}: its metadata {what}; the file is damaged or was not written "
-                     f"by resnetkit")
+    return UserError(f"{shown(source)}: its metadata {what}; the file is damaged or was not "
+                     f"written by resnetkit")
 
 
 def parse_metadata(meta: dict[str, str], source: str) -> tuple[ResNetConfig, dict[str, Any]]:
     """Checkpoint metadata (untrusted text) -> (config, {"classes", "preprocess", ...}),
-    validated as user input is: known keys, sane sizes, classes matching the head, a usable
-    normalisation. Raises UserError naming what is wrong."""
-    try:
-        info = {k: json.loads(v) for k, v in meta.items()}
-    except (json.JSONDecodeError, TypeError) as e:
-        raise _bad_meta(source, f"is not valid JSON ({e})") from None
+    validated as user input is: bounded JSON, known keys of the right types, sizes within
+    ResNetConfig's bounds, classes matching the head, a usable normalisation. Raises
+    UserError naming what is wrong."""
+    info = {k: parse_json(v, source, f"{shown(k)} entry") for k, v in meta.items()}
     raw = info.pop("resnet_config")
     if not isinstance(raw, dict):
         raise _bad_meta(source, "has no resnet_config object")
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ResNetConfig)})
+    types = field_types(ResNetConfig)
+    unknown = sorted(set(raw) - set(types))
     if unknown:
-        raise _bad_meta(source, f"names unknown config fields {', '.join(unknown)}")
-    wrong = [k for k, v in raw.items() if not _of_type(v, field_types(ResNetConfig)[k])]
+        raise _bad_meta(source, f"names unknown config fields {shown(', '.join(unknown))[:200]}")
+    wrong = [k for k, v in raw.items() if not fits(v, types[k])]
     if wrong:
         raise _bad_meta(source, f"has config values of the wrong type ({', '.join(wrong)})")
-    sizes = [*raw.get("layers", ()), *raw.get("widths", ()), raw.get("stem_width", 0),
-             raw.get("width_per_group", 0), raw.get("groups", 0), raw.get("in_chans", 0),
-             raw.get("expansion") or 0] if isinstance(raw.get("layers", ()), list) and \
-        isinstance(raw.get("widths", ()), list) else [None]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
-        raise _bad_meta(source, "has network sizes that are not whole numbers")
-    if max(raw.get("layers", [0]) or [0]) > MAX_BLOCKS or max(sizes) > MAX_WIDTH or \
-            not isinstance(raw.get("num_classes", 0), int) or raw.get("num_classes", 0) > MAX_CLASSES:
-        raise _bad_meta(source, f"asks for a network beyond the limits (at most {MAX_BLOCKS} "
-                                f"blocks a stage, widths up to {MAX_WIDTH}, {MAX_CLASSES:,} classes)")
-    try:
+    try:  # missing fields take their defaults; sizes are bounded by the config's validation
         cfg = ResNetConfig(**raw)
     except UserError as e:
         raise _bad_meta(source, f"describes an invalid network ({e})") from None
-    except TypeError as e:
-        raise _bad_meta(source, f"has a config value of the wrong type ({e})") from None
     classes = info.get("classes")
     if classes is not None and (not isinstance(classes, list) or len(classes) != cfg.num_classes
                                 or not all(isinstance(c, str) for c in classes)):
@@ -178,29 +173,10 @@ def parse_metadata(meta: dict[str, str], source: str) -> tuple[ResNetConfig, dic
     return cfg, info
 
 
-def _of_type(value: Any, tp: Any) -> bool:
-    """Whether a JSON value fits a ResNetConfig field type (lists stand for tuples)."""
-    import types
-    import typing
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_of_type(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if origin is tuple:
-        return isinstance(value, list) and all(_of_type(v, args[0]) for v in value)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, tp)
-
-
 def check_preprocess(pre: Any, in_chans: int, source: str) -> dict[str, Any]:
     """A "preprocess" entry (mean, std, image_size, optional resize and interpolation)
-    checked: numbers where numbers belong, std > 0, sizes within MAX_IMAGE_SIZE."""
+    checked: numbers where numbers belong, std > 0, sizes within MAX_IMAGE_SIZE. Returns
+    it complete: resize (0: none), interpolation and in_chans filled in."""
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not isinstance(pre, dict):
@@ -209,15 +185,21 @@ def check_preprocess(pre: Any, in_chans: int, source: str) -> dict[str, Any]:
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == in_chans
             and all(map(number, mean + std)) and all(s > 0 for s in std)):
         raise _bad_meta(source, f"needs {in_chans} finite means and {in_chans} positive stds")
-    for key in ("image_size", "resize"):
-        v = pre.get(key, 0)
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_IMAGE_SIZE:
-            raise _bad_meta(source, f"has {key}={v!r}, not a size from 0 to {MAX_IMAGE_SIZE}")
+    for key, low in (("image_size", 1), ("resize", 0)):
+        v = pre.get(key, 0 if key == "resize" else None)
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_IMAGE_SIZE:
+            raise _bad_meta(source, f"has {key}={shown(repr(v))[:40]}, not a size from {low} "
+                                    f"to {MAX_IMAGE_SIZE}")
     if pre.get("interpolation", "bilinear") not in ("bilinear", "bicubic", "nearest"):
-        raise _bad_meta(source, f"has an unknown interpolation {pre.get('interpolation')!r}")
+        raise _bad_meta(source, f"has an unknown interpolation "
+                                f"{shown(repr(pre.get('interpolation')))[:40]}")
     if pre.get("in_chans", in_chans) != in_chans:
-        raise _bad_meta(source, f"says in_chans {pre.get('in_chans')!r}, the network {in_chans}")
-    return pre
+        raise _bad_meta(source, f"says in_chans {shown(repr(pre.get('in_chans')))[:40]}, the "
+                                f"network {in_chans}")
+    # every key present, so that no reader needs a default of its own
+    return {"mean": list(mean), "std": list(std), "image_size": pre["image_size"],
+            "resize": pre.get("resize", 0), "interpolation": pre.get("interpolation", "bilinear"),
+            "in_chans": in_chans}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..untrusted import path_component
 
 ENV = "RESNETKIT_CACHE"
 
@@ -49,7 +50,7 @@ def download(url: str, filename: str, expected: str | None, kind: str | None,
 
     from torch.hub import download_url_to_file
     folder = folder or cache_dir()
-    dest = folder / filename
+    dest = folder / path_component(filename, "weights file name")
     if dest.is_file() and hash_matches(dest, expected, kind):
         return dest
     try:

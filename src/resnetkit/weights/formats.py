@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..untrusted import shown
 
 # The globals a .pdparams pickle may name: numpy's array reconstruction, dtypes and
 # OrderedDict; `_codecs.encode` is how protocol-2 pickles spell bytes.
@@ -79,8 +80,9 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path} holds no state_dict of tensors")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise UserError(f"{path} holds no state_dict of tensors under parameter names")
     # DataParallel/DDP and timm's EMA prefixes
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
@@ -131,6 +133,14 @@ def _from_timm_v2(k: str, v: torch.Tensor, avg_down: bool) -> tuple[str, torch.T
     return k, v
 
 
+def _is_v2_name(k: str) -> bool:
+    try:
+        _from_timm_v2(k, torch.empty(0), False)
+        return True
+    except (IndexError, ValueError):
+        return False
+
+
 def to_resnetkit(state: dict[str, torch.Tensor], kind: str,
                  reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A foreign state_dict under resnetkit's names. `reference` is the target model's own
@@ -141,7 +151,13 @@ def to_resnetkit(state: dict[str, torch.Tensor], kind: str,
         # variants, the ones with the deep stem
         avg_down = any(k.endswith("downsample.1.weight") and v.dim() == 4
                        for k, v in reference.items()) if reference else "stem.conv1.weight" in state
-        state = dict(_from_timm_v2(k, v, avg_down) for k, v in state.items())
+        try:
+            state = dict(_from_timm_v2(k, v, avg_down) for k, v in state.items())
+        except (IndexError, ValueError):  # a key cut short, or a stage that is no number
+            odd = next(k for k in state if not _is_v2_name(k))
+            raise UserError(f"the weights name {shown(repr(odd))[:120]}, which is not a timm "
+                            f"ResNetV2 parameter name; the file is damaged or of another "
+                            f"architecture") from None
     for k, v in state.items():
         if kind == "paddle":
             head, _, leaf = k.rpartition(".")

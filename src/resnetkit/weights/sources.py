@@ -5,6 +5,7 @@ gives the verbs (`predict`, `eval`, `export`) a model with its classes and prepr
 any of those sources."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -17,6 +18,7 @@ import torch
 from ..config import ResNetConfig
 from ..errors import UserError
 from ..model import IMAGENET_MEAN, IMAGENET_STD, ResNet
+from ..runtime import check_memory
 from ..zoo import create_model as build, get_config
 from .checkpoint import check_finite, read_checkpoint
 from .download import download
@@ -132,13 +134,16 @@ def load_into(model: ResNet, state: dict[str, torch.Tensor], source: str,
     model.load_state_dict(state, strict=True)
 
 
-def create_model(name: str, pretrained: bool | str = False, checkpoint_path: str | Path | None = None,
+def create_model(name: str | ResNetConfig, pretrained: bool | str = False, checkpoint_path: str | Path | None = None,
                  features_only: bool = False, out_indices: tuple[int, ...] | None = None,
                  **overrides: Any) -> ResNet:
     """A preset, optionally with weights: pretrained=True (the preset's default published
     weights), a registry tag ("resnet50.tv2_in1k"), or checkpoint_path (any supported file).
     num_classes other than the checkpoint's starts a fresh head (with a warning); in_chans
     other than 3 adapts the stem's filters (summed over RGB for 1 channel)."""
+    shape = {k: v for k, v in overrides.items() if k != "norm_layer"}  # a class, maybe
+    check_memory(dataclasses.replace(name, **shape) if isinstance(name, ResNetConfig)
+                 else get_config(name, **shape), what=str(getattr(name, "block", name)))
     model = build(name, features_only=features_only, out_indices=out_indices, **overrides)
     if checkpoint_path is not None:
         state, kind = read_state_dict(checkpoint_path)
