@@ -178,13 +178,18 @@ def _checkpoint(tmp_path, cfg_dict, **meta):
 
 def test_hostile_metadata_cases(tmp_path):
     path, good = _checkpoint(tmp_path, {})
-    cases = [({**good, "layers": [100000] * 3}, {}, "beyond the limits"),
-             ({**good, "widths": [4, 8, 100000]}, {}, "beyond the limits"),
+    cases = [({**good, "layers": [100000] * 3}, {}, "at most 1000 blocks a stage"),
+             ({**good, "widths": [4, 8, 100000]}, {}, "at most 16,384 channels"),
+             ("[" * 100000 + "]" * 100000, {}, "nests deeper than 32 levels"),
+             (good, {"classes": "[" * 10**5}, "classes entry nests deeper"),
+             ({k: v for k, v in good.items() if k != "widths"}, {}, r"widths=\(64, 128, 256, 512\) is invalid"),
              ("{not json", {}, "not valid JSON"),
              ({**good, "colour": 1}, {}, "unknown config fields colour"),
              (good, {"classes": ["a"]}, "class list that is not 3 names"),
              (good, {"preprocess": {"mean": [0.5], "std": [0.0], "image_size": 28}}, "positive stds"),
              (good, {"preprocess": {"mean": [0.5], "std": [0.2], "image_size": 100000}}, "image_size=100000"),
+             (good, {"preprocess": {"mean": [0.5], "std": [0.2], "image_size": 0}}, "image_size=0"),
+             (good, {"preprocess": {"std": [0.2], "image_size": 28}}, "finite means"),
              ({**good, "layers": [2, 2, 2]}, {}, "does not fit")]
     for cfg, meta, msg in cases:
         p, _ = _checkpoint(tmp_path, cfg, **meta)

@@ -404,8 +404,8 @@ def available_memory() -> int:
     return max(0, min(limits)) if limits else 1 << 62
 
 
-def memory_estimate(cfg: Any, image_size: int = 0, batch: int = 1, training: bool = False
-                    ) -> dict[str, int]:
+def memory_estimate(cfg: Any, image_size: int | tuple[int, int] = 0, batch: int = 1,
+                    training: bool = False) -> dict[str, int]:
     """Bytes a network of config `cfg` needs, estimated on the meta device (nothing is
     allocated): its fp32 parameters and buffers (times 4 when training: gradients, momentum
     and an EMA copy), and with image_size its activations for `batch` images (training:
@@ -422,7 +422,8 @@ def memory_estimate(cfg: Any, image_size: int = 0, batch: int = 1, training: boo
         hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel() * 4))
                  for m in net.modules() if not list(m.children()) and not isinstance(m, in_place)]
         with torch.no_grad():
-            net(torch.empty(batch, cfg.in_chans, image_size, image_size, device="meta"))
+            hw = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
+            net(torch.empty(batch, cfg.in_chans, *hw, device="meta"))
         for h in hooks:
             h.remove()
         out["activations"] = sum(sizes) if training else sum(sorted(sizes)[-2:])
@@ -430,14 +431,15 @@ def memory_estimate(cfg: Any, image_size: int = 0, batch: int = 1, training: boo
     return out
 
 
-def check_memory(cfg: Any, image_size: int = 0, batch: int = 1, training: bool = False,
-                 what: str = "the network") -> None:
+def check_memory(cfg: Any, image_size: int | tuple[int, int] = 0, batch: int = 1,
+                 training: bool = False, what: str = "the network") -> None:
     """UserError, before anything is allocated, when `memory_estimate` is over what this
     process may allocate (available_memory): a network too wide or deep, an input too large
     or a batch too big for this machine ends in one sentence, not in the kernel's OOM kill."""
     need, have = memory_estimate(cfg, image_size, batch, training), available_memory()
     if need["total"] > have:
-        size = f" at {image_size}x{image_size}, batch {batch}" if image_size else ""
+        hw = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
+        size = f" at {hw[0]}x{hw[1]}, batch {batch}" if image_size else ""
         raise UserError(f"{what}{size} needs about {need['total'] / 2**30:.1f} GiB "
                         f"({need['weights'] / 2**30:.1f} GiB of weights"
                         f"{' with gradients and optimizer state' if training else ''}, "

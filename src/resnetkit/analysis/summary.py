@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from ..blocks import BLOCK_TYPES
-from ..config import ResNetConfig
+from ..config import MAX_WIDTH, ResNetConfig
 from ..errors import UserError
+from ..geometry import MAX_IMAGE_SIZE
 from ..model import ResNet
 from ..options import parse_model_spec
+from ..runtime import check_memory
 from .trace import KINDS, LayerRecord, build_model, totals, trace
 
 MB = 1e6  # memory is reported in MB = 10^6 bytes, as torchinfo does
@@ -87,7 +89,9 @@ def summary(model: str | ResNet, image_size: int | tuple[int, int] = 224, batch:
     mem: dict[str, float] = {"input_mb": in_bytes / MB, "params_mb": p_bytes / MB,
                              "torchinfo_pass_mb": 2 * with_params * 4 / MB}
     mem["torchinfo_total_mb"] = mem["input_mb"] + mem["params_mb"] + mem["torchinfo_pass_mb"]
-    if memory:
+    if memory:  # one real training forward at batch 1: checked against free memory first
+        check_memory(cfg, hw, 1, training=True,
+                     what=f"measuring the training memory of this {cfg.block} ResNet")
         saved = saved_activation_bytes(build_model(model, meta=False, **overrides), hw, cfg.in_chans)
         mem["saved_activations_mb"] = saved * batch / MB
         mem["training_total_mb"] = (in_bytes + 3 * trainable * 4 + (params - trainable) * 4
@@ -164,6 +168,8 @@ def parse_block_spec(spec: str) -> tuple[str, int, int, int]:
     if kind not in ("basic", "bottleneck") or min(cin, cout, stride) < 1:
         raise UserError(f"block spec {spec!r}: kind must be basic or bottleneck, channels and "
                         f"stride positive")
+    if max(cin, cout) > MAX_WIDTH or stride > 64:
+        raise UserError(f"block spec {spec!r}: at most {MAX_WIDTH:,} channels and stride 64")
     if kind == "bottleneck" and cout % 4:
         raise UserError(f"block spec {spec!r}: a bottleneck's output must be 4 x its width")
     return kind, cin, cout, stride
@@ -175,9 +181,12 @@ def block_cost(spec: str, image_size: int = 56) -> dict[str, Any]:
     A bottleneck's inner width is OUT / 4 (torchvision's expansion); the shortcut is a
     projection (option B) where channels or size change."""
     kind, cin, cout, stride = parse_block_spec(spec)
+    if not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be from 1 to {MAX_IMAGE_SIZE}, got {image_size}")
     cfg = ResNetConfig(block=kind)
     planes = cout // cfg.block_expansion
-    block = BLOCK_TYPES[kind](cfg, cin, planes, stride)
+    with torch.device("meta"):  # shapes and counts only: no memory, no math
+        block = BLOCK_TYPES[kind](cfg, cin, planes, stride)
     records = trace(block, (image_size, image_size), in_chans=cin)
     convs = [{"layer": r.name, "weights": r.params, "macs": r.macs,
               "in": list(r.in_shape[1:]), "out": list(r.out_shape[1:])}

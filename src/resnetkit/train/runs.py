@@ -72,10 +72,7 @@ class RunFolder:
             self.run_dir.mkdir(exist_ok=self._owner)
             lock = os.open(self.run_dir, os.O_RDONLY)  # the folder itself is the lock
         except FileExistsError:
-            what = ("already holds a run; continue it with `resnetkit train --resume "
-                    f"{shown(self.run_dir)}`" if (self.run_dir / "config.json").exists() else
-                    "already exists and is not a run of resnetkit; its files are left as they are")
-            raise UserError(f"{shown(self.run_dir)} {what}, or choose another --name") from None
+            raise UserError(self._taken()) from None
         except OSError as e:
             raise UserError(f"cannot write to run folder {self.run_dir}: {e.strerror or e}") from None
         try:
@@ -89,6 +86,24 @@ class RunFolder:
         # the metrics of the epochs the checkpoint holds, and no row of an epoch it lost
         ckpt.atomic_write(self.run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(
             "".join(json_row(r) + "\n" for r in self.history)))
+
+    def _taken(self) -> str:
+        """Why an existing run folder is not this new run's, in one sentence."""
+        import fcntl
+        d = shown(self.run_dir)
+        try:
+            fd = os.open(self.run_dir, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+        except OSError:
+            return f"another process is training in {d}; wait for it or choose another --name"
+        if (self.run_dir / "config.json").exists():
+            return (f"{d} already holds a run; continue it with `resnetkit train --resume {d}` "
+                    f"or choose another --name")
+        return (f"{d} already exists and is not a run of resnetkit (its files are left as they "
+                f"are); choose another --name or --out_dir")
 
     def _release_run_dir(self) -> None:
         if self._lock is not None:
