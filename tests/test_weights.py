@@ -376,3 +376,20 @@ def test_convert_then_predict_and_export_a_foreign_file(tmp_path, capsys):
     tags = {w["tag"] for w in json.loads(capsys.readouterr().out)}
     assert {"resnet50.tv1_in1k", "resnet50.tv2_in1k"} <= tags
     assert main(["weights", "download"]) == 2
+
+
+def test_weights_list_takes_an_architecture_name_and_says_when_nothing_matches(capsys):
+    import json
+
+    from resnetkit.cli import main
+    from resnetkit.weights.registry import list_weights
+    # the registry's resnet50 entries: torchvision's V1 and V2, timm's a1, Paddle's
+    tags = {w.tag for w in list_weights("resnet50")}
+    assert tags == {"resnet50.tv1_in1k", "resnet50.tv2_in1k", "resnet50.a1_in1k",
+                    "resnet50.paddle_in1k"}
+    assert all(w.preset == "resnet50" for w in list_weights("resnet50"))
+    assert {w.tag for w in list_weights("resnet50.*")} == tags
+    assert main(["weights", "list", "resnet50", "--json"]) == 0
+    assert {r["tag"] for r in json.loads(capsys.readouterr().out)} == tags
+    assert main(["weights", "list", "nothing*"]) == 2
+    assert "no published weights match 'nothing*'" in capsys.readouterr().err

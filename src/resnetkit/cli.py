@@ -223,8 +223,11 @@ def cmd_recipes(a: argparse.Namespace) -> int:
 def cmd_weights(a: argparse.Namespace) -> int:
     from .weights import registry, sources
     if a.action == "list":
-        return _show(a, [w.summary() for w in registry.list_weights(a.target or "*")],
-                     render.weights)
+        rows = [w.summary() for w in registry.list_weights(a.target or "*")]
+        if not rows:  # a pattern that matches nothing is worth saying, and a non-zero exit
+            raise UserError(f"no published weights match {a.target!r}; `resnetkit weights "
+                            f"list` shows them all")
+        return _show(a, rows, render.weights)
     if not a.target:
         raise UserError(f"weights {a.action} needs a TAG (see `resnetkit weights list`)")
     if a.action == "download":

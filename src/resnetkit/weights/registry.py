@@ -140,7 +140,11 @@ def _register(entries: list[Weights]) -> None:
 
 
 def list_weights(pattern: str = "*") -> list[Weights]:
-    """Registry entries whose tag matches a shell-style pattern, e.g. "resnet50*"."""
+    """Registry entries whose tag matches a shell-style pattern ("resnet50*"), or, for a bare
+    architecture name ("resnet50"), every entry of that architecture (timm's
+    list_pretrained("resnet50") lists its tags the same way)."""
+    if not any(c in pattern for c in "*?[") and "." not in pattern:
+        return [REGISTRY[t] for t in sorted(REGISTRY) if REGISTRY[t].preset == pattern]
     return [REGISTRY[t] for t in sorted(REGISTRY) if fnmatch.fnmatch(t, pattern)]
 
 
