@@ -239,3 +239,13 @@ def test_oversized_sizes_in_analysis_verbs_are_one_sentence(capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_warnings_on_the_command_line_are_escaped(tmp_path, capsys):
+    import warnings
+
+    from resnetkit.cli import _show_warning
+    line = _show_warning(UserWarning("skipping bad\x1b[2J\nfile.png"), UserWarning, "f.py", 1)
+    assert line == "warning: skipping bad\\x1b[2J\\x0afile.png\n"
+    main(["models", "resnet18"])  # main installs it for every verb
+    assert warnings.formatwarning is _show_warning

@@ -252,7 +252,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _show_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one escaped line: they quote file and folder names (skipped images, a
+    checkpoint's head) that came from outside."""
+    return f"warning: {shown(message)}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+    warnings.formatwarning = _show_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     args.argv = argv
