@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from ..model import ResNet
 from ..runtime import check_memory
 from ..options import parse_overrides
 from ..untrusted import parse_json, shown
-from ..weights.checkpoint import default_output
+from ..weights.checkpoint import atomic_write, default_output
 from ..weights.sources import REGISTRY, class_names, load_source, preprocess_of
 from ..zoo import create_model
 
@@ -65,20 +64,16 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     if fold:
         fold_model(m)
     x = torch.randn(2, m.cfg.in_chans, image_size, image_size)
-    # written beside the target and renamed into place: a failed write (full or read-only
-    # disk) leaves no truncated file, and an existing file stays as it was
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # a failed write (full or read-only disk) leaves no truncated file, and an existing
+    # file stays as it was
     try:
-        _write(m, x, fmt, str(tmp), meta, dynamic_size, opset)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: _write(m, x, fmt, tmp, meta, dynamic_size, opset))
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not isinstance(e.__cause__, OSError) \
                 and "write" not in str(e).lower():
             raise  # an exporter failure of ours, not the disk's
         reason = getattr(e, "strerror", None) or getattr(e.__cause__, "strerror", None) or e
         raise UserError(f"cannot write {path}: {reason}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..untrusted import path_component
+from .checkpoint import atomic_write
 
 ENV = "RESNETKIT_CACHE"
 
@@ -58,13 +59,14 @@ def download(url: str, filename: str, expected: str | None, kind: str | None,
     except OSError as e:
         raise UserError(f"cannot create the weights cache {folder}: {e.strerror or e} "
                         f"(set {ENV} to another folder)") from None
-    tmp = folder / f".{filename}.{os.getpid()}.download"  # per process: ranks may fetch at once
-    try:
-        download_url_to_file(url, str(tmp), progress=progress)
-        if not hash_matches(tmp, expected, kind):
+    def fetch(tmp: str) -> None:  # checked before atomic_write renames it into place
+        download_url_to_file(url, tmp, progress=progress)
+        if not hash_matches(Path(tmp), expected, kind):
             raise UserError(f"{url} does not match its published {kind} {expected} "
                             f"(damaged or changed); the download was deleted")
-        os.replace(tmp, dest)
+
+    try:  # a temporary file per process (ranks may fetch at once), renamed when it is whole
+        atomic_write(dest, fetch)
     except UserError:
         raise
     except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError included
@@ -74,7 +76,6 @@ def download(url: str, filename: str, expected: str | None, kind: str | None,
         raise UserError(f"could not download {url} ({reason}); fetch it by hand and put it "
                         f"at {dest}") from None
     finally:
-        tmp.unlink(missing_ok=True)
-        for partial in folder.glob(f"{tmp.name}.*.partial"):  # torch.hub's, of this download
+        for partial in folder.glob(f".{dest.name}.*.partial.*.partial"):  # torch.hub's own
             partial.unlink(missing_ok=True)
     return dest
