@@ -109,3 +109,36 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
                 "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
         raise UserError(f"{shown(p)} is {kind}, not a regular {what}")
     return p
+
+
+# The globals a pickle of numpy arrays names (CIFAR's python batches, Paddle's .pdparams):
+# array reconstruction, dtypes and scalars under numpy 1 and 2 module names, OrderedDict,
+# and `_codecs.encode`, how protocol-2 pickles spell bytes.
+NUMPY_PICKLE = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
+})
+
+
+def restricted_unpickle(data: bytes, source: str, allowed: frozenset = NUMPY_PICKLE,
+                        encoding: str = "ASCII") -> Any:
+    """A pickle from outside loaded with no code run: only the globals in `allowed` may be
+    named (numpy arrays and plain containers by default); anything else, or a damaged
+    stream, is one UserError naming `source`."""
+    import io
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in allowed:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays and "
+                                         f"plain containers are allowed")
+    try:
+        return _Restricted(io.BytesIO(data), encoding=encoding).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError, RecursionError) as e:
+        raise UserError(f"{shown(source)} cannot be read safely as a pickle of arrays "
+                        f"({shown(str(e))[:160]})") from None

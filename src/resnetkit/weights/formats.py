@@ -17,8 +17,6 @@ that admits only numpy arrays, dtypes and plain containers.
 """
 from __future__ import annotations
 
-import io
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,16 +25,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..untrusted import shown
+from ..untrusted import regular_file, restricted_unpickle, shown
 
-# The globals a .pdparams pickle may name: numpy's array reconstruction, dtypes and
-# OrderedDict; `_codecs.encode` is how protocol-2 pickles spell bytes.
-_PICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
-    ("_codecs", "encode"),
-}
 _PADDLE_BN = {"_mean": "running_mean", "_variance": "running_var"}
 # timm resnetv2's stem modules -> resnetkit's (timm/models/resnetv2.py, create_resnetv2_stem)
 _V2_STEM = {"conv": "conv1", "norm": "bn1", "conv1": "conv1.0", "norm1": "conv1.1",
@@ -44,25 +34,14 @@ _V2_STEM = {"conv": "conv1", "norm": "bn1", "conv1": "conv1.0", "norm1": "conv1.
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pdparams")
 
 
-class _ArraysOnly(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _PICKLE_ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are allowed")
-
-
 def read_pdparams(path: str | Path) -> dict[str, torch.Tensor]:
     """A PaddlePaddle parameter file (paddle.save of a state_dict) as float tensors, with no
     code run: anything but numpy arrays and plain containers is refused."""
     try:
-        with open(path, "rb") as f:
-            obj = _ArraysOnly(io.BytesIO(f.read())).load()
-    except FileNotFoundError:
-        raise UserError(f"no file at {path}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as e:
-        raise UserError(f"{path} is not a PaddlePaddle parameter file that can be read "
-                        f"safely ({e})") from None
+        data = regular_file(path, "weights file").read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    obj = restricted_unpickle(data, str(path))
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a dict of parameters")
     obj.pop("StructuredToParameterName@@", None)  # paddle.save's name table, not a parameter
