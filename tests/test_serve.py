@@ -1,13 +1,19 @@
 """`resnetkit serve`: predictions equal the Python API's, every bad input is one 4xx JSON
 sentence and the server keeps serving, the queue limit answers 503 with Retry-After and
 loses no accepted request, SIGTERM drains and leaves no process; the batcher and decoder
-on their own."""
+on their own. Hostile clients: a flood of headers is refused with 431 before it is buffered,
+a client that trickles its request is cut off at the deadline, large images are decoded off
+the event loop (/health stays fast), text from a request is escaped in the log and answers."""
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
+import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -17,7 +23,7 @@ import torch
 
 pytest.importorskip("litserve")
 
-from serve_helpers import CLASSES, Server, png, write_checkpoint  # noqa: E402
+from serve_helpers import CLASSES, Server, exchange, png, trickle, write_checkpoint  # noqa: E402
 
 from resnetkit.cli import main  # noqa: E402
 from resnetkit.infer import predict  # noqa: E402
@@ -33,11 +39,17 @@ def checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("serve") / "r20.safetensors")
 
 
+DEADLINE_S = 3  # the test server's time for a request's head and body (60 s by default)
+
+
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    # a 300 ms batch window: requests wait for company, so a burst fills the small queue
+    # a 300 ms batch window: requests wait for company, so a burst fills the small queue; 40
+    # million pixels (the default) and 0.1 MB: a 35 KB PNG of 36 million pixels takes a long
+    # decode; the log from INFO up, where refused uploads are named
     s = Server(checkpoint, "--max-queue", "4", "--batch-timeout-ms", "300", "--max-batch", "64",
-               "--max-image-pixels", "1000000", "--max-body-mb", "0.05")
+               "--max-image-pixels", "40000000", "--max-body-mb", "0.1", "--log-level", "info",
+               options={"request_timeout_s": DEADLINE_S})
     yield s
     s.close()
 
@@ -64,8 +76,11 @@ def test_predictions_equal_the_python_api(server, checkpoint, tmp_path):
         assert np.allclose([t["prob"] for t in got], [t["prob"] for t in want], atol=0.02)
 
 
-def _bomb() -> bytes:  # 4 million pixels in a few kB: refused from its header
-    return png(np.zeros((2000, 2000), dtype=np.uint8))
+def _bomb(side: int = 2000) -> bytes:  # side**2 pixels in about side**2 / 1000 bytes
+    return png(np.zeros((side, side), dtype=np.uint8))
+
+
+BOMB = _bomb(7000)  # over the test server's 40 million pixels, under its 0.1 MB
 
 
 BAD = [  # (what, request kwargs, status)
@@ -80,8 +95,8 @@ BAD = [  # (what, request kwargs, status)
                        "headers": {"Content-Type": "image/png"}}, 400),
     ("wrong content type", {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415),
     ("json body", {"json": {"image": "x"}}, 415),
-    ("decompression bomb", {"content": _bomb(), "headers": {"Content-Type": "image/png"}}, 413),
-    ("body over --max-body-mb", {"content": os.urandom(80_000),
+    ("decompression bomb", {"content": BOMB, "headers": {"Content-Type": "image/png"}}, 413),
+    ("body over --max-body-mb", {"content": os.urandom(150_000),
                                  "headers": {"Content-Type": "image/png"}}, 413),
     ("multipart without a file", {"data": {"name": "x"}, "files": {}}, 415),
     ("multipart with no file field", {"content": b"--b\r\nContent-Disposition: form-data; "
@@ -94,7 +109,7 @@ BAD = [  # (what, request kwargs, status)
 
 @pytest.mark.parametrize("what,kw,status", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_one_sentence_and_the_server_keeps_serving(server, what, kw, status):
-    assert _bomb().__len__() < 50_000  # under --max-body-mb: the pixel check is what refuses it
+    assert len(BOMB) < 100_000  # under --max-body-mb: the pixel check is what refuses it
     r = httpx.post(f"{server.url}/predict", timeout=30, **kw)
     assert r.status_code == status, (what, r.text)
     body = r.json()
@@ -197,9 +212,13 @@ def test_cli_mistakes_are_one_sentence(checkpoint, capsys):
     assert "--calibration is for --precision int8 only" in capsys.readouterr().err
     assert main(["serve", str(checkpoint), "--precision", "int8", "--calibration",
                  "fashion-mnist:1"]) == 2
-    assert "at least" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the spec's check or the set's, both name the count of 2
+    assert "calibration" in err and "2" in err and "Traceback" not in err
     assert main(["serve", str(checkpoint), "--worker-nice", "20"]) == 2
     assert "worker_nice must be from 0 to 19" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--threads", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--threads must be 0" in err and "got -1" in err and "Traceback" not in err
 
 
 def test_int8_engine_for_serving_agrees_with_fp32(checkpoint, tmp_path):
@@ -306,6 +325,7 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
     # the handler the middleware calls for every POST /predict, driven with ASGI messages:
     # the query check, the body limit, the queue limit and a good answer, in-process
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    from resnetkit.serve.protocol import DEADLINE_KEY
     from resnetkit.serve.routes import Predictor
     limits = {"max_queue": 1, "max_body_bytes": 1000, "max_image_pixels": 10_000}
     info = {"preprocess": {"image_size": 28, "in_chans": 1}}
@@ -343,6 +363,12 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
             await asyncio.sleep(3600)
         out["stalled"] = await Predictor(run_one, info, {**limits, "body_timeout_s": 0.05})(
             scope(), stalled)
+
+        async def drip():  # a byte every 20 ms: never a stall, but past the request's deadline
+            await asyncio.sleep(0.02)
+            return {"type": "http.request", "body": b"x", "more_body": True}
+        late = {**scope(), DEADLINE_KEY: asyncio.get_running_loop().time() + 0.2}
+        out["late"] = await Predictor(run_one, info, limits)(late, drip)
         out["declared"] = await p(scope(length=b"5000"), receive_of(image))
         out["streamed"] = await p(scope(), receive_of(bytes(1500), pieces=5))
         out["type"] = await p(scope(kind=b"text/plain"), receive_of(image))
@@ -359,6 +385,7 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
         assert len(out[name][1]) < 200  # a 5,000-digit value is not echoed back
     assert b"from 1 to 1000" in out["huge"][1] and b"from 1 to 1000" in out["minus"][1]
     assert out["stalled"][0] == 408 and b"stalled" in out["stalled"][1]
+    assert out["late"][0] == 408 and b"did not arrive within" in out["late"][1]
     assert out["declared"][0] == 413 and out["streamed"][0] == 413 and out["type"][0] == 415
     assert out["full"][0] == 503 and (b"retry-after", b"1") in out["full"][3]
     status, body, kind, _ = out["ok"]
@@ -366,12 +393,13 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
     assert json.loads(body) == {"shape": [1, 28, 28], "k": 3} and out["pending"] == 0
 
 
-def test_a_fault_in_the_predict_handler_is_one_json_500(tmp_path, monkeypatch):
+def test_a_fault_in_the_predict_handler_is_one_json_500_and_an_escaped_log(tmp_path, monkeypatch,
+                                                                           caplog):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     from resnetkit.serve.routes import FastPaths, Predictor
 
-    async def broken(image, top_k):
-        raise RuntimeError("engine down")
+    async def broken(image, top_k):  # a message that quotes a request: escaped in the log
+        raise RuntimeError("engine down\n\x1b[31mINFO: a forged line")
     limits = {"max_queue": 4, "max_body_bytes": 10_000, "max_image_pixels": 10_000,
               "workers": 1}
     info = {"preprocess": {"image_size": 28, "in_chans": 1}}
@@ -386,7 +414,112 @@ def test_a_fault_in_the_predict_handler_is_one_json_500(tmp_path, monkeypatch):
         sent.append(message)
     scope = {"type": "http", "path": "/predict", "method": "POST", "query_string": b"",
              "headers": [(b"content-type", b"image/png")]}
-    asyncio.run(paths(scope, receive, send))
+    with caplog.at_level(logging.ERROR, "resnetkit.serve"):
+        asyncio.run(paths(scope, receive, send))
     assert sent[0]["status"] == 500
     assert json.loads(sent[1]["body"]) == {
         "error": "the server failed on this request (RuntimeError)"}
+    assert "RuntimeError: engine down\\x0a\\x1b[31mINFO: a forged line" in caplog.text
+    assert "\x1b" not in caplog.text and "\nINFO: a forged line" not in caplog.text
+
+
+def test_a_header_flood_is_refused_and_the_server_keeps_serving(server):
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    image = png(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+    cases = [("1 MB in one header", head + b"X-Flood: " + b"a" * (1 << 20) + b"\r\n\r\n", 431),
+             ("a 1 MB path", b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),
+             ("150 header lines", head + b"".join(b"X-%d: 1\r\n" % i for i in range(150))
+              + b"\r\n", 431),
+             # 45 KB in 90 lines, under both limits, with the image in the same write
+             ("within the limits", b"POST /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+              b"Content-Type: image/png\r\nContent-Length: %d\r\n" % len(image)
+              + b"".join(b"X-%d: %s\r\n" % (i, b"b" * 500) for i in range(88)) + b"\r\n"
+              + image, 200)]
+    for what, request, status in cases:
+        got, body = exchange(server.port, request)
+        assert got == status, (what, got, body[:200])
+        if status == 431:
+            error = json.loads(body)["error"]
+            assert "server's limit" in error and "\n" not in error
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_a_trickling_client_is_cut_off_at_the_deadline(server):
+    upload = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+              b"Content-Length: 1000\r\n\r\n")
+    with ThreadPoolExecutor(2) as pool:
+        slow_head = pool.submit(trickle, server.port, b"GET /health HTTP/1.1\r\nX-Slow: ",
+                                b"abcdef")
+        slow_body = pool.submit(trickle, server.port, upload, b"\x89PNG")
+        # meanwhile the server answers others, and a connection kept alive for longer than
+        # the deadline, with requests that each arrive at once, is not cut
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            for _ in range(10):
+                t = time.perf_counter()
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                reply = b""
+                while not reply.endswith(b"\r\n\r\nok"):
+                    chunk = sock.recv(4096)
+                    assert chunk, "the server closed a kept-alive connection"
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 200") and time.perf_counter() - t < 1
+                time.sleep(0.45)
+        results = {"headers": slow_head.result(), "upload": slow_body.result()}
+    for what, (status, body, took) in results.items():
+        assert status == 408, (what, status, body[:200])
+        assert "did not arrive within" in json.loads(body)["error"], what
+        # the deadline, then at most the grace before the connection is closed, and slack
+        assert DEADLINE_S - 0.5 < took < DEADLINE_S + 2.5, (what, took)
+
+
+def test_health_stays_fast_while_large_images_decode(server):
+    big = png(np.zeros((6000, 6000), np.uint8))  # 36 million pixels in 35 KB
+    assert len(big) < 0.1 * 2**20
+    codes, waits, stop = [], [], time.monotonic() + 3
+
+    def health():
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                assert c.get(f"{server.url}/health").status_code == 200
+                waits.append(time.perf_counter() - t)
+                time.sleep(0.02)
+
+    async def uploads():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=20)) as c:
+            async def client():
+                while time.monotonic() < stop:
+                    r = await c.post(f"{server.url}/predict", content=big,
+                                     headers={"Content-Type": "image/png"})
+                    codes.append(r.status_code)
+                    if r.status_code == 503:  # the queue (decodes included) is full: back off
+                        await asyncio.sleep(0.05)
+            await asyncio.gather(*(client() for _ in range(20)))
+    poller = threading.Thread(target=health)
+    poller.start()
+    asyncio.run(uploads())
+    poller.join()
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2, codes
+    assert len(waits) >= 10 and max(waits) < 1.0, (len(waits), max(waits, default=None))
+
+
+def test_text_from_a_request_is_escaped_in_the_log_and_in_answers(server):
+    name = "evil\x1b[2J\u202egnp.exe\x07.png"  # clear the screen, reverse the text, ring
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="'
+            + name.encode() + b'"\r\nContent-Type: image/png\r\n\r\nnot an image\r\n--b--\r\n')
+    r = httpx.post(f"{server.url}/predict", content=body, timeout=30,
+                   headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400
+    # a content type holding CSI (U+009B, a terminal's control sequence introducer)
+    r = httpx.post(f"{server.url}/predict", content=b"x", timeout=30,
+                   headers={"Content-Type": b"image/x\xc2\x9b31m"})
+    error = r.json()["error"]
+    assert r.status_code == 415 and "\x9b" not in error and "\\x9b31m" in error
+    until = time.monotonic() + 10
+    while "evil" not in server.log() and time.monotonic() < until:
+        time.sleep(0.1)
+    log = server.log()
+    lines = [line for line in log.splitlines() if "evil" in line]
+    assert len(lines) == 1 and "refused the file" in lines[0], lines
+    assert "evil\\x1b[2J\\u202egnp.exe\\x07.png" in lines[0]
+    assert not {"\x1b", "\u202e", "\x07", "\x9b"} & set(log)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import types
 from importlib import resources
@@ -19,31 +18,45 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..untrusted import shown
 from .batcher import Batcher
-from .decode import IMAGE_TYPES, BadInput, check_type, decode_image
+from .decode import IMAGE_TYPES, BadInput, Decoder, check_type
+from .logs import logger
 from .metrics import exposition, http_metrics
+from .protocol import DEADLINE_KEY
 
-DECODE_IN_THREAD = 64 << 10  # bodies above this are decoded off the event loop
 MAX_TOP_K = 1000
 BODY_TIMEOUT_S = 30.0  # the longest pause inside an upload
-logger = logging.getLogger(__name__)
 BATCHES_IN_FLIGHT = 2  # per worker
 
 
-async def read_body(receive, declared: str, limit: int,
-                    timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+async def read_body(receive, declared: str, limit: int, timeout_s: float = BODY_TIMEOUT_S,
+                    deadline: float | None = None) -> bytes:
     """The request body from the ASGI `receive` channel, refused (413) as soon as it passes
     `limit` bytes (or at once when the declared Content-Length does), and (408) when the
-    client sends nothing for `timeout_s` (a stalled upload holds no slot for ever)."""
+    client sends nothing for `timeout_s` (a stalled upload holds no slot for ever) or the
+    body is not in by `deadline` (the event loop's time, set per request by
+    protocol.BoundedHttp: a trickle of bytes defeats the pause limit, not this one)."""
     too_big = BadInput(413, f"the upload is over the server's limit of {limit / 2**20:g} MB "
                             f"(--max-body-mb)")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
+    loop = asyncio.get_running_loop()
+    late = BadInput(408, "the upload did not arrive within the server's time limit for a "
+                         "request")
     chunks, size = [], 0
     while True:
+        wait = timeout_s
+        if deadline is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise late
+            wait = min(wait, left)
         try:
-            message = await asyncio.wait_for(receive(), timeout_s)
+            message = await asyncio.wait_for(receive(), wait)
         except asyncio.TimeoutError:
+            if wait < timeout_s:
+                raise late from None
             raise BadInput(408, f"the upload stalled: nothing arrived for {timeout_s:g} s") \
                 from None
         if message["type"] == "http.disconnect":
@@ -57,8 +70,8 @@ async def read_body(receive, declared: str, limit: int,
             return b"".join(chunks)
 
 
-async def file_from_form(scope, body: bytes) -> bytes:
-    """The first file field of a multipart body."""
+async def file_from_form(scope, body: bytes) -> tuple[str, bytes]:
+    """(file name, content) of the first file field of a multipart body."""
     from starlette.datastructures import UploadFile
 
     async def replay():
@@ -66,12 +79,13 @@ async def file_from_form(scope, body: bytes) -> bytes:
     try:
         form = await Request(scope, replay).form(max_files=1, max_fields=8)
     except Exception as e:  # the multipart parser's own exception types
-        raise BadInput(400, f"the multipart body cannot be read ({e})") from None
+        raise BadInput(400, f"the multipart body cannot be read "
+                            f"({shown(str(e)[:120])})") from None
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
         raise BadInput(400, "the multipart body has no file field: send the image as "
                             "a file field (curl -F file=@image.png)")
-    return await files[0].read()
+    return files[0].filename or "", await files[0].read()
 
 
 def top_k_of(query_string: bytes) -> int:
@@ -80,12 +94,12 @@ def top_k_of(query_string: bytes) -> int:
     if not values:
         return 5
     text = values[-1].strip()
-    shown = text if len(text) <= 20 else text[:20] + "..."
+    quoted = shown(repr(text if len(text) <= 20 else text[:20] + "..."))
     digits = text[1:] if text[:1] in "+-" else text
     if not (digits.isascii() and digits.isdigit()):
-        raise BadInput(422, f"query.top_k: must be a whole number, got {shown!r}")
+        raise BadInput(422, f"query.top_k: must be a whole number, got {quoted}")
     if text.startswith("-") or len(digits.lstrip("0")) > len(str(MAX_TOP_K)):
-        raise BadInput(422, f"query.top_k: must be from 1 to {MAX_TOP_K}, got {shown}")
+        raise BadInput(422, f"query.top_k: must be from 1 to {MAX_TOP_K}, got {quoted[1:-1]}")
     k = int(digits)
     if not 1 <= k <= MAX_TOP_K:
         raise BadInput(422, f"query.top_k: must be from 1 to {MAX_TOP_K}, got {k}")
@@ -146,13 +160,15 @@ async def send_response(send, status: int, body: bytes, kind: bytes = b"applicat
 class Predictor:
     """POST /predict: the image as the raw body or a multipart file field, checked and
     decoded here (a bad upload never reaches a batch), then queued for a batch; answers
-    (status, JSON body, content type, extra headers). Requests beyond `max_queue` accepted
-    and unanswered ones get 503 with Retry-After."""
+    (status, JSON body, content type, extra headers). A request holds a place in the queue
+    from the moment its body is in, while it waits to be decoded (decode.Decoder) and then
+    for its batch: beyond `max_queue` such requests the answer is 503 with Retry-After."""
 
     def __init__(self, run_one, info: dict[str, Any], limits: dict[str, Any]):
         self.run_one, self.info, self.limits = run_one, info, limits
         self.pending = 0  # accepted requests not yet answered, in this HTTP process
         self.busy = json.dumps({"error": busy_message(limits)}).encode()
+        self.decode = Decoder(info["preprocess"], limits["max_image_pixels"])
 
     def _refuse(self, m, status: int, message: str, kind: str):
         m.requests.labels(str(status)).inc()
@@ -161,33 +177,42 @@ class Predictor:
             return 503, self.busy, b"application/json", [(b"retry-after", b"1")]
         return status, json.dumps({"error": message}).encode(), b"application/json", []
 
+    def _bad_input(self, m, scope, e: BadInput, name: str | None):
+        client = scope.get("client")
+        logger.info("refused %s from %s: %d, %s",
+                    "a raw body" if name is None else f"the file {shown(repr(name))}",
+                    f"{client[0]}:{client[1]}" if client else "an unknown client", e.status,
+                    e.message)
+        return self._refuse(m, e.status, e.message, "bad_input")
+
     async def __call__(self, scope, receive):
         m, start = http_metrics(), time.perf_counter()
         if self.pending >= self.limits["max_queue"]:
             return self._refuse(m, 503, "", "overloaded")
         headers = dict(scope["headers"])
+        name = None
         try:
             top_k = top_k_of(scope.get("query_string", b""))
             kind = check_type(headers.get(b"content-type", b"").decode("latin-1"))
             body = await read_body(receive, headers.get(b"content-length", b"").decode(
                 "latin-1"), self.limits["max_body_bytes"],
-                self.limits.get("body_timeout_s", BODY_TIMEOUT_S))
+                self.limits.get("body_timeout_s", BODY_TIMEOUT_S), scope.get(DEADLINE_KEY))
             if kind == "multipart/form-data":
-                body = await file_from_form(scope, body)
-            args = (body, self.info["preprocess"], self.limits["max_image_pixels"])
-            image = (await asyncio.to_thread(decode_image, *args)
-                     if len(body) > DECODE_IN_THREAD else decode_image(*args))
+                name, body = await file_from_form(scope, body)
         except BadInput as e:
-            return self._refuse(m, e.status, e.message, "bad_input")
-        if self.pending >= self.limits["max_queue"]:  # again: no await from here on
+            return self._bad_input(m, scope, e, name)
+        if self.pending >= self.limits["max_queue"]:  # again: no await since the last check
             return self._refuse(m, 503, "", "overloaded")
         self.pending += 1
         m.queue.inc()
         try:
+            image = await self.decode(body)
             result = await self.run_one(image, top_k)
+        except BadInput as e:
+            return self._bad_input(m, scope, e, name)
         except HTTPException as e:
             return self._refuse(m, e.status_code, f"the model failed on this request "
-                                                  f"({e.detail})", "internal")
+                                                  f"({shown(e.detail)})", "internal")
         finally:
             self.pending -= 1
             m.queue.dec()
