@@ -14,10 +14,12 @@ class Projection(nn.Sequential):
 
 
 def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int,
-                  dilation: int = 1) -> nn.Module:
-    """The shortcut of one block for the config's option (A, B or C) and avg_down. In a
-    dilated stage (stride turned into dilation) the avg-down pool keeps its 2x2 window at
-    stride 1, "same"-padded, as timm's does."""
+                  dilation: int = 1) -> nn.Module | None:
+    """The shortcut of one block for the config's option (A, B or C) and avg_down; None for
+    a plain network (shortcut "none"). In a dilated stage (stride turned into dilation) the
+    avg-down pool keeps its 2x2 window at stride 1, "same"-padded, as timm's does."""
+    if cfg.shortcut == "none":
+        return None
     changes = stride != 1 or in_chs != out_chs
     if cfg.shortcut == "A" or (cfg.shortcut == "B" and not changes):
         return ZeroPadShortcut(in_chs, out_chs, stride) if changes else nn.Identity()
@@ -33,7 +35,8 @@ def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int,
 
 
 class ResidualBlock(nn.Module):
-    """What every residual block has besides its convs: the shortcut, SE, drop path. Blocks
+    """What every residual block has besides its convs: the shortcut (downsample; None in a
+    plain network, as torchvision's None where it has no projection), SE, drop path. Blocks
     take (cfg, in_chs, planes, stride, dilation of later convs, of the first, drop path)."""
 
     preact = False
@@ -53,6 +56,12 @@ class ResidualBlock(nn.Module):
 
     def _shortcut(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         return self.downsample(pre if self.projects else x)
+
+    def _add(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """F(x) + shortcut(x), or F(x) alone in a plain network."""
+        if self.downsample is None:
+            return out
+        return self.drop_path(out) + self.downsample(x)
 
     def residual_end(self) -> nn.Module:
         """What zero-init zeroes: the last BN (post-activation) or conv (pre-activation)."""
@@ -78,7 +87,7 @@ class BasicBlock(ResidualBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.se(self.bn2(self.conv2(out)))
-        return self.act2(self.drop_path(out) + self.downsample(x))
+        return self.act2(self._add(out, x))
 
 
 class PreActBasicBlock(BasicBlock):
@@ -115,7 +124,7 @@ class Bottleneck(ResidualBlock):
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.act2(self.bn2(self.conv2(out)))
         out = self.se(self.bn3(self.conv3(out)))
-        return self.act3(self.drop_path(out) + self.downsample(x))
+        return self.act3(self._add(out, x))
 
 
 class PreActBottleneck(Bottleneck):

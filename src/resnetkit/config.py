@@ -7,7 +7,7 @@ from .errors import UserError
 
 BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
 STEMS = ("imagenet", "cifar", "deep")
-SHORTCUTS = ("A", "B", "C")
+SHORTCUTS = ("A", "B", "C", "none")
 NORMS = ("batchnorm", "frozen_batchnorm", "groupnorm")
 POOLS = ("avg", "max", "avgmax", "catavgmax", "")  # timm's global pool types
 GN_GROUPS = 32  # timm's GroupNorm default (resnet50_gn), from Wu & He 2018
@@ -44,7 +44,8 @@ class ResNetConfig:
     # "batchnorm", "frozen_batchnorm" (fixed statistics, torchvision's detection backbones) or
     # "groupnorm" (32 groups, timm's resnet50_gn)
     norm_layer: str = "batchnorm"
-    # "A" zero-padded identity, "B" projection where the shape changes, "C" projection always
+    # "A" zero-padded identity, "B" projection where the shape changes, "C" projection always,
+    # "none": no shortcut at all, each block outputs ReLU(F(x)) (the paper's plain nets)
     shortcut: str = "B"
     avg_down: bool = False          # projections average-pool before a stride-1 1x1 ("ResNet-D")
     # total stride of the last feature map; later stages dilate instead of striding (None:
@@ -92,7 +93,17 @@ class ResNetConfig:
             (self.maxpool_padding in (0, 1), "maxpool_padding", "choose 0 or 1"),
             (self.stem != "cifar" or self.maxpool_padding == 1, "maxpool_padding",
              "the cifar stem has no max-pool"),
-            (self.shortcut in SHORTCUTS, "shortcut", "choose A (zero-pad), B or C (projection)"),
+            (self.shortcut in SHORTCUTS, "shortcut",
+             "choose A (zero-pad), B or C (projection), or none (a plain network)"),
+            (self.shortcut != "none" or not self.zero_init_residual, "zero_init_residual",
+             "means nothing without shortcuts: a plain block whose last BN starts at zero "
+             "outputs zeros, not its input"),
+            (self.shortcut != "none" or not self.avg_down, "avg_down",
+             "shapes a projection shortcut, and a plain network has none"),
+            (self.shortcut != "none" or not self.drop_path_rate, "drop_path_rate",
+             "drops residual branches; without a shortcut it would cut the network's only path"),
+            (self.shortcut != "none" or not self.preact, "shortcut",
+             "none (plain) is the paper's post-activation form: use block basic or bottleneck"),
             (not (self.avg_down and self.shortcut == "A"), "avg_down",
              "needs projection shortcuts (shortcut B or C), not A"),
             (self.shortcut != "A" or all(b >= a for a, b in zip(chs, chs[1:])), "shortcut",

@@ -40,6 +40,21 @@ def main_path(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return stem + pool + body
 
 
+def receptive_fields(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(layer, receptive field, effective stride) after each layer of the main path: the
+    theoretical receptive field along the path that grows it most (the convs of every block,
+    not its shortcut), by the recursion of Araujo et al. (Distill, 2019):
+    r_out = r_in + (k - 1) * d * j_in and j_out = j_in * s, from r = j = 1 at the input.
+    It does not depend on the input size (it may exceed it)."""
+    pick = lambda v: v[0] if isinstance(v, tuple) else v  # noqa: E731
+    r, j, out = 1, 1, []
+    for name, m in main_path(model):
+        k, s, d = pick(m.kernel_size), pick(m.stride), pick(getattr(m, "dilation", 1))
+        r, j = r + (k - 1) * d * j, j * s
+        out.append((name, r, j))
+    return out
+
+
 def size_walk(model: nn.Module, size: int) -> list[tuple[str, int, int]]:
     """(layer, size in, size out) along the main path for an input side of `size`; stops at
     the first layer whose output would be empty."""

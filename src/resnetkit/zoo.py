@@ -46,6 +46,10 @@ PRESETS: dict[str, ResNetConfig] = {
     "resnet18v2": ResNetConfig(block="preact_basic", layers=(2, 2, 2, 2)),
     "resnet50v2": ResNetConfig(block="preact_bottleneck", layers=(3, 4, 6, 3)),
     **{f"resnet{6 * n + 2}": Cifar(layers=(n, n, n)) for n in (3, 5, 7, 9, 18, 200)},
+    # the paper's plain nets (figure 3, section 4.2): the same layers without shortcuts
+    "plain18": Basic(layers=(2, 2, 2, 2), shortcut="none"),
+    "plain34": Basic(layers=(3, 4, 6, 3), shortcut="none"),
+    **{f"plain{6 * n + 2}": Cifar(layers=(n, n, n), shortcut="none") for n in (3, 5, 7, 9, 18)},
     # timm's names
     "resnet26": Bottleneck(layers=B26),
     "resnet200": Bottleneck(layers=B200),

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..geometry import receptive_fields
 from ..model import ResNet
 from .trace import LayerRecord, build_model, trace
 
@@ -26,6 +27,8 @@ def _op(r: LayerRecord) -> dict[str, Any]:
 
 def _shortcut(block_name: str, block: nn.Module, recs: list[LayerRecord]) -> dict[str, Any]:
     ds = block.downsample
+    if ds is None:
+        return {"kind": "none"}
     if isinstance(ds, nn.Identity):
         return {"kind": "identity"}
     if not isinstance(ds, nn.Sequential):
@@ -57,6 +60,8 @@ def describe(model: str | ResNet, image_size: int | tuple[int, int] = 224,
     cfg = m.cfg
     main = [r for r in recs if r.kind in ("conv", "maxpool")]
     stem = [_op(r) for r in main if not r.name.startswith("layer")]
+    fields = receptive_fields(m)
+    stem_rf = [v for v in fields if not v[0].startswith("layer")][-1]
     stages = []
     for i, stage in enumerate(m.stage_names):
         blocks = []
@@ -68,7 +73,9 @@ def describe(model: str | ResNet, image_size: int | tuple[int, int] = 224,
             blocks.append({"index": j + 1, "in": [ops[0]["in_ch"], *ops[0]["in_hw"]],
                            "out": [ops[-1]["out_ch"], *ops[-1]["out_hw"]], "ops": ops,
                            "shortcut": _shortcut(bname, block, brecs)})
-        stages.append({"name": f"conv{i + 2}_x", "module": stage, "blocks": blocks})
+        last = [v for v in fields if v[0].startswith(stage + ".")][-1]
+        stages.append({"name": f"conv{i + 2}_x", "module": stage, "blocks": blocks,
+                       "receptive_field": last[1], "effective_stride": last[2]})
     pool = next(r for r in recs if r.kind == "avgpool" and r.name == "avgpool")
     fc = [r for r in recs if r.kind == "fc"]
     head = {"avgpool": {"in_hw": list(pool.in_shape[2:]), "out_hw": [1, 1]},
@@ -81,11 +88,18 @@ def describe(model: str | ResNet, image_size: int | tuple[int, int] = 224,
     depth = stem_convs + per_block * n_blocks + len(fc)
     text = (f"{depth} = {stem_convs} stem conv{'s' if stem_convs > 1 else ''} + {per_block} convs "
             f"x {n_blocks} blocks + {len(fc)} fc")
-    text += (f"; the {projections} projection convs are not counted (they sit on the shortcuts)"
-             if projections else "; the shortcuts have no convs")
+    if cfg.shortcut == "none":
+        text += "; no shortcuts (a plain network)"
+    else:
+        text += (f"; the {projections} projection convs are not counted (they sit on the "
+                 f"shortcuts)" if projections else "; the shortcuts have no convs")
     return {"model": name, "image_size": list(hw), "in_chans": cfg.in_chans,
             "block": cfg.block, "stride_in_1x1": cfg.stride_in_1x1, "stem": stem,
             "stages": stages, "head": head,
+            "receptive_field": {"stem": stem_rf[1], "stem_effective_stride": stem_rf[2],
+                                "convention": "theoretical, along the convs of every block "
+                                              "(Araujo et al., Distill 2019); it may exceed "
+                                              "the input"},
             "depth": {"total": depth, "stem_convs": stem_convs, "convs_per_block": per_block,
                       "blocks": n_blocks, "fc": len(fc), "projection_convs": projections,
                       "text": text}}
@@ -108,6 +122,8 @@ def _op_line(o: dict[str, Any], label: str) -> str:
 
 
 def _shortcut_line(sc: dict[str, Any], block: dict[str, Any]) -> str:
+    if sc["kind"] == "none":
+        return "shortcut  none (plain network: the block outputs ReLU(F(x)))"
     if sc["kind"] == "identity":
         return "shortcut  identity"
     if sc["kind"] == "zero-pad":
@@ -139,7 +155,9 @@ def render_describe(walk: dict[str, Any], expand: bool = False) -> str:
     for st in walk["stages"]:
         b0, last = st["blocks"][0], st["blocks"][-1]
         lines.append(f"{st['name']} ({st['module']}): {len(st['blocks'])} blocks, "
-                     f"{b0['in'][0]}x{_hw(b0['in'][1:])} -> {last['out'][0]}x{_hw(last['out'][1:])}")
+                     f"{b0['in'][0]}x{_hw(b0['in'][1:])} -> {last['out'][0]}x{_hw(last['out'][1:])}"
+                     f", receptive field {st['receptive_field']}, effective stride "
+                     f"{st['effective_stride']}")
         blocks, i = st["blocks"], 0
         while i < len(blocks):
             b = blocks[i]

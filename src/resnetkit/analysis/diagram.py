@@ -49,6 +49,9 @@ def layout(walk: dict[str, Any]) -> list[tuple]:
             y = _box(prims, y, [_conv_label(o) for o in b["ops"]],
                      STAGE_FILL[si % len(STAGE_FILL)], label)
             sc = b["shortcut"]
+            if sc["kind"] == "none":  # a plain network: no arc around the block
+                i = j
+                continue
             dashed = sc["kind"] == "projection"
             text = {"identity": "identity", "zero-pad": f"zero-pad, /{sc.get('stride', 1)}",
                     "projection": f"1x1 conv, {sc.get('out_ch')}"
@@ -60,8 +63,9 @@ def layout(walk: dict[str, Any]) -> list[tuple]:
     if hd["fc"]:
         rows.append(f"fc {hd['fc']['in']} -> {hd['fc']['out']}, softmax")
     y = _box(prims, y, rows, "#eeeeee", "head")
-    prims.append(("text", X0, y + 22, "solid: identity shortcut   dashed: projection shortcut",
-                  11, "start"))
+    legend = ("no shortcuts (a plain network)" if walk["stages"][0]["blocks"][0]["shortcut"]
+              ["kind"] == "none" else "solid: identity shortcut   dashed: projection shortcut")
+    prims.append(("text", X0, y + 22, legend, 11, "start"))
     prims.append(("size", W, y + 40))
     return prims
 

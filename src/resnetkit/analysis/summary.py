@@ -9,7 +9,7 @@ from torch import nn
 from ..blocks import BLOCK_TYPES
 from ..config import MAX_WIDTH, ResNetConfig
 from ..errors import UserError
-from ..geometry import MAX_IMAGE_SIZE
+from ..geometry import MAX_IMAGE_SIZE, receptive_fields
 from ..model import ResNet
 from ..options import parse_model_spec
 from ..runtime import check_memory
@@ -49,6 +49,10 @@ def saved_activation_bytes(model: nn.Module, image_size: tuple[int, int], in_cha
 
 
 def _group(model: nn.Module, records: list[LayerRecord], depth: int | None) -> list[dict[str, Any]]:
+    """Rows of the table, layers grouped by `depth` name components; a row's receptive field
+    is the one after its last layer on the main path (None off it: shortcuts, BN, the head)."""
+    fields = {name: (r, j) for name, r, j in receptive_fields(model)} \
+        if isinstance(model, ResNet) else {}
     rows: dict[str, dict[str, Any]] = {}
     for r in records:
         parts = r.name.split(".")
@@ -57,7 +61,10 @@ def _group(model: nn.Module, records: list[LayerRecord], depth: int | None) -> l
         if row is None:
             kind = r.type if key == r.name else type(model.get_submodule(key)).__name__
             row = rows[key] = {"name": key, "type": kind, "input": list(r.in_shape),
-                               "output": list(r.out_shape), "params": 0, "macs": 0}
+                               "output": list(r.out_shape), "params": 0, "macs": 0,
+                               "receptive_field": None, "effective_stride": None}
+        if r.name in fields:
+            row["receptive_field"], row["effective_stride"] = fields[r.name]
         row["output"] = list(r.out_shape)
         row["params"] += r.params
         row["macs"] += r.macs
