@@ -10,11 +10,12 @@ from pathlib import Path
 import resnetkit
 
 ROOT = Path(resnetkit.__file__).parent
-CORE = {"errors", "config", "layers", "blocks", "features", "geometry", "model", "zoo", "options"}
+CORE = {"errors", "config", "layers", "blocks", "features", "geometry", "model", "zoo", "options",
+        "untrusted"}
 BASE = {"runtime", "data", "weights", "evaluate"}
 FEATURES = {"analysis", "train", "infer", "serve"}
 SERVES = {"serve": {"infer"}}  # the one feature -> feature edge: serving runs inference
-TOP = {"bench", "render", "cli", "cli_parser", "__main__", "__init__"}
+TOP = {"bench", "experiments", "render", "cli", "cli_parser", "__main__", "__init__"}
 
 
 def _part(module: str) -> str:

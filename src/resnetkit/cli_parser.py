@@ -25,13 +25,18 @@ def _model_args(s: argparse.ArgumentParser, image: int = 224, model_required: bo
 
 
 def _train_args(s: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as --field (and --field-with-dashes), help from the field."""
-    from .options import field_types, kind_name
-    from .train import TrainConfig
+    """--recipe, --resume, --nproc and every TrainConfig field (see _train_fields)."""
     s.add_argument("--recipe", default=None, help="recipe name or .toml path")
     s.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run")
     s.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (DDP under torchrun; default 1)")
+    _train_fields(s)
+
+
+def _train_fields(s: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as --field (and --field-with-dashes), help from the field."""
+    from .options import field_types, kind_name
+    from .train import TrainConfig
     types = field_types(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flags = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
@@ -187,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(sub)
     _serve_args(sub)
     _quantize_args(sub)
+    _experiment_args(sub)
     _verb(sub, "recipes", "list the shipped training recipes", json=False)
     s = _verb(sub, "weights", "published weights: list, download, convert to a checkpoint")
     s.add_argument("action", choices=["list", "download", "convert"], help="what to do")
@@ -223,3 +229,27 @@ def _quantize_args(sub) -> None:
     s.add_argument("-o", "--output", required=True,
                    help="NAME.onnx (QDQ ONNX, plus NAME.xml/.bin where OpenVINO and NNCF are "
                         "installed) or NAME.xml (OpenVINO IR only)")
+
+
+def _experiment_args(sub) -> None:
+    s = _verb(sub, "experiment", "the ResNet paper's experiments: degradation, responses",
+              json=False)
+    kinds = s.add_subparsers(dest="experiment", required=True)
+    d = kinds.add_parser("degradation", allow_abbrev=False,
+                         help="plain nets and ResNets of several depths, one recipe: training "
+                              "and test error per epoch (the paper's figure 6)")
+    d.add_argument("--models", default="plain20,plain56,resnet20,resnet56",
+                   help="comma-separated presets (default: plain20,plain56,resnet20,resnet56)")
+    d.add_argument("--out", default="degradation",
+                   help="folder of results.json, degradation.png and one run per model; "
+                        "running the same command again continues it")
+    d.add_argument("--recipe", default=None, help="recipe name or .toml path")
+    _train_fields(d)
+    r = kinds.add_parser("responses", allow_abbrev=False,
+                         help="std of every 3x3 layer's response after BN (the paper's "
+                              "figure 7) for trained runs")
+    r.add_argument("runs", nargs="+", help="run folders or checkpoints")
+    r.add_argument("--out", default="responses", help="folder of responses.json and .png")
+    r.add_argument("--dataset", default=None, help="test set (default: each run's own)")
+    r.add_argument("--data-dir", default=None, help="folder of the dataset's files")
+    r.add_argument("--limit", type=int, default=0, help="first N test images (0: all)")
