@@ -4,7 +4,6 @@ library will not send (floods of headers, one byte at a time)."""
 from __future__ import annotations
 
 import io
-import json
 import select
 import socket
 import subprocess
@@ -45,26 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# `resnetkit serve` with keyword arguments of resnetkit.serve.serve that have no command-line
-# option: the CLI runs with them bound
-LAUNCH = ("import functools, json, sys; import resnetkit.serve as s; "
-          "s.serve = functools.partial(s.serve, **json.loads(sys.argv[1])); "
-          "from resnetkit.cli import main; sys.exit(main(sys.argv[2:]))")
-
-
 class Server:
     """`resnetkit serve MODEL ARGS...` in a process of its own (its own process group, so a
-    test that fails cannot leave it running), ready when /health answers 200. `options`:
-    keyword arguments of serve() with no command-line option. Its output goes to a file
-    (`log()`), never to a pipe that nobody reads and that would block it once full."""
+    test that fails cannot leave it running), ready when /health answers 200. Its output
+    goes to a file (`log()`), never to a pipe that nobody reads and that would block it
+    once full."""
 
-    def __init__(self, model: Path, *args: str, options: dict | None = None):
+    def __init__(self, model: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log")
-        command = ["-m", "resnetkit"] if options is None else ["-c", LAUNCH, json.dumps(options)]
         self.proc = subprocess.Popen(
-            [sys.executable, *command, "serve", str(model), "--port", str(self.port), *args],
+            [sys.executable, "-m", "resnetkit", "serve", str(model), "--port", str(self.port), *args],
             stdout=self.out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

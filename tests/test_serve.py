@@ -49,7 +49,7 @@ def server(checkpoint):
     # decode; the log from INFO up, where refused uploads are named
     s = Server(checkpoint, "--max-queue", "4", "--batch-timeout-ms", "300", "--max-batch", "64",
                "--max-image-pixels", "40000000", "--max-body-mb", "0.1", "--log-level", "info",
-               options={"request_timeout_s": DEADLINE_S})
+               "--request-timeout-s", str(DEADLINE_S))
     yield s
     s.close()
 
@@ -215,7 +215,7 @@ def test_cli_mistakes_are_one_sentence(checkpoint, capsys):
     err = capsys.readouterr().err  # the spec's check or the set's, both name the count of 2
     assert "calibration" in err and "2" in err and "Traceback" not in err
     assert main(["serve", str(checkpoint), "--worker-nice", "20"]) == 2
-    assert "worker_nice must be from 0 to 19" in capsys.readouterr().err
+    assert "--worker-nice must be from 0 to 19" in capsys.readouterr().err
     assert main(["serve", str(checkpoint), "--threads", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--threads must be 0" in err and "got -1" in err and "Traceback" not in err

@@ -150,37 +150,18 @@ def _serve_args(sub) -> None:
                             "metrics", json=False)
     s.add_argument("model", help="a run folder, .safetensors checkpoint, weights tag or "
                                  "exported .onnx file")
-    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only), 0.0.0.0 "
-                                                       "or :: (every interface)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port (1024-65535)")
-    s.add_argument("--workers", type=int, default=1, help="inference worker processes")
-    s.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per worker (0: one core for the HTTP process, the "
-                        "rest divided among the workers)")
-    s.add_argument("--max-batch", type=int, default=32, help="most requests batched together")
-    s.add_argument("--batch-timeout-ms", type=float, default=5.0,
-                   help="how long a batch waits to fill up, in milliseconds")
-    s.add_argument("--batching", default="server", choices=["server", "litserve"],
-                   help="where requests are gathered into batches: the HTTP process "
-                        "(server) or LitServe's worker loop (litserve; slower here)")
-    s.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
-                   help="what runs the model (auto: onnxruntime for an .onnx file, else torch)")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
-                   help="auto: bf16 where the CPU has native bf16, else fp32; int8 needs "
-                        "--calibration")
-    s.add_argument("--calibration", default=None,
-                   help="int8: the model's training images to calibrate on, e.g. "
-                        "fashion-mnist:512 or folder:DIR:512")
-    s.add_argument("--worker-nice", type=int, default=None,
-                   help="how much nicer (0-19) the inference workers run than the HTTP "
-                        "process, which goes first where they share cores (default 5)")
-    s.add_argument("--max-image-pixels", type=int, default=40_000_000,
-                   help="largest image accepted, width x height (decompression bombs)")
-    s.add_argument("--max-body-mb", type=float, default=20.0, help="largest upload accepted, MB")
-    s.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting at most; beyond it the answer is 503 with Retry-After")
-    s.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"], help="server log verbosity")
+    _serve_fields(s)
+
+
+def _serve_fields(s: argparse.ArgumentParser) -> None:
+    """Every ServeConfig field as --field-with-dashes, its help, type and choices."""
+    from .serve.config import ServeConfig
+    for f in dataclasses.fields(ServeConfig):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        choices = f.metadata["choices"]  # checked by ServeConfig, in one sentence
+        s.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                       type=kind, metavar="|".join(choices) if choices else None,
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
