@@ -167,3 +167,26 @@ def test_a_failing_peer_engine_is_dropped_with_a_note(monkeypatch):
     runners = _engines(create_model("resnet20", num_classes=3).eval(), 32, notes)
     assert set(runners) == {"onnxruntime_fp32"} and all(
         n.endswith("(Supported primitive descriptors list is empty)") for n in notes) and notes
+
+
+@pytest.fixture
+def own_rng():
+    """The global RNG as it was before the test (loading a checkpoint draws from it)."""
+    with torch.random.fork_rng():
+        yield
+
+
+def test_check_refuses_weights_whose_outputs_overflow(tmp_path, capsys, own_rng):
+    from test_infer import tiny_checkpoint
+
+    from resnetkit.bench import check
+    from resnetkit.cli import main
+    w = tiny_checkpoint(tmp_path / "huge.safetensors", 1e6)
+    with pytest.raises(UserError, match=r"huge.safetensors \(baseline_fp32_nchw\) produced NaN "
+                                        r"or infinite outputs on image 0 of fashion-mnist test"):
+        check(w, onnx=False, int8=False, limit=64)
+    # int8 is calibrated first: its calibration sees the same outputs
+    assert main(["bench", "--check", str(w), "--limit", "64", "--no-onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "huge.safetensors produced NaN or infinite outputs on calibration image 0" in err
+    assert err.count("\n") == 1

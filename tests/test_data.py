@@ -189,3 +189,42 @@ def test_flip_erase_rrc_and_eval_resize():
     a = T.random_resized_crop(x, 6, torch.Generator().manual_seed(5))
     b = T.random_resized_crop(x, 6, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.shape == (64, 1, 6, 6)
+
+
+def never_blocks(fn, *args, seconds=20):
+    """fn(*args), failing the test (not hanging it) if it blocks on a FIFO."""
+    import signal
+
+    def stuck(*_):
+        raise AssertionError(f"{fn.__name__} blocked reading a FIFO")
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_fifo_is_refused_never_read(tmp_path):
+    import os
+    make_folder(tmp_path / "f")
+    os.mkfifo(tmp_path / "f" / "dog" / "x.png")
+    (tmp_path / "f" / "dog" / "nested.png").mkdir()  # a folder named like an image: left out
+    with pytest.raises(UserError, match=r"x\.png is a FIFO, not a regular image file"):
+        never_blocks(ImageFolder, tmp_path / "f", 24)
+    with pytest.raises(UserError, match="is a FIFO"):
+        never_blocks(load_image, tmp_path / "f" / "dog" / "x.png", 24, 1)
+    with pytest.raises(UserError, match="is a folder"):
+        load_image(tmp_path / "f" / "dog" / "nested.png", 24, 1)
+    os.mkfifo(tmp_path / "train-images-idx3-ubyte.gz")
+    with pytest.raises(UserError, match="is a FIFO, not a regular dataset file"):
+        never_blocks(read_idx, tmp_path / "train-images-idx3-ubyte.gz")
+    for name in lookup.FASHION_FILES:  # fashion-mnist's checksum reads them too
+        if not (tmp_path / name).exists():
+            (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UserError, match="is a FIFO"):
+        never_blocks(load_dataset, f"fashion-mnist:{tmp_path}", "train")
+    # a folder named for the dataset that does not hold it is not swapped for another one
+    with pytest.raises(UserError, match="does not hold the four Fashion-MNIST files"):
+        load_dataset(f"fashion-mnist:{tmp_path / 'f'}", "train")

@@ -267,3 +267,72 @@ def test_onnx_fixed_size_and_opset(tmp_path):
     assert not (tmp_path / "b.onnx").exists()
     with pytest.raises(UserError, match="applies to ONNX"):
         export(m, tmp_path / "b.pt", "torchscript", image_size=32, opset=20)
+
+
+# ---- hostile input: FIFOs named like images, weights that overflow -------------------------
+
+TINY_PRE = {"mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1}
+
+
+@pytest.fixture
+def own_rng():
+    """The global RNG as it was before the test (loading a checkpoint draws from it)."""
+    with torch.random.fork_rng():
+        yield
+
+
+def tiny_checkpoint(path, scale=1.0):
+    """A 3-class resnet20 (widths 4, 8, 8) for 28x28 gray images; scale multiplies every
+    weight: at 1e6 they stay finite (so loading accepts them) but the outputs overflow."""
+    from resnetkit.weights import checkpoint as ckpt
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = rk.create_model("resnet20", widths=(4, 8, 8), stem_width=4, in_chans=1,
+                            num_classes=3).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(scale)
+    ckpt.save_weights(path, m, {"classes": ["Bag", "T-shirt/top", "Sneaker"],
+                                "preprocess": TINY_PRE})
+    return path
+
+
+def test_predict_reads_only_regular_files(tmp_path, capsys, own_rng):
+    import os
+
+    from PIL import Image
+    from resnetkit.infer import predict
+    w = tiny_checkpoint(tmp_path / "w.safetensors")
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (28, 28), 200).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "sub.png").mkdir()  # a folder named like an image is walked
+    assert len(predict(w, [tmp_path / "imgs"])) == 1
+    os.mkfifo(tmp_path / "imgs" / "x.png")
+    for given in (tmp_path / "imgs" / "x.png", tmp_path / "imgs"):
+        with pytest.raises(UserError, match=r"x\.png is a FIFO, not a regular image file"):
+            predict(w, [given])
+        assert main(["predict", str(w), str(given)]) == 2
+        err = capsys.readouterr().err
+        assert "x.png is a FIFO" in err and err.count("\n") == 1
+
+
+def test_outputs_that_overflow_are_refused_by_predict_and_eval(tmp_path, capsys, own_rng):
+    from PIL import Image
+    from resnetkit.evaluate import evaluate_checkpoint
+    from resnetkit.infer import predict
+    from resnetkit.infer.engines import evaluate_on_engine
+    w = tiny_checkpoint(tmp_path / "huge.safetensors", 1e6)
+    Image.new("L", (28, 28), 200).save(tmp_path / "a.png")
+    unusable = "produced NaN or infinite outputs on {}; its weights are unusable"
+    with pytest.raises(UserError, match=unusable.format(".*a.png")):
+        predict(w, [tmp_path / "a.png"])
+    with pytest.raises(UserError, match=unusable.format("image 0 of fashion-mnist test")):
+        evaluate_checkpoint(w, limit=64)
+    with pytest.raises(UserError, match=unusable.format("image 0 of fashion-mnist test")):
+        evaluate_on_engine(w, engine="onnxruntime", precision="fp32")
+    assert main(["eval", str(w)]) == 2
+    err = capsys.readouterr().err
+    assert "huge.safetensors produced NaN or infinite outputs" in err and err.count("\n") == 1
+    # a checkpoint whose weights are fine passes the same check
+    ok = tiny_checkpoint(tmp_path / "ok.safetensors")
+    assert predict(ok, [tmp_path / "a.png"])[0]["top"][0]["prob"] > 0

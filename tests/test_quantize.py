@@ -11,11 +11,13 @@ from resnetkit.cli import main
 from resnetkit.errors import UserError
 from resnetkit.infer import engines
 from resnetkit.infer.optimize import optimize
-from resnetkit.infer.quantize import calibration_set, parse_calibration, quantize_graph
+from resnetkit.infer.quantize import calibration_set, parse_calibration, quantize, quantize_graph
 
 
 def small(in_chans=3, classes=10):
-    m = rk.create_model("resnet20", num_classes=classes, in_chans=in_chans)
+    with torch.random.fork_rng():  # the same weights whichever tests ran before
+        torch.manual_seed(0)
+        m = rk.create_model("resnet20", num_classes=classes, in_chans=in_chans)
     g = torch.Generator().manual_seed(1)
     for mod in m.modules():  # BN statistics that are not the identity
         if isinstance(mod, torch.nn.BatchNorm2d):
@@ -53,7 +55,7 @@ def test_calibration_specs_and_loaders():
     assert parse_calibration("fashion-mnist") == ("fashion-mnist", 512)
     assert parse_calibration("fashion-mnist:300") == ("fashion-mnist", 300)
     assert parse_calibration("folder:/data/x:64") == ("folder:/data/x", 64)
-    with pytest.raises(UserError, match=">= 2"):
+    with pytest.raises(UserError, match="whole number from 2 to 10,000 .*, got '-5'"):
         parse_calibration("fashion-mnist:-5")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(cal(70), torch.zeros(70)),
                                          batch_size=20)
@@ -68,7 +70,7 @@ def test_calibration_specs_and_loaders():
     with pytest.raises(UserError, match="1-channel images, the model takes 3"):
         calibration_set("fashion-mnist:8", 3, preprocess={**pre, "mean": [0] * 3, "std": [1] * 3})
     with pytest.raises(UserError, match="holds 1 image"):
-        calibration_set("fashion-mnist:1", 1, preprocess=pre)
+        calibration_set(cal(1, 1, 28), 1, preprocess=pre)
     with pytest.raises(UserError, match="needs the model's preprocessing"):
         calibration_set("fashion-mnist:8", 1)
 
@@ -240,9 +242,9 @@ def test_int8_file_bad_input(int8_files, trained, tmp_path, capsys):
         engines.open_source(int8_files, "auto", "fp32")
     cases = [
         (["quantize", str(trained), "--calibration", "fashion-mnist:1", "-o",
-          str(tmp_path / "a.onnx")], "holds 1 image"),
+          str(tmp_path / "a.onnx")], "from 2 to 10,000 (the most read from a dataset), got '1'"),
         (["quantize", str(trained), "--calibration", "fashion-mnist:0", "-o",
-          str(tmp_path / "a.onnx")], "calibration set is empty"),
+          str(tmp_path / "a.onnx")], "from 2 to 10,000 (the most read from a dataset), got '0'"),
         (["quantize", "resnet20", "--calibration", "fashion-mnist", "-o",
           str(tmp_path / "a.onnx")], "is not a checkpoint"),
         (["quantize", str(trained), "--calibration", "fashion-mnist", "-o",
@@ -272,3 +274,81 @@ def test_serve_runs_an_int8_file_as_int8(int8_files):
     assert torch.allclose(e(x), ov(x), atol=0.1 * e(x).abs().max().item())
     with pytest.raises(UserError, match="int8 \\(QDQ\\) file"):
         open_engine(int8_files, "auto", "fp32")
+
+
+# ---- hostile input: counts, NaN images, precision auto per engine, weights that overflow --
+
+@pytest.fixture
+def own_rng():
+    """The global RNG as it was before the test (loading a checkpoint draws from it)."""
+    with torch.random.fork_rng():
+        yield
+
+@pytest.mark.parametrize("count", ["abc", "2.5", "", "+5", "1e3", "\u0663", "0", "1",
+                                   "10001", "99999999999", "9" * 5000])
+def test_a_calibration_count_is_a_whole_number_in_range(count):
+    with pytest.raises(UserError, match="must be a whole number from 2 to 10,000") as e:
+        parse_calibration(f"fashion-mnist:{count}")
+    assert len(str(e.value)) < 300  # a sentence, not thousands of digits echoed back
+
+
+def test_calibration_specs_that_name_folders():
+    assert parse_calibration("fashion-mnist:10000") == ("fashion-mnist", 10_000)
+    assert parse_calibration("folder:data") == ("folder:data", 512)  # the DIR, not a count
+    assert parse_calibration("folder:data:7") == ("folder:data", 7)
+    assert parse_calibration("fashion-mnist:/srv/fm") == ("fashion-mnist:/srv/fm", 512)
+    with pytest.raises(UserError, match="got 'x'"):
+        parse_calibration("folder:data:x")
+    with pytest.raises(UserError, match="at most 10,000 calibration images"):
+        calibration_set("fashion-mnist", 1, 28, {"mean": [0.3], "std": [0.3],
+                                                 "image_size": 28}, limit=10_016)
+
+
+def test_cli_refuses_a_bad_count_in_one_sentence(tmp_path, capsys, own_rng):
+    from test_infer import tiny_checkpoint
+    w = tiny_checkpoint(tmp_path / "w.safetensors")
+    for count in ("abc", "2.5", "99999999999", "9" * 5000):
+        assert main(["quantize", str(w), "--calibration", f"fashion-mnist:{count}", "-o",
+                     str(tmp_path / "q.onnx")]) == 2
+        err = capsys.readouterr().err
+        assert "whole number from 2 to 10,000" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_calibration_images_that_are_not_finite_are_one_sentence(bad, own_rng):
+    x = cal(40)
+    x[37, 1, 3, 4] = bad
+    msg = "calibration image 37 holds NaN or infinite values"
+    with pytest.raises(UserError, match=msg):
+        optimize(small(), "int8", calibration=x, compile=False)
+    with pytest.raises(UserError, match=msg):
+        quantize(small(), list(x.split(16)), compile=False)
+    with pytest.raises(UserError, match=r"\(N, C, H, W\), got one of shape \(3, 32\)"):
+        calibration_set(torch.zeros(3, 32), 3, 32)
+
+
+def test_auto_precision_is_one_the_engine_runs(monkeypatch, own_rng):
+    import resnetkit.runtime as runtime
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: True)  # as on AMX
+    assert engines.resolve_precision("torch", "auto") == "bf16"
+    assert engines.resolve_precision("onnxruntime", "auto") == "fp32"  # it has no bf16 path
+    assert engines.resolve_precision("auto", "auto") == "bf16"
+    assert engines.resolve_precision("onnxruntime", "fp32") == "fp32"
+    assert engines.resolve_precision("openvino", "auto") == (
+        "bf16" if engines.installed("openvino", "bf16") is None else "fp32")
+    e = optimize(small(), engine="onnxruntime", input_shape=(2, 3, 32, 32))
+    assert (e.engine, e.precision) == ("onnxruntime", "fp32")
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: False)
+    assert engines.resolve_precision("torch", "auto") == "fp32"
+
+
+def test_int8_of_weights_that_overflow_is_one_sentence(tmp_path, capsys, own_rng):
+    from test_infer import tiny_checkpoint
+    w = tiny_checkpoint(tmp_path / "huge.safetensors", 1e6)
+    assert main(["quantize", str(w), "--calibration", "fashion-mnist:64", "-o",
+                 str(tmp_path / "q.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert ("huge.safetensors produced NaN or infinite outputs on calibration image 0; its "
+            "weights are unusable") in err and err.count("\n") == 1, err
+    assert not (tmp_path / "q.onnx").exists()

@@ -113,11 +113,13 @@ def _peer_failed(name: str, e: Exception, notes: list[str]) -> None:
 
 def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
                 shape: tuple[int, ...] | None = None, onnx: bool = True,
-                compiled: bool = True) -> dict[str, tuple[str, Callable]]:
+                compiled: bool = True, source: Any = "the model"
+                ) -> dict[str, tuple[str, Callable]]:
     """{name: ("int8", run on a float batch)}: resnetkit's PT2E int8 model (compiled with
     frozen weights where optimize() compiles), and where installed ONNX Runtime on its QDQ
     export and OpenVINO on NNCF's quantization, all calibrated on `batches`. Engines that
-    are not installed are skipped with a note."""
+    are not installed are skipped with a note. A model whose outputs on the calibration
+    images are not finite is a UserError naming `source`."""
     from .infer.engines import build, installed
     from .infer.quantize import Int8Model, quantize_graph
     paths: dict[str, tuple[str, Callable]] = {}
@@ -125,7 +127,8 @@ def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[
     if why:
         notes.append(f"{why}: int8 paths skipped")
         return paths
-    paths["resnetkit_int8"] = ("int8", Int8Model(quantize_graph(base, batches), compiled))
+    paths["resnetkit_int8"] = ("int8", Int8Model(quantize_graph(base, batches, source),
+                                                 compiled))
     for engine in ("onnxruntime", "openvino") if onnx else ():
         why = installed(engine, "int8")
         if why:
@@ -133,7 +136,8 @@ def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[
             continue
         try:
             paths[f"{engine}_int8"] = ("int8", build(base, engine, "int8", batches,
-                                                     shape=shape, static=shape is not None))
+                                                     shape=shape, static=shape is not None,
+                                                     source=source))
         except UserError:
             raise
         except Exception as e:  # the engine's (or its quantizer's) own exception types
@@ -312,7 +316,8 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
             notes.append(f"int8 calibrated on {calibration_images} images of the {dataset} "
                          f"training split")
             paths.update(_working(_int8_paths(model, batches, notes, onnx=onnx,
-                                              compiled=compile or compile_pays(torch.device("cpu"))),
+                                              compiled=compile or compile_pays(torch.device("cpu")),
+                                              source=checkpoint),
                                   batches[0][:2], notes))
         return paths
     r = evaluate_checkpoint(checkpoint, dataset, "test", data_dir, limit=limit,

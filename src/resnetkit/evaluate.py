@@ -3,6 +3,7 @@ the confusion matrix; and the agreement of other inference paths with a checkpoi
 fp32 model (`resnetkit eval` and `resnetkit bench --check` both call `evaluate_checkpoint`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import ArrayDataset, StreamedFolder, load_dataset, materialize, restrict_to_classes
+from .data import ArrayDataset, StreamedFolder, load_dataset, match_classes, materialize
 from .data import transforms as T
 from .errors import UserError
 from .model import ResNet
+from .untrusted import shown
 from .weights.sources import load_source
 
 # all_sum: sums tensors over the processes of a distributed run (see train.distributed)
@@ -30,6 +32,21 @@ def preprocess(images: torch.Tensor, mean, std, image_size: int = 0) -> torch.Te
     if image_size and x.shape[-1] != image_size:
         x = T.resize_center_crop(x, image_size)
     return T.normalize(x, mean, std)
+
+
+def check_outputs(out: torch.Tensor, source: Any, inputs: Callable[[int], str]) -> torch.Tensor:
+    """`out` (logits or probabilities, one row per input) if every value is finite, else a
+    UserError naming `source` and the first input, inputs(row), whose outputs are not: the
+    one check behind predict, eval on every engine, bench --check and int8 calibration.
+    Weights can be finite and still overflow (values near float32's limit), so the weights'
+    own check at load time does not cover this."""
+    bad = ~torch.isfinite(out.reshape(len(out), -1)).all(1) if out.dim() else \
+        ~torch.isfinite(out.reshape(1))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise UserError(f"{shown(source)} produced NaN or infinite outputs on "
+                        f"{shown(inputs(row))}; its weights are unusable")
+    return out
 
 
 def autocast(device: torch.device, precision: str):
@@ -53,13 +70,17 @@ def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
              batch_size: int = 1024, precision: str = "fp32", channels_last: bool = False,
              device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1),
              reduce: Reduce | None = None, tta_flip: bool = False,
-             keep_logits: bool = False) -> dict[str, Any]:
+             keep_logits: bool = False, source: Any = None,
+             where: str = "the dataset") -> dict[str, Any]:
     """Top-1, top-5, loss, per-class accuracy and the confusion matrix on a dataset.
 
     model: a module or any callable from a float batch to logits. Under DDP each process
     evaluates its `shard` (rank, world) and `reduce` sums the counts over processes. With
     `tta_flip`, the class probabilities of each image and its mirror image are averaged.
-    keep_logits adds "logits" (N, classes) in fp32, in dataset order (one process only)."""
+    keep_logits adds "logits" (N, classes) in fp32, in dataset order (one process only).
+    source: the model's name (a file, a tag): its outputs are then checked (check_outputs),
+    and NaN or infinite logits on any image are a UserError naming it ("image 3 of `where`").
+    Raises UserError when the model's outputs are not one per class of `data`."""
     device = torch.device(device)
     n_cls = len(data.classes)
     conf = torch.zeros(n_cls, n_cls, dtype=torch.long)
@@ -76,9 +97,10 @@ def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
             y = data.labels[idx]
             x = x.to(device, dtype, memory_format=fmt)
             with autocast(device, precision):
-                out = model(x).float().cpu()
+                out = _checked(model(x).float().cpu(), n_cls, source, where, idx)
                 if tta_flip:  # log of the mean probability, so loss and top-k stay meaningful
-                    flipped = model(x.flip(-1)).float().cpu()
+                    flipped = _checked(model(x.flip(-1)).float().cpu(), n_cls, source,
+                                       f"{where} (mirrored)", idx)
                     out = torch.logsumexp(torch.stack([out.log_softmax(1), flipped.log_softmax(1)]),
                                           0) - math.log(2)
             if keep_logits:
@@ -100,6 +122,39 @@ def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     return result
 
 
+def _checked(out: torch.Tensor, n_cls: int, source: Any, where: str,
+             idx: torch.Tensor) -> torch.Tensor:
+    if out.dim() != 2 or out.shape[1] != n_cls:
+        raise UserError(f"{shown(source or 'the model')} gives outputs of shape "
+                        f"{tuple(out.shape)}, not one score for each of the {n_cls} classes "
+                        f"of {shown(where)}")
+    if source is not None:
+        check_outputs(out, source, lambda row: f"image {int(idx[row])} of {where}")
+    return out
+
+
+def eval_data(dataset: str, split: str, data_dir: str | None, preprocess: dict[str, Any],
+              in_chans: int, classes: list[str] | None, num_classes: int | None = None,
+              limit: int = 0) -> tuple[ArrayDataset, list[str]]:
+    """(the dataset split read at the model's input size, channels and resize, labelled by
+    the model's `classes` by name (data.match_classes), the dataset's classes left out
+    because the model does not know them): what every engine is judged on. `limit` keeps
+    the first N samples. Raises UserError for a dataset class the model does not know
+    (unless the model knows a subset of the dataset's classes) or class counts that
+    differ where there are no names to match."""
+    if limit < 0:
+        raise UserError(f"limit must be >= 0 (0: every sample), got {limit}")
+    ds = load_dataset(dataset, split, data_dir, preprocess.get("image_size", 0), in_chans,
+                      resize=preprocess.get("resize", 0),
+                      interpolation=preprocess.get("interpolation", "bilinear"))
+    own = list(ds.classes)
+    data = materialize(match_classes(ds, classes, num_classes, f"{dataset} ({split})"))
+    left_out = [c for c in own if c not in data.classes]
+    if limit and limit < len(data):
+        data = data.subset(torch.arange(limit))
+    return data, left_out
+
+
 @dataclass
 class EvalInput:
     """A checkpoint's model and a dataset split prepared the way the checkpoint says."""
@@ -110,6 +165,7 @@ class EvalInput:
     mean: list[float]
     std: list[float]
     image_size: int
+    left_out: list[str] = dataclasses.field(default_factory=list)  # classes the model lacks
 
 
 def open_eval(checkpoint: str | Path, dataset: str = "fashion-mnist", split: str = "test",
@@ -117,26 +173,19 @@ def open_eval(checkpoint: str | Path, dataset: str = "fashion-mnist", split: str
     """Load a checkpoint (a .safetensors file, a run folder, a registry tag or a foreign
     weights file: see weights.load_source) and the dataset split at the
     checkpoint's input size and channels, with the checkpoint's class order (only the
-    checkpoint's classes where it was trained on a subset of the dataset's); `limit` keeps
-    the first N samples. Raises UserError when the class counts differ."""
+    checkpoint's classes where it was trained on a subset of the dataset's, matched by name:
+    see eval_data); `limit` keeps the first N samples."""
     if limit < 0:
         raise UserError(f"limit must be >= 0 (0: every sample), got {limit}")
     model, info = load_source(checkpoint)
-    pre = info.get("preprocess", {})
-    size = pre.get("image_size", 0)
-    names = info.get("classes")
-    ds = load_dataset(dataset, split, data_dir, size, model.cfg.in_chans,
-                      resize=pre.get("resize", 0),
-                      interpolation=pre.get("interpolation", "bilinear"))
-    # a folder's classes take the checkpoint's names where there are as many; a model
-    # trained on some of the dataset's classes is judged on those, in its order
-    data = restrict_to_classes(materialize(ds, classes=names), names)
-    if len(data.classes) != model.num_classes:
-        raise UserError(f"dataset {dataset} has {len(data.classes)} classes, the checkpoint "
-                        f"{model.num_classes}")
-    if limit and limit < len(data):
-        data = data.subset(torch.arange(limit))
-    return EvalInput(model, info, data, pre["mean"], pre["std"], size)
+    pre = info.get("preprocess") or {}
+    if "mean" not in pre:
+        raise UserError(f"{shown(checkpoint)} has no preprocessing metadata (mean, std, input "
+                        f"size); evaluate a checkpoint that resnetkit trained or converted")
+    data, left_out = eval_data(dataset, split, data_dir, pre, model.cfg.in_chans,
+                               info.get("classes"), model.num_classes, limit)
+    return EvalInput(model, info, data, pre["mean"], pre["std"], pre.get("image_size", 0),
+                     left_out)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, dataset: str = "fashion-mnist",
@@ -152,14 +201,17 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str = "fashion-mnist",
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     e = open_eval(checkpoint, dataset, split, data_dir, limit)
+    where = f"{dataset} {split}"
     if variants is None:
-        return evaluate(e.model, e.data, e.mean, e.std, e.image_size, batch_size,
-                        tta_flip=tta_flip)
+        r = evaluate(e.model, e.data, e.mean, e.std, e.image_size, batch_size,
+                     tta_flip=tta_flip, source=checkpoint, where=where)
+        return {**r, **left_out_note(e.left_out)}
     e.model.eval()
     size = e.image_size or e.data.shape[-1]  # the size the model sees
     paths = {"baseline_fp32_nchw": ("fp32", e.model), **variants(e.model, size)}
     logits = {k: evaluate(fn, e.data, e.mean, e.std, e.image_size, batch_size,
-                          keep_logits=True)["logits"] for k, (_, fn) in paths.items()}
+                          keep_logits=True, source=f"{checkpoint} ({k})",
+                          where=where)["logits"] for k, (_, fn) in paths.items()}
     ref, labels, n = logits["baseline_fp32_nchw"], e.data.labels, len(e.data)
     results = {}
     for k, out in logits.items():
@@ -172,4 +224,10 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str = "fashion-mnist",
     return {"checkpoint": str(checkpoint),
             "model": f"{c.block} blocks, depth {c.depth}, widths {list(c.widths)}",
             "dataset": dataset, "samples": n, "logit_scale": ref.abs().max().item(),
-            "results": results}
+            "results": results, **left_out_note(e.left_out)}
+
+
+def left_out_note(left_out: list[str]) -> dict[str, list[str]]:
+    """{"classes_left_out": [...]} where the dataset's samples of classes the model does not
+    know were left out (a model trained on some of them), else {}."""
+    return {"classes_left_out": list(left_out)} if left_out else {}

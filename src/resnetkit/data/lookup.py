@@ -1,6 +1,7 @@
 """Find a dataset by name: Fashion-MNIST (built in), MNIST-style IDX folders, CIFAR, folders."""
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import math
@@ -12,6 +13,7 @@ from typing import Literal
 import torch
 
 from ..errors import UserError
+from ..untrusted import regular_file, shown
 from .readers import ArrayDataset, ImageFolder, StreamedFolder, cifar_dataset, idx_dataset
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -51,13 +53,18 @@ def _download_fashion(dest: Path) -> None:
 
 
 def find_fashion_mnist(root: str | Path | None = None, download: bool = True) -> Path:
-    """The folder holding Fashion-MNIST's four files, searched in order: `root`,
-    $RESNETKIT_DATA (or its fashion-mnist/ subfolder), Debian's /usr/share/datasets/fashion-mnist,
-    the user cache (downloaded there with SHA-256 checks when online)."""
+    """The folder holding Fashion-MNIST's four files: `root` when given (a UserError when it
+    does not hold them: a folder the user named is never silently swapped for another),
+    else searched in order: $RESNETKIT_DATA (or its fashion-mnist/ subfolder), Debian's
+    /usr/share/datasets/fashion-mnist, the user cache (downloaded there with SHA-256 checks
+    when online)."""
     tried: list[str] = []
     candidates = []
     if root:
-        candidates.append(Path(root))
+        if _has_files(Path(root)):
+            return Path(root)
+        raise UserError(f"{shown(root)} does not hold the four Fashion-MNIST files "
+                        f"({', '.join(FASHION_FILES)})")
     if os.environ.get("RESNETKIT_DATA"):
         env = Path(os.environ["RESNETKIT_DATA"])
         candidates += [env, env / "fashion-mnist"]
@@ -66,9 +73,6 @@ def find_fashion_mnist(root: str | Path | None = None, download: bool = True) ->
         tried.append(str(d))
         if _has_files(d):
             return d
-    if root:
-        raise UserError(f"{root} does not hold the four Fashion-MNIST files "
-                        f"({', '.join(FASHION_FILES)})")
     if download:
         dest = cache_dir() / "fashion-mnist"
         try:
@@ -95,7 +99,7 @@ def _idx_pair(d: Path, prefix: str) -> tuple[Path, Path]:
 
 def _verify(path: Path) -> None:
     digest = FASHION_FILES.get(path.name) or FASHION_FILES.get(path.name + ".gz")
-    raw = path.read_bytes()
+    raw = regular_file(path, "dataset file").read_bytes()
     raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     if digest and hashlib.sha256(raw).hexdigest() != digest:
         raise UserError(f"{path} does not match Fashion-MNIST's checksum (damaged or a "
@@ -103,6 +107,7 @@ def _verify(path: Path) -> None:
 
 
 DATASETS = ("fashion-mnist", "idx:DIR", "cifar:DIR", "folder:DIR")
+Dataset = ArrayDataset | ImageFolder | StreamedFolder
 
 
 def load_dataset(name: str, split: str, data_dir: str | None = None, image_size: int = 0,
@@ -161,32 +166,104 @@ def select_classes(data: ArrayDataset, classes: list[int], per_class: int = 0,
                         [data.classes[c] for c in classes], data.mean, data.std)
 
 
-def restrict_to_classes(data: ArrayDataset, names: list[str] | None) -> ArrayDataset:
-    """The samples of the named classes, labelled in the order of `names`, where a model was
-    trained on a subset of the dataset's classes (`train --classes`, the transfer recipe):
-    its checkpoint lists their names. Unchanged where the names are the dataset's own, or
-    not all of them are the dataset's (the caller then compares the class counts)."""
-    if not names or list(names) == list(data.classes) or not set(names) <= set(data.classes):
+def _unnamed(classes: list[str]) -> bool:
+    """Whether a dataset's class names are only its label numbers (an IDX folder's)."""
+    return list(classes) == [str(i) for i in range(len(classes))]
+
+
+def _listed(names: list[str], most: int = 10) -> str:
+    return ", ".join(shown(n) for n in names[:most]) + (" ..." if len(names) > most else "")
+
+
+def match_classes(data: Dataset, names: list[str] | None, num_classes: int | None = None,
+                  dataset: str = "the dataset", theirs: str = "the model",
+                  subset: bool = True) -> Dataset:
+    """`data` labelled by `names` (a model's classes, in its order), matched by name: the
+    one place where a dataset's classes meet a model's. Label i of the result means
+    names[i] and its classes are `names`; a dataset of fewer classes keeps its samples, each
+    under its own class's new index. With `subset`, a model that knows some of the dataset's
+    classes (all of its names among them: `train --classes`, the transfer recipe) is judged
+    on the samples of those classes only; otherwise a dataset class that `names` lacks is a
+    UserError naming it. Without names (or against an IDX folder, whose classes are only
+    numbers, when none of the names is one of them) the order is the dataset's own and the
+    class counts must agree (`num_classes`, else len(names)).
+
+    data: an ArrayDataset, an ImageFolder (relabelled before anything is decoded) or a
+    StreamedFolder; dataset and theirs name the two sides in messages."""
+    own = list(data.classes)
+    if names is not None:
+        names = list(names)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"{theirs} names class {shown(repr(twice[0]))} more than once, so "
+                            f"its classes cannot be matched to {shown(dataset)}'s by name")
+    if not names or own == names or (_unnamed(own) and not set(own) & set(names)):
+        want = num_classes if num_classes is not None else len(names) if names else None
+        if want is not None and len(own) != want:
+            raise UserError(f"dataset {shown(dataset)} has {len(own)} classes, {theirs} {want}")
         return data
-    if len(set(names)) != len(names):
+    unknown = [c for c in own if c not in names]
+    if unknown and not (subset and set(names) <= set(own)):
+        s = "es" if len(unknown) > 1 else ""
+        raise UserError(f"dataset {shown(dataset)} has class{s} {_listed(unknown)}, which "
+                        f"{theirs} does not know (its classes: {_listed(names)}); use a "
+                        f"dataset of {theirs}'s classes")
+    index = {n: i for i, n in enumerate(names)}
+    remap = torch.tensor([index.get(c, -1) for c in own], dtype=torch.long)
+    return _relabel(data, remap, names)
+
+
+def _relabel(data: Dataset, remap: torch.Tensor, names: list[str]) -> Dataset:
+    """`data` with label l turned into remap[l] and its samples of remap -1 left out."""
+    if isinstance(data, ArrayDataset):
+        y = remap[data.labels]
+        keep = y >= 0
+        if bool(keep.all()):
+            return ArrayDataset(data.images, y, names, data.mean, data.std)
+        # the statistics stay the whole set's (see select_classes)
+        return ArrayDataset(data.images[keep], y[keep], names, data.mean, data.std)
+    samples = [(p, int(remap[label])) for p, label in data.samples if remap[label] >= 0]
+    if isinstance(data, StreamedFolder):
+        return StreamedFolder(data.folder, data.workers, names, samples)
+    if isinstance(data, ImageFolder):
+        out = copy.copy(data)
+        out.samples, out.classes = samples, list(names)
+        return out
+    raise TypeError(f"cannot relabel a {type(data).__name__}")
+
+
+def restrict_to_classes(data: Dataset, names: list[str] | None) -> Dataset:
+    """The samples of the named classes, labelled in the order of `names` (match_classes),
+    where all of `names` are the dataset's classes: a model trained on a subset of them
+    (`train --classes`, the transfer recipe) calibrates on those. Unchanged otherwise, where
+    the images only have to look like the model's (int8 calibration needs no labels)."""
+    if not names or not set(names) <= set(data.classes) or len(set(names)) != len(names):
         return data
-    return select_classes(data, [list(data.classes).index(n) for n in names])
+    return match_classes(data, names)
 
 
 def materialize(ds: ArrayDataset | ImageFolder, workers: int = 2,
                 classes: list[str] | None = None) -> ArrayDataset:
     """An in-memory uint8 copy; image folders are decoded by DataLoader workers. classes:
-    names for the folder's classes, in its order, where there are as many (else the
-    folder's own names are kept)."""
+    the class names to label by (a training split's, for its test split), matched by name
+    (see match_classes): a class the folder has and `classes` lacks is a UserError."""
+    if classes:
+        ds = match_classes(ds, classes, dataset=_name(ds), theirs="the training split",
+                           subset=False)
     if isinstance(ds, ArrayDataset):
         return ds
-    own = list(getattr(ds, "classes", None) or [])  # a Subset has none: `classes` names them
-    if classes and own and len(classes) != len(own):
-        classes = own
+    own = list(ds.classes)
     loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
     xs, ys = zip(*loader) if len(ds) else ((), ())
-    return ArrayDataset(torch.cat(xs), torch.cat(ys), classes or own)
+    if not xs:
+        raise UserError(f"{_name(ds)} holds no images")
+    return ArrayDataset(torch.cat(xs), torch.cat(ys), own)
+
+
+def _name(ds: Dataset) -> str:
+    root = getattr(ds, "root", None) or getattr(getattr(ds, "folder", None), "root", None)
+    return str(root) if root else "the dataset"
 
 
 def memory_bytes() -> int:
@@ -210,9 +287,12 @@ def in_memory_or_streamed(ds: ArrayDataset | ImageFolder, cache: Literal["auto"]
     """Array datasets as they are; an image folder decoded into memory (cache True, or
     "auto" when it takes at most a quarter of the memory) or streamed from disk on every
     pass (False, or "auto" when larger)."""
+    if classes:  # by name, as materialize does
+        ds = match_classes(ds, classes, dataset=_name(ds), theirs="the training split",
+                           subset=False)
     if isinstance(ds, ArrayDataset):
         return ds
     shape = (ds.in_chans, ds.image_size, ds.image_size)
     if cache is True or (cache == "auto" and fits_in_memory(len(ds), shape)):
-        return materialize(ds, workers, classes)
-    return StreamedFolder(ds, workers, classes)
+        return materialize(ds, workers)
+    return StreamedFolder(ds, workers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import stat
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..untrusted import path_component, regular_file, shown
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -88,6 +90,8 @@ class ArrayDataset:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (gzip or plain), checking its header against its length."""
     path = Path(path)
+    if path.exists():
+        regular_file(path, "dataset file")  # a FIFO or device would never end
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
@@ -131,6 +135,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _cifar_batch(path: Path) -> dict:
+    if path.exists():
+        regular_file(path, "CIFAR file")
     try:
         with open(path, "rb") as f:
             return _CifarUnpickler(f, encoding="latin1").load()
@@ -203,41 +209,60 @@ def resize_center(img: Image.Image, size: int, resize: int = 0,
 def load_image(path: str | Path, size: int, in_chans: int, resize: int = 0,
                interpolation: str = "bilinear") -> torch.Tensor:
     """One image file as a (C, size, size) uint8 tensor (see resize_center). Raises
-    UserError if undecodable."""
+    UserError if it is not a regular file (a FIFO named x.png would block for ever) or is
+    undecodable."""
+    regular_file(path, "image file")
     try:
         with Image.open(path) as img:
             img.load()
             img = resize_center(img, size, resize, interpolation) if size else img
             arr = to_array(img, in_chans)
     except FileNotFoundError:
-        raise UserError(f"no such image file {path}") from None
+        raise UserError(f"no such image file {shown(path)}") from None
     except Image.DecompressionBombError as e:  # Pillow's limit on pixels, against bombs
-        raise UserError(f"{path} is too large to decode safely ({e})") from None
+        raise UserError(f"{shown(path)} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, UserError):
             raise
-        raise UserError(f"cannot decode {path} as an image ({e})") from None
+        raise UserError(f"cannot decode {shown(path)} as an image ({shown(e)})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The files directly inside `folder`, sorted; nested folders and links that lead nowhere
+    are left out, and anything else that is not a regular file (a FIFO, a device, a socket:
+    reading one would block or never end) is a UserError naming it."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            continue  # a dangling link
+        if not stat.S_ISDIR(mode):
+            files.append(regular_file(p, "image file"))
+    return files
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """root/CLASS/IMAGE files; every file is checked at start-up, so a bad file is reported
-    once, up front (skipped with a warning, or an error with on_bad="error")."""
+    once, up front (skipped with a warning, or an error with on_bad="error"). An entry that
+    is not a regular file (a FIFO, a device) is an error, never read."""
 
     def __init__(self, root: str | Path, image_size: int, in_chans: int = 3,
                  on_bad: str = "skip", classes: list[str] | None = None, resize: int = 0,
                  interpolation: str = "bilinear"):
         root = Path(root)
         if not root.is_dir():
-            raise UserError(f"image folder {root} does not exist")
+            raise UserError(f"image folder {shown(root)} does not exist")
+        self.root = root
         dirs = sorted(d.name for d in root.iterdir() if d.is_dir())
-        self.classes = classes or dirs
+        self.classes = [path_component(c, "class name") for c in classes] if classes else dirs
         if not self.classes:
-            raise UserError(f"{root} has no class folders (expected root/CLASS/image.png)")
+            raise UserError(f"{shown(root)} has no class folders (expected root/CLASS/image.png)")
         self.samples: list[tuple[Path, int]] = []
         bad: list[str] = []
         for i, c in enumerate(self.classes):
-            files = sorted(p for p in (root / c).iterdir() if p.is_file()) if (root / c).is_dir() else []
+            files = folder_files(root / c) if (root / c).is_dir() else []
             good = 0
             for p in files:
                 try:
@@ -249,12 +274,13 @@ class ImageFolder(torch.utils.data.Dataset):
                         Image.DecompressionBombError):
                     bad.append(str(p))
             if good == 0:
-                raise UserError(f"class folder {root / c} has no readable images")
+                raise UserError(f"class folder {shown(root / c)} has no readable images")
         if bad:
             if on_bad == "error":
-                raise UserError(f"{len(bad)} file(s) in {root} are not decodable images: "
-                                + ", ".join(bad[:10]))
-            warnings.warn(f"skipping {len(bad)} undecodable file(s): {', '.join(bad[:10])}"
+                raise UserError(f"{len(bad)} file(s) in {shown(root)} are not decodable images: "
+                                + ", ".join(map(shown, bad[:10])))
+            warnings.warn(f"skipping {len(bad)} undecodable file(s): "
+                          f"{', '.join(map(shown, bad[:10]))}"
                           + (" ..." if len(bad) > 10 else ""), stacklevel=2)
         self.skipped = bad
         self.image_size, self.in_chans = image_size, in_chans

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import UserError
 from ..model import ResNet
-from ..runtime import cpu_info
+from ..runtime import cpu_info, decide_precision
+from ..untrusted import regular_file, shown
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = {"torch": ("fp32", "bf16", "int8"), "onnxruntime": ("fp32", "int8"),
@@ -74,12 +75,26 @@ def installed(engine: str, precision: str) -> str | None:
     return None
 
 
+def resolve_precision(engine: str, precision: str, device: torch.device | str = "cpu") -> str:
+    """`precision`, with "auto" resolved for `engine`: bf16 where the device runs it natively
+    and the engine has a bf16 path here (see installed), else fp32; never int8, which needs
+    calibration images. For engine "auto" the engines are then chosen among those that run
+    that precision (see choose)."""
+    if precision != "auto":
+        return precision
+    p = decide_precision("auto", device, choices=("bf16", "fp32"))
+    if p == "bf16" and engine != "auto" and installed(engine, "bf16") is not None:
+        return "fp32"
+    return p
+
+
 def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor] | None = None,
           compile: bool | str = "auto", shape: tuple[int, ...] | None = None,
-          static: bool = False) -> Engine:
+          static: bool = False, source: Any = "the model") -> Engine:
     """`model` on one engine at one precision. batches: calibration batches (int8 only);
     shape: the input shape (its size is the exported files'; default the calibration
-    images', else 224); static: fix OpenVINO's input to that shape (else a dynamic batch)."""
+    images', else 224); static: fix OpenVINO's input to that shape (else a dynamic batch);
+    source: the model's name in messages (see quantize.quantize_graph)."""
     why = installed(engine, precision)
     if why:
         raise UserError(why)
@@ -91,7 +106,8 @@ def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor
             from .quantize import Int8Model, quantize_graph
             device = next(model.parameters()).device
             compiled = compile_pays(device) if compile == "auto" else bool(compile)
-            return Engine("torch", "int8", Int8Model(quantize_graph(model, batches), compiled),
+            return Engine("torch", "int8",
+                          Int8Model(quantize_graph(model, batches, source), compiled),
                           numpy_io=False)
         from .optimize import optimize
         m = optimize(model, precision, compile=compile)
@@ -107,7 +123,8 @@ def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor
             if precision == "int8":
                 from .int8_files import write_qdq_onnx
                 from .quantize import quantize_graph
-                write_qdq_onnx(quantize_graph(model, batches), onnx, torch.cat(batches)[:64])
+                write_qdq_onnx(quantize_graph(model, batches, source), onnx,
+                               torch.cat(batches)[:64])
             else:
                 export(model, onnx, "onnx", size, dynamic_size=False)
             sess = onnx_session(onnx, threads)
@@ -117,7 +134,9 @@ def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor
         export(model, onnx, "onnx", size, dynamic_size=False)
         if precision == "int8":
             from .int8_files import nncf_quantize
+            from .quantize import check_calibration_outputs
             import openvino as ov
+            check_calibration_outputs(model, batches, source)
             ov.save_model(nncf_quantize(onnx, batches), str(work / "int8.xml"))
             return Engine("openvino", "int8", openvino_model(work / "int8.xml", "fp32",
                                                              threads, fixed))
@@ -184,17 +203,19 @@ def measure(candidates: dict[str, Engine], shape: tuple[int, ...],
 
 
 def choose(model: ResNet, precision: str, shape: tuple[int, ...],
-           batches: list[torch.Tensor] | None = None, compile: bool | str = "auto") -> Engine:
+           batches: list[torch.Tensor] | None = None, compile: bool | str = "auto",
+           source: Any = "the model") -> Engine:
     """The engine measured fastest here for this model, input shape and precision (the
     measurement is cached; see cache_key). Engines that are not installed are left out."""
     usable = [e for e in ENGINES if installed(e, precision) is None]
     key = cache_key(model, shape, precision)
     known = _read_cache().get(key, {})
     if known.get("engine") in usable:
-        e = build(model, known["engine"], precision, batches, compile, shape)
+        e = build(model, known["engine"], precision, batches, compile, shape, source=source)
         e.timings = known.get("img_s")
         return e
-    candidates = {e: build(model, e, precision, batches, compile, shape) for e in usable}
+    candidates = {e: build(model, e, precision, batches, compile, shape, source=source)
+                  for e in usable}
     speed = measure(candidates, shape)
     best = max(speed, key=speed.get)
     _write_cache(key, {"engine": best, "img_s": speed, "measured": time.time()})
@@ -210,9 +231,9 @@ class AutoEngine:
     engine = "auto"
 
     def __init__(self, model: ResNet, precision: str, batches: list[torch.Tensor] | None,
-                 compile: bool | str = "auto"):
+                 compile: bool | str = "auto", source: Any = "the model"):
         self._model, self.precision = model, precision
-        self._batches, self._compile = batches, compile
+        self._batches, self._compile, self._source = batches, compile, source
         self._chosen: Engine | None = None
         self.timings: dict[str, float] | None = None
 
@@ -220,7 +241,7 @@ class AutoEngine:
         """Choose now, for inputs of `shape`."""
         if self._chosen is None:
             self._chosen = choose(self._model, self.precision, tuple(shape), self._batches,
-                                  self._compile)
+                                  self._compile, self._source)
             self.engine, self.timings = self._chosen.engine, self._chosen.timings
             self._model = self._batches = None  # the chosen engine holds what it needs
         return self._chosen
@@ -247,8 +268,7 @@ def open_file(path: str | Path, engine: str = "auto") -> tuple[Engine, dict[str,
                         f"takes a checkpoint")
     if engine not in ENGINES:
         raise UserError(f"engine must be auto or one of {', '.join(ENGINES)}, got {engine!r}")
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
+    regular_file(path, "model file")
     threads = torch.get_num_threads()
     if engine == "onnxruntime":
         from .export import onnx_meta, onnx_session
@@ -290,23 +310,38 @@ def open_source(source: str | Path, engine: str = "auto", precision: str = "auto
                 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
     """(callable on a preprocessed float batch, {"classes", "preprocess"}) for an exported
     file (see open_file; `precision` must then be auto or the file's own) or a checkpoint on
-    `engine` at `precision` (int8 calibrated on `calibration`, a dataset spec read with the
-    checkpoint's preprocessing; see optimize)."""
+    `engine` at `precision` ("auto": see resolve_precision; int8 calibrated on
+    `calibration`, a dataset spec read with the checkpoint's preprocessing and classes; see
+    optimize)."""
+    run, model, info = _open(source, engine, precision, calibration)
+    if run is None:
+        run = _checkpoint_engine(model, info, source, engine, precision, calibration, data_dir)
+    return run, info
+
+
+def _open(source: str | Path, engine: str, precision: str, calibration: str | None
+          ) -> tuple[Engine | None, ResNet | None, dict[str, Any]]:
+    """(the engine, None, info) for an exported file; (None, the model, info) for a
+    checkpoint, which _checkpoint_engine then builds (the slow part: export, calibration)."""
     if Path(source).suffix in (".onnx", ".xml"):
         run, info = open_file(source, engine)
         if precision not in ("auto", run.precision):
-            raise UserError(f"{Path(source).name} is a {run.precision} model; precision "
+            raise UserError(f"{shown(Path(source).name)} is a {run.precision} model; precision "
                             f"{precision} needs a checkpoint (or `resnetkit quantize` for int8)")
-        return run, info
+        return run, None, info
     from ..weights.sources import load_source
-    from .optimize import optimize
     if calibration and precision != "int8":
         raise UserError("--calibration is for --precision int8 only")
     model, info = load_source(source)
-    run = optimize(model, precision, engine=engine, calibration=calibration,
-                   preprocess=info.get("preprocess"), data_dir=data_dir,
-                   classes=info.get("classes"))
-    return run, info
+    return None, model, info
+
+
+def _checkpoint_engine(model: ResNet, info: dict[str, Any], source: str | Path, engine: str,
+               precision: str, calibration: str | None, data_dir: str | None):
+    from .optimize import optimize
+    return optimize(model, precision, engine=engine, calibration=calibration,
+                    preprocess=info.get("preprocess"), data_dir=data_dir,
+                    classes=info.get("classes"), source=source)
 
 
 def evaluate_on_engine(source: str | Path, dataset: str = "fashion-mnist", split: str = "test",
@@ -315,24 +350,23 @@ def evaluate_on_engine(source: str | Path, dataset: str = "fashion-mnist", split
                        tta_flip: bool = False, batch_size: int = 256) -> dict[str, Any]:
     """`resnetkit eval` of an exported file, or of a checkpoint on an engine (see
     open_source): the dataset split read at the model's input size and channels, in its
-    preprocessing and class order; the result of evaluate() plus "engine" and "precision"."""
-    from ..data import load_dataset, materialize
-    from ..evaluate import evaluate
-    run, info = open_source(source, engine, precision, calibration, data_dir)
+    preprocessing and labelled by its classes by name (evaluate.eval_data, as every engine
+    is), before any export or calibration; the result of evaluate() plus "engine" and
+    "precision"."""
+    from ..evaluate import eval_data, evaluate, left_out_note
+    run, model, info = _open(source, engine, precision, calibration)
     pre = info.get("preprocess")
     if pre is None:
-        raise UserError(f"{source} has no preprocessing metadata; export it from a trained "
-                        f"checkpoint")
-    chans = pre.get("in_chans") or len(pre["mean"])
-    data = materialize(load_dataset(dataset, split, data_dir, pre.get("image_size", 0), chans,
-                                    resize=pre.get("resize", 0),
-                                    interpolation=pre.get("interpolation", "bilinear")),
-                       classes=info.get("classes"))
+        raise UserError(f"{shown(source)} has no preprocessing metadata; export it from a "
+                        f"trained checkpoint")
     classes = info.get("classes")
-    if classes is not None and len(classes) != len(data.classes):
-        raise UserError(f"dataset {dataset} has {len(data.classes)} classes, the model "
-                        f"{len(classes)}")
+    data, left_out = eval_data(dataset, split, data_dir, pre,
+                               pre.get("in_chans") or len(pre["mean"]), classes,
+                               len(classes) if classes is not None else
+                               model.num_classes if model is not None else None)
+    if run is None:
+        run = _checkpoint_engine(model, info, source, engine, precision, calibration, data_dir)
     r = evaluate(run, data, pre["mean"], pre["std"], pre.get("image_size", 0), batch_size,
-                 tta_flip=tta_flip)
+                 tta_flip=tta_flip, source=source, where=f"{dataset} {split}")
     return {**r, "engine": getattr(run, "engine", engine),
-            "precision": getattr(run, "precision", precision)}
+            "precision": getattr(run, "precision", precision), **left_out_note(left_out)}

@@ -161,7 +161,7 @@ def quantize_source(source: str | Path, calibration: str, output: str | Path,
     openvino="auto" where OpenVINO and NNCF are installed, NAME.xml/.bin beside it; NAME.xml
     writes only the IR. Returns {"onnx", "openvino", "check", "images"}."""
     from ..weights.sources import REGISTRY, load_source
-    from .quantize import calibration_set, quantize_graph
+    from .quantize import calibration_set, check_calibration_outputs, quantize_graph
     out = Path(output)
     if out.suffix not in (".onnx", ".xml"):
         raise UserError(f"the int8 output is NAME.onnx (QDQ ONNX) or NAME.xml (OpenVINO IR), "
@@ -180,7 +180,7 @@ def quantize_source(source: str | Path, calibration: str, output: str | Path,
                               "openvino": None}
     ir = out if out.suffix == ".xml" else out.with_suffix(".xml")
     if out.suffix == ".onnx":
-        graph = quantize_graph(model, batches)
+        graph = quantize_graph(model, batches, source)  # checks the model's outputs
         example = torch.cat(batches)[:256]
         result["check"] = write_qdq_onnx(graph, out, example, meta)
         result["onnx"] = str(out)
@@ -190,5 +190,7 @@ def quantize_source(source: str | Path, calibration: str, output: str | Path,
                 import openvino as ov  # noqa: F401
             except ImportError:
                 return result
+    else:
+        check_calibration_outputs(model, batches, source)
     result["openvino"] = str(write_openvino_ir(model, batches, ir, meta))
     return result

@@ -157,10 +157,11 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
              bf16_weights: bool = False, engine: str = "torch", calibration: Any = None,
              calibration_batches: int = 0, preprocess: dict[str, Any] | None = None,
              input_shape: tuple[int, ...] | None = None, data_dir: str | None = None,
-             classes: list[str] | None = None):
+             classes: list[str] | None = None, source: Any = "the model"):
     """A fast inference copy of `model` (the original is untouched).
 
-    precision: "auto" (bf16 where the hardware has native bf16, else fp32), "bf16", "fp32".
+    precision: "auto" (bf16 where the hardware has native bf16 and the engine runs bf16,
+    else fp32; see infer.engines.resolve_precision), "bf16", "fp32".
     channels_last: "auto" (on with bf16 or CUDA), True, False. fold: fold BN into convs.
     compile: False, True, or "auto" (`compile_pays`): the first call of each new input shape
     then compiles, so use it for long-running inference, not for a handful of images. On
@@ -179,11 +180,14 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
     with `preprocess`, a checkpoint's {"mean", "std", "image_size"}), a float tensor or a
     DataLoader of preprocessed images; calibration_batches limits it to that many batches
     of 32; classes: the checkpoint's class names, so that a spec calibrates on those
-    classes where the model knows a subset of the dataset's. Every engine but torch at fp32/bf16 returns an infer.engines.Engine: called on a
-    float NCHW tensor, it gives fp32 logits; `.engine` and `.precision` say what runs."""
+    classes where the model knows a subset of the dataset's. Every engine but torch at
+    fp32/bf16 returns an infer.engines.Engine: called on a float NCHW tensor, it gives fp32
+    logits; `.engine` and `.precision` say what runs. source: the model's name in messages
+    (a model whose outputs on the calibration images are NaN or infinite is a UserError
+    naming it)."""
     if precision == "int8" or engine != "torch":
         return _on_engine(model, precision, engine, compile, calibration, calibration_batches,
-                          preprocess, input_shape, data_dir, classes)
+                          preprocess, input_shape, data_dir, classes, source)
     device = next(model.parameters()).device
     if compile == "auto":
         compile = compile_pays(device)
@@ -208,16 +212,18 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
 def _on_engine(model: ResNet, precision: str, engine: str, compile: str | bool,
                calibration: Any, calibration_batches: int,
                preprocess: dict[str, Any] | None, input_shape: tuple[int, ...] | None,
-               data_dir: str | None = None, classes: list[str] | None = None):
+               data_dir: str | None = None, classes: list[str] | None = None,
+               source: Any = "the model"):
     """optimize() for int8 or another engine than torch (see infer.engines)."""
-    from .engines import ENGINES, AutoEngine, build, installed
+    from .engines import ENGINES, AutoEngine, build, installed, resolve_precision
     if engine != "auto" and engine not in ENGINES:
         raise UserError(f"engine must be auto or one of {', '.join(ENGINES)}, got {engine!r}")
     device = next(model.parameters()).device
     if device.type != "cpu" and (precision == "int8" or engine != "torch"):
         raise UserError("int8 and the ONNX Runtime and OpenVINO engines run on the CPU; "
                         "move the model there first")
-    precision = decide_precision(precision, device, choices=("bf16", "fp32", "int8"))
+    precision = decide_precision(resolve_precision(engine, precision, device), device,
+                                 choices=("bf16", "fp32", "int8"))
     if engine != "auto" and installed(engine, precision):
         raise UserError(installed(engine, precision))
     batches = None
@@ -237,8 +243,8 @@ def _on_engine(model: ResNet, precision: str, engine: str, compile: str | bool,
         # calibration images' (else 224)
         size = (preprocess or {}).get("image_size", 0)
         shape = input_shape or ((1, model.cfg.in_chans, size, size) if size else None)
-        return build(model, engine, precision, batches, compile, shape)
-    auto = AutoEngine(model, precision, batches, compile)
+        return build(model, engine, precision, batches, compile, shape, source=source)
+    auto = AutoEngine(model, precision, batches, compile, source)
     if input_shape is not None:
         auto.resolve(tuple(input_shape))
     return auto

@@ -18,21 +18,35 @@ from torch import nn
 
 from ..errors import UserError
 from ..model import ResNet
+from ..untrusted import shown
 
 MIN_IMAGES = 2  # per-tensor activation ranges from a single image describe that image only
 DEFAULT_IMAGES = 512
+# the most images a dataset spec may ask for: ranges settle within a few hundred images, and
+# 10,000 preprocessed 3x224x224 images already take 6 GB as float
+MAX_IMAGES = 10_000
 CALIBRATION_BATCH = 32
+_DIR_KINDS = ("idx", "cifar", "folder")  # specs whose first part after the kind is a folder
 
 
 def parse_calibration(spec: str) -> tuple[str, int]:
     """"fashion-mnist" -> ("fashion-mnist", DEFAULT_IMAGES); "folder:DIR:300" -> ("folder:DIR",
-    300): a trailing ":N" is the number of training images to calibrate on."""
-    name, _, last = spec.rpartition(":")
-    if name and last.isdigit():
-        return name, int(last)
-    if name and last.lstrip("-").isdigit():
-        raise UserError(f"the calibration image count must be >= {MIN_IMAGES}, got {last}")
-    return spec, DEFAULT_IMAGES
+    300): a trailing ":N" is the number of training images to calibrate on, a whole number
+    from MIN_IMAGES to MAX_IMAGES (a split with fewer images gives all it has). The part
+    after the last colon is a count unless it is the DIR of "idx:DIR", "cifar:DIR" or
+    "folder:DIR" or holds a "/" (a path: "fashion-mnist:/data/fm"). Raises UserError for
+    any other count ("abc", "2.5", "0", a number past MAX_IMAGES)."""
+    name, sep, last = spec.rpartition(":")
+    if not sep or name in _DIR_KINDS or "/" in last or "\\" in last:
+        return spec, DEFAULT_IMAGES
+    # at most 9 digits before int(): a count of thousands of digits is refused, not parsed
+    if not (last.isascii() and last.isdigit() and len(last) <= 9
+            and MIN_IMAGES <= int(last) <= MAX_IMAGES):
+        got = last if len(last) <= 20 else last[:20] + "..."
+        raise UserError(f"the calibration image count (after {shown(repr(name[:100]))}) must "
+                        f"be a whole number from {MIN_IMAGES} to {MAX_IMAGES:,} (the most "
+                        f"read from a dataset), got {shown(repr(got))}")
+    return name, int(last)
 
 
 def calibration_set(calibration: Any, in_chans: int, image_size: int = 0,
@@ -48,8 +62,9 @@ def calibration_set(calibration: Any, in_chans: int, image_size: int = 0,
     checkpoint's class names; a dataset spec then gives images of those classes only, where
     the model was trained on a subset of the dataset's classes.
 
-    Raises UserError for no data, fewer than MIN_IMAGES images, or images whose channels or
-    size differ from the model's."""
+    Raises UserError for no data, fewer than MIN_IMAGES images, images that are not float
+    (N, C, H, W) or hold NaN or infinite values, or whose channels or size differ from the
+    model's: all checked before any quantizer sees them."""
     image_size = image_size or (preprocess or {}).get("image_size", 0)
     if calibration is None or (isinstance(calibration, str) and not calibration.strip()):
         raise UserError("int8 needs calibration images: pass calibration= (a dataset such as "
@@ -68,10 +83,16 @@ def calibration_set(calibration: Any, in_chans: int, image_size: int = 0,
         raise UserError(f"the calibration set holds {n} image; int8 needs at least "
                         f"{MIN_IMAGES} (a few hundred measure the activation ranges well)")
     shape = tuple(batches[0].shape[1:])
+    seen = 0
     for b in batches:
         if b.dim() != 4 or tuple(b.shape[1:]) != shape:
             raise UserError(f"calibration images must all be C x H x W of one size; got "
                             f"{tuple(b.shape[1:])} after {shape}")
+        finite = torch.isfinite(b.reshape(len(b), -1)).all(1)
+        if not bool(finite.all()):
+            raise UserError(f"calibration image {seen + int((~finite).nonzero()[0, 0])} holds "
+                            f"NaN or infinite values; int8 needs real, preprocessed images")
+        seen += len(b)
     want = f"{in_chans}x{image_size}x{image_size}" if image_size else f"{in_chans} channels"
     if shape[0] != in_chans or (image_size and shape[1:] != (image_size, image_size)):
         raise UserError(f"calibration images are {'x'.join(map(str, shape))}, the model "
@@ -93,6 +114,9 @@ def _from_tensors(data: Any, limit: int, batch_size: int) -> list[torch.Tensor]:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise UserError("calibration batches must be float tensors (N, C, H, W), "
                             "preprocessed as the model expects")
+        if x.dim() not in (3, 4):
+            raise UserError(f"calibration batches must be float tensors (N, C, H, W), got "
+                            f"one of shape {tuple(x.shape)}")
         x = x[None] if x.dim() == 3 else x
         if limit:
             x = x[:limit - n]
@@ -107,10 +131,12 @@ def _from_tensors(data: Any, limit: int, batch_size: int) -> list[torch.Tensor]:
 def _from_dataset(spec: str, in_chans: int, image_size: int, pre: dict[str, Any] | None,
                   limit: int, data_dir: str | None, batch_size: int,
                   classes: list[str] | None = None) -> list[torch.Tensor]:
-    from ..data import load_dataset, materialize, restrict_to_classes
-    from ..data.readers import ArrayDataset
+    from ..data import ArrayDataset, load_dataset, materialize, restrict_to_classes
     from ..evaluate import preprocess
     name, count = parse_calibration(spec)
+    if limit > MAX_IMAGES:
+        raise UserError(f"at most {MAX_IMAGES:,} calibration images can be read from a "
+                        f"dataset, not {limit:,}")
     count = limit or count
     if pre is None:
         raise UserError("a calibration dataset needs the model's preprocessing (mean, std, "
@@ -119,16 +145,17 @@ def _from_dataset(spec: str, in_chans: int, image_size: int, pre: dict[str, Any]
     size = pre.get("image_size", image_size) or image_size
     ds = load_dataset(name, "train", data_dir, size, in_chans, resize=pre.get("resize", 0),
                       interpolation=pre.get("interpolation", "bilinear"))
-    if isinstance(ds, ArrayDataset):
-        ds = restrict_to_classes(ds, classes)
-    # a fixed random draw over the whole split: the first N images of a folder would be the
-    # first classes only
+    # a model of some of the dataset's classes calibrates on those (labels by name, before
+    # anything of a folder is decoded); then a fixed random draw over the whole split: the
+    # first N images of a folder would be the first classes only
+    ds = restrict_to_classes(ds, classes)
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:count]
     if isinstance(ds, ArrayDataset):
         ds = ds.subset(keep.sort().values)
-    else:  # a folder: the draw is decoded, then kept to the classes (fewer images)
-        ds = restrict_to_classes(materialize(torch.utils.data.Subset(ds, keep.tolist()),
-                                             classes=ds.classes), classes)
+    else:
+        picked = copy.copy(ds)
+        picked.samples = [ds.samples[i] for i in keep.sort().values.tolist()]
+        ds = materialize(picked)
     chans = ds.images.shape[1] if len(ds) else in_chans
     if chans != in_chans:
         raise UserError(f"{name} has {chans}-channel images, the model takes {in_chans}")
@@ -136,11 +163,35 @@ def _from_dataset(spec: str, in_chans: int, image_size: int, pre: dict[str, Any]
             for i in range(0, len(ds), batch_size)]
 
 
-def quantize_graph(model: ResNet, batches: list[torch.Tensor]) -> torch.fx.GraphModule:
+def check_calibration_outputs(run: Any, batches: list[torch.Tensor], source: Any = "the model",
+                              fallback: Any = None) -> None:
+    """Run `run` on every calibration batch and check its outputs (evaluate.check_outputs):
+    a model whose weights overflow is one UserError naming `source`, not a quantizer's
+    traceback. fallback: the float model, run on a batch where `run` (a graph with
+    observers) fails, so that such a failure is reported as the model's outputs when they
+    are not finite (and raised as it is when they are)."""
+    from ..evaluate import check_outputs
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            try:
+                out = run(x)
+            except RuntimeError:
+                if fallback is None:
+                    raise
+                check_outputs(fallback(x), source, lambda row: f"calibration image {seen + row}")
+                raise
+            check_outputs(out, source, lambda row: f"calibration image {seen + row}")
+            seen += len(x)
+
+
+def quantize_graph(model: ResNet, batches: list[torch.Tensor],
+                   source: Any = "the model") -> torch.fx.GraphModule:
     """The model with static int8 quantization inserted by torchao's X86InductorQuantizer
     (PT2E: exported with a dynamic batch, prepared, calibrated on `batches`, converted).
     The result runs in float (quantize/dequantize around each conv and the fc) until
-    inductor compiles it; see Int8Model."""
+    inductor compiles it; see Int8Model. Raises UserError naming `source` where the model's
+    outputs on the calibration images are not finite (see check_calibration_outputs)."""
     try:
         from torchao.quantization.pt2e import (allow_exported_model_train_eval,
                                                move_exported_model_to_eval)
@@ -159,9 +210,9 @@ def quantize_graph(model: ResNet, batches: list[torch.Tensor]) -> torch.fx.Graph
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(graph, quantizer)
-    with torch.no_grad():
-        for x in batches:
-            prepared(x)
+    # calibration runs the float model (observers only record ranges), so its outputs are
+    # checked for free
+    check_calibration_outputs(prepared, batches, source, fallback=m)
     # .eval() on it (as evaluate() does with any module) then switches the graph's mode
     # properly instead of raising
     return allow_exported_model_train_eval(move_exported_model_to_eval(convert_pt2e(prepared)))
@@ -198,14 +249,15 @@ class Int8Model(nn.Module):
 def quantize(model: ResNet, calibration: Any, calibration_batches: int = 0,
              compile: bool = True, image_size: int = 0,
              preprocess: dict[str, Any] | None = None, data_dir: str | None = None,
-             classes: list[str] | None = None) -> Int8Model:
+             classes: list[str] | None = None, source: Any = "the model") -> Int8Model:
     """An int8 copy of `model` for the torch engine (the original is untouched).
 
     calibration: see calibration_set; calibration_batches: how many batches of
-    CALIBRATION_BATCH images to use (0: all given, or DEFAULT_IMAGES from a dataset)."""
+    CALIBRATION_BATCH images to use (0: all given, or DEFAULT_IMAGES from a dataset);
+    source: the model's name in messages (see quantize_graph)."""
     if calibration_batches < 0:
         raise UserError(f"calibration_batches must be >= 0, got {calibration_batches}")
     batches = calibration_set(calibration, model.cfg.in_chans, image_size, preprocess,
                               calibration_batches * CALIBRATION_BATCH, data_dir,
                               classes=classes)
-    return Int8Model(quantize_graph(model, batches), compiled=compile)
+    return Int8Model(quantize_graph(model, batches, source), compiled=compile)
