@@ -55,7 +55,7 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_describe(a: argparse.Namespace) -> int:
     from .analysis.describe import describe, render_describe
     return _show(a, describe(a.model, a.image_size, **_overrides(a.overrides)),
-                 lambda walk: render.say(render_describe(walk, expand=a.expand)))
+                 lambda walk: render.say(*render_describe(walk, expand=a.expand).split("\n")))
 
 
 @command()
@@ -107,7 +107,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     trainer = start_run(a.recipe, options, a.resume)
     main_rank = trainer.dist.main
     if main_rank:
-        render.say(render.train_start(trainer))
+        render.say(render.train_start(trainer.describe()))
         sys.stdout.flush()
     try:
         r = trainer.fit()
@@ -118,14 +118,15 @@ def cmd_train(a: argparse.Namespace) -> int:
                   f"with `resnetkit train --resume {trainer.run_dir}`", file=sys.stderr)
         return 128 + sig
     if main_rank:
-        render.say(render.train_result(r))
+        render.say(*render.train_result(r).splitlines())
     return 0
 
 
 @command(runs_networks=True)
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
-    if a.engine or Path(a.checkpoint).suffix in (".onnx", ".xml"):
+    on_engine = a.engine or a.precision != "auto" or a.calibration  # int8 needs an engine
+    if on_engine or Path(a.checkpoint).suffix in (".onnx", ".xml"):
         from .infer.engines import evaluate_on_engine
         r = evaluate_on_engine(a.checkpoint, a.dataset, a.split, a.data_dir, a.engine or "auto",
                                a.precision, a.calibration, tta_flip=a.tta_flip)
@@ -202,15 +203,39 @@ def cmd_bench(a: argparse.Namespace) -> int:
 @command(runs_networks=True)
 def cmd_serve(a: argparse.Namespace) -> int:
     from .analysis.card import model_card  # the page's model card: analysis, passed in as data
-    from .serve import serve
-    return serve(a.model, a.host, a.port, a.workers, a.max_batch, a.batch_timeout_ms, a.engine,
-                 a.precision, a.max_image_pixels, a.max_body_mb, a.max_queue, a.threads,
-                 a.batching, card=model_card, log_level=a.log_level,
-                 calibration=a.calibration,
-                 **({} if a.worker_nice is None else {"worker_nice": a.worker_nice}),
-                 on_start=lambda m: render.say(f"serving {a.model} at {m['url']} (page at /, API "
-                                          f"docs at /docs); SIGTERM or Ctrl-C drains and stops",
-                                          flush=True))
+    from .serve import ServeConfig, ServeHooks, serve
+    config = ServeConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ServeConfig)
+                            if hasattr(a, f.name)})
+
+    def started(meta: dict[str, Any]) -> None:
+        render.say(f"serving {a.model} at {meta['url']} (page at /, API docs at /docs); "
+                   f"SIGTERM or Ctrl-C drains and stops")
+        sys.stdout.flush()
+    return serve(a.model, config, ServeHooks(card=model_card, on_start=started))
+
+
+@command(runs_networks=True)
+def cmd_experiment(a: argparse.Namespace) -> int:
+    if a.experiment == "responses":
+        from .experiments import responses
+        r = responses(a.runs, a.out, a.dataset, a.data_dir, a.limit, say=render.say)
+        for run, v in r["runs"].items():
+            render.say(f"{v['model']} ({run}): mean std {sum(v['by_layer']) / len(v['by_layer']):.3f} "
+                       f"over {len(v['by_layer'])} layers")
+        render.say(f"wrote {Path(a.out) / 'responses.json'} and responses.png")
+        return 0
+    from .experiments import degradation
+    from .train import TrainConfig
+    options = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
+               if hasattr(a, f.name)}
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    r = degradation(models, a.out, options, a.recipe, say=render.say)
+    for name, rows in r.items():
+        last = rows[-1]
+        render.say(f"{name}: epoch {last['epoch']}, training error {last['train_error']:.2f}%, "
+                   f"test error {last['test_error']:.2f}%")
+    render.say(f"wrote {Path(a.out) / 'results.json'} and degradation.png")
+    return 0
 
 
 @command()

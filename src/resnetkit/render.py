@@ -33,9 +33,11 @@ def console() -> Console:
     return _PlainConsole(width=100) if not sys.stdout.isatty() else _PlainConsole()
 
 
-def say(*parts: Any) -> None:
-    """print() for a line that may hold text from outside: escaped as tables are."""
-    print(" ".join(shown(p) for p in parts))
+def say(*lines: Any) -> None:
+    """print() for lines that may hold text from outside: each argument is one line,
+    escaped as tables are (a line break inside one is shown as \x0a)."""
+    for line in lines:
+        print(shown(line))
 
 
 def _bold(text: str) -> Text:
@@ -55,10 +57,13 @@ def models(rows: dict[str, Any]) -> None:
 
 
 def summary(s: dict[str, Any]) -> None:
-    t = Table("layer", "type", "input", "output", "params", "MACs", title=f"{s['model']} summary")
+    t = Table("layer", "type", "input", "output", "params", "MACs", "RF / stride",
+              title=f"{s['model']} summary")
     for r in s["layers"]:
+        rf = f"{r['receptive_field']} / {r['effective_stride']}" if r.get("receptive_field") \
+            else ""
         t.add_row(r["name"], r["type"], "x".join(map(str, r["input"][1:])),
-                  "x".join(map(str, r["output"][1:])), _n(r["params"]), _n(r["macs"]))
+                  "x".join(map(str, r["output"][1:])), _n(r["params"]), _n(r["macs"]), rf)
     c = console()
     c.print(t)
     tot, mem = s["totals"], s["memory"]
@@ -114,17 +119,20 @@ def compare(rows: list[dict[str, Any]], image_size: int) -> None:
     console().print(t)
 
 
-def train_start(trainer) -> str:
-    """The line that opens a training run: folder, precision, layout, processes."""
-    b, d = trainer.batches, trainer.dist
-    return (f"run folder: {trainer.run_dir} ({trainer.precision}, channels_last="
-            f"{trainer.channels_last}, {trainer.device}" +
-            (f", {d.world} processes ({d.backend}), {b.per_rank} per rank x {b.accum} "
-             f"accumulation = global batch {b.global_}, lr {b.lr:g}"
-             if d.active or b.accum > 1 else "") + ")")
+def train_start(info: dict[str, Any]) -> str:
+    """The line that opens a training run, from Trainer.describe(): folder, precision,
+    layout, device, and with several processes or accumulation steps the batches and lr."""
+    i = info
+    return (f"run folder: {i['run_dir']} ({i['precision']}, channels_last="
+            f"{i['channels_last']}, {i['device']}" +
+            (f", {i['world']} processes ({i['backend']}), {i['per_rank']} per rank x "
+             f"{i['accum']} accumulation = global batch {i['global_batch']}, lr {i['lr']:g}"
+             if i["world"] > 1 or i["accum"] > 1 else "") + ")")
 
 
 def train_result(r: dict[str, Any]) -> str:
+    """The lines that close a training run, from fit()'s result: test accuracy (with and
+    without test-time flips), best, time, memory, folder."""
     lines = []
     if "test_top1_without_tta" in r:
         lines.append(f"test top-1 without test-time flips {100 * r['test_top1_without_tta']:.2f}%")
@@ -144,6 +152,9 @@ def evaluation(r: dict[str, Any], title: str) -> None:
     c.print("confusion matrix (rows: true, columns: predicted)")
     for name, row in zip(r["per_class"], r["confusion"]):
         c.print(f"{name[:12]:>12} " + " ".join(f"{v:5d}" for v in row))
+    if r.get("classes_left_out"):
+        c.print(f"not scored (classes the model does not know): "
+                f"{', '.join(r['classes_left_out'])}")
 
 
 def predictions(res: list[dict[str, Any]]) -> None:
