@@ -95,7 +95,7 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     # Batch norm sees 64 samples per forward in b, so compare models without batch statistics.
     for t in (a, b):
         t.model.eval()
-    x = a._augment(a.train_data.images[:128], 0)
+    x = a.feed.augment(a.train_data.images[:128], 0)
     y = a.train_data.labels[:128]
     la, _ = a.train_step([(x, y)])
     lb, _ = b.train_step([(x[:64], y[:64]), (x[64:], y[64:])])

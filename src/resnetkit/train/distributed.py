@@ -196,8 +196,29 @@ def broadcast_buffers(modules, info: DistInfo) -> None:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait until every rank is here; nothing on one process."""
     if info.active:
         dist.barrier()
+
+
+def explain_failure(e: RuntimeError, info: DistInfo, timeout_s: float) -> UserError | None:
+    """The one sentence for a collective that failed in a job of several processes: it
+    waited past `timeout_s`, or lost its peer; None for any other error (a bug of ours, to be
+    raised as it is). torch.distributed says which only in its messages' text."""
+    text = str(e).lower()
+    if not info.active:
+        return None
+    if any(w in text for w in ("timed out", "timeout")):
+        return UserError(
+            f"rank {info.rank}: a collective operation waited more than {timeout_s:g} s "
+            f"(dist_timeout) for the other processes; one of them has failed or hung, see its "
+            f"output. ({str(e).splitlines()[0]})")
+    if any(w in text for w in ("connection closed", "connection reset", "broken pipe", "peer")):
+        return UserError(
+            f"rank {info.rank}: lost contact with another process of the job (it died or its "
+            f"machine went away); under torchrun --max-restarts the group restarts from the "
+            f"last checkpoint")
+    return None
 
 
 class _AllSum(torch.autograd.Function):
@@ -266,7 +287,6 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
             setattr(m, name, swap(child))
         return m
     return swap(model)
-
 
 
 def torchrun(nproc: int, argv: list[str]) -> int:

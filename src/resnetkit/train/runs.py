@@ -1,13 +1,14 @@
 """A training run's folder: claimed by one process at a time, its config, its checkpoints
-(weights as safetensors, the rest as a training state), its metrics."""
+(weights as safetensors, the rest as a training state), its metrics, TensorBoard log and
+results. It writes what it is given; it knows nothing of the trainer."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import platform
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from .. import weights as ckpt
 from ..errors import UserError
-from ..untrusted import parse_json, regular_file, shown
+from ..untrusted import parse_json, path_component, regular_file, shown
 
 
 def json_row(obj: Any) -> str:
@@ -48,108 +49,137 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return info
 
 
-class RunFolder:
-    """The run-folder side of the Trainer (a mixin: it uses the Trainer's run_dir, model,
-    optimizer, schedule, EMA, position and history)."""
+def new_run_dir(out_dir: str, name: str, model: str, dataset: str) -> Path:
+    """The folder of a new run: OUT_DIR/NAME, or OUT_DIR/MODEL-DATASET-TIME without a name.
+    The name must be one plain path component (it came from the user)."""
+    name = name or f"{model}-{dataset.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(out_dir) / path_component(name, "run name")
 
-    def _last_good(self) -> str:
+
+def environment() -> dict[str, Any]:
+    """What config.json records of the software a run was trained with, and its command."""
+    return {"versions": {"resnetkit": version("resnetkit"), "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "command": sys.argv}
+
+
+class RunFolder:
+    """The folder `path` of one run. A new run makes it (an existing folder is never
+    adopted); a resumed one (`resuming`) continues in its own. While open, this process holds
+    an exclusive lock on it, so two processes never train in one folder."""
+
+    def __init__(self, path: Path, resuming: bool = False):
+        self.path, self.resuming = Path(path), resuming
+        self._lock: int | None = None
+        self._tb = None
+
+    @property
+    def state_file(self) -> Path:
+        """The training state a resume continues from."""
+        return self.path / "last.state.pt"
+
+    def last_good(self) -> str:
         """Where the last good checkpoint is, for a message."""
-        if (self.run_dir / "last.state.pt").exists():
-            return f"The last good checkpoint is {self.run_dir / 'last.state.pt'}"
+        if self.state_file.exists():
+            return f"The last good checkpoint is {self.state_file}"
         return "No checkpoint had been written yet"
 
-    def _claim_run_dir(self) -> None:
-        """Make the run folder this process's: refuse one that holds another run (unless this
-        is its resume) or that another process is training in, and clean what an
-        interrupted save left behind."""
+    def open(self, config: dict[str, Any], history: list[dict[str, Any]],
+             tensorboard: bool) -> None:
+        """Claim the folder, write `config` as config.json and the metrics of the epochs in
+        `history` (those the checkpoint holds, none it lost) as metrics.jsonl; start a
+        TensorBoard log when asked. Raises UserError if the folder is not this run's to
+        write."""
+        self._claim()
+        ckpt.atomic_write(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(
+            "".join(json_row(r) + "\n" for r in history)))
+        try:
+            ckpt.atomic_write(self.path / "config.json",
+                              lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+        except OSError as e:
+            raise UserError(f"cannot write to run folder {self.path}: {e.strerror or e}") from None
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(self.path / "tb"))
+
+    def _claim(self) -> None:
+        """Make the folder this process's: refuse one that holds another run (unless this is
+        its resume) or that another process is training in, and clean what an interrupted
+        save left behind."""
         import fcntl
         if self._lock is not None:
             return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # FileExistsError included: a file where a folder should be
+            raise UserError(f"cannot write to run folder {self.path}: {e.strerror or e}") from None
         # A new run makes its folder; it never adopts one that exists (a finished run's,
         # or a folder of the user's own files that the checkpoints would replace).
         try:
-            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.run_dir.mkdir(exist_ok=self._owner)
-            lock = os.open(self.run_dir, os.O_RDONLY)  # the folder itself is the lock
+            self.path.mkdir(exist_ok=self.resuming)
+            lock = os.open(self.path, os.O_RDONLY)  # the folder itself is the lock
         except FileExistsError:
             raise UserError(self._taken()) from None
         except OSError as e:
-            raise UserError(f"cannot write to run folder {self.run_dir}: {e.strerror or e}") from None
+            raise UserError(f"cannot write to run folder {self.path}: {e.strerror or e}") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(lock)
-            raise UserError(f"another process is training in {self.run_dir}; wait for it or "
+            raise UserError(f"another process is training in {self.path}; wait for it or "
                             f"choose another --name") from None
-        self._lock, self._owner = lock, True
-        ckpt.remove_partial_files(self.run_dir)
-        # the metrics of the epochs the checkpoint holds, and no row of an epoch it lost
-        ckpt.atomic_write(self.run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(
-            "".join(json_row(r) + "\n" for r in self.history)))
+        self._lock, self.resuming = lock, True
+        ckpt.remove_partial_files(self.path)
 
     def _taken(self) -> str:
-        """Why an existing run folder is not this new run's, in one sentence."""
+        """Why an existing folder is not this new run's, in one sentence."""
         import fcntl
-        d = shown(self.run_dir)
+        d = shown(self.path)
         try:
-            fd = os.open(self.run_dir, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             finally:
                 os.close(fd)
         except OSError:
             return f"another process is training in {d}; wait for it or choose another --name"
-        if (self.run_dir / "config.json").exists():
+        if (self.path / "config.json").exists():
             return (f"{d} already holds a run; continue it with `resnetkit train --resume {d}` "
                     f"or choose another --name")
         return (f"{d} already exists and is not a run of resnetkit (its files are left as they "
                 f"are); choose another --name or --out_dir")
 
-    def _release_run_dir(self) -> None:
+    def close(self) -> None:
+        """Release the folder (and close the TensorBoard log); it can be opened again."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self._lock is not None:
             os.close(self._lock)  # closing the descriptor releases the lock
             self._lock = None
 
-    def _prepare_run_dir(self) -> None:
-        self._claim_run_dir()
+    def log_epoch(self, row: dict[str, Any], epoch: int) -> None:
+        """Append one epoch's metrics to metrics.jsonl (and to the TensorBoard log)."""
         try:
-            info = {"train": dataclasses.asdict(self.cfg),
-                    "model": ckpt.config_to_dict(self.model.cfg),
-                    "resolved": {"precision": self.precision, "channels_last": self.channels_last,
-                                 "device": str(self.device), "image_size": self.image_size,
-                                 "mean": self.mean, "std": self.std,
-                                 "world_size": self.dist.world, "backend": self.dist.backend,
-                                 "per_rank_batch": self.batches.per_rank,
-                                 "global_batch": self.batches.global_, "lr": self.batches.lr},
-                    "versions": {"resnetkit": version("resnetkit"), "torch": torch.__version__,
-                                 "python": platform.python_version()},
-                    "command": sys.argv}
-            ckpt.atomic_write(self.run_dir / "config.json",
-                              lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json_row(row) + "\n")
         except OSError as e:
-            raise UserError(f"cannot write to run folder {self.run_dir}: {e.strerror or e}") from None
-        self._tb = None
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            raise UserError(f"cannot write {self.path / 'metrics.jsonl'}: "
+                            f"{e.strerror or e}") from None
+        if self._tb is not None:
+            for k, v in row.items():
+                if v is not None:
+                    self._tb.add_scalar(k, v, epoch)
 
-    def meta(self) -> dict[str, Any]:
-        return {"classes": self.train_data.classes,
-                "preprocess": {"mean": list(self.mean), "std": list(self.std),
-                               "image_size": self.image_size,
-                               "in_chans": self.model.cfg.in_chans},
-                "epoch": self.epoch, "step": self.global_step}
+    def save(self, which: str, state: dict[str, Any], weights: torch.nn.Module,
+             meta: dict[str, Any]) -> None:
+        """Write WHICH.state.pt (`state`, everything a resume needs) and WHICH.safetensors
+        (`weights` with `meta`); state first, so a weights file never claims a position its
+        state lacks."""
+        ckpt.save_state(self.path / f"{which}.state.pt", state)
+        ckpt.save_weights(self.path / f"{which}.safetensors", weights, meta)
 
-    def save(self, which: str) -> None:
-        """Write WHICH.safetensors (the eval model's weights) and WHICH.state.pt (the rest);
-        state first, so a weights file never claims a position its state lacks."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(),
-                 "ema": self.ema.state_dict() if self.ema is not None else {},
-                 "scaler": self.scaler.state_dict() if self.scaler else {},
-                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                 "global_step": self.global_step, "best_acc": self.best_acc,
-                 "history": json_row(self.history), "world_size": self.dist.world,
-                 "torch_rng": torch.get_rng_state(), "epoch_partial": list(self._partial)}
-        ckpt.save_state(self.run_dir / f"{which}.state.pt", state)
-        ckpt.save_weights(self.run_dir / f"{which}.safetensors", self.eval_model, self.meta())
+    def write_results(self, result: dict[str, Any]) -> None:
+        """results.json: the final metrics of the run."""
+        (self.path / "results.json").write_text(json.dumps(result, indent=1))
