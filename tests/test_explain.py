@@ -244,3 +244,20 @@ def test_explain_figure_checks_and_escapes(tmp_path):
         explain_figure(images, heat[:1], [[], []], out)
     with pytest.raises(UserError, match="1 or 3 channels"):
         explain_figure(images.repeat(1, 2, 1, 1), heat, [[], []], out)
+
+
+def test_the_explain_verb(checkpoint, tmp_path, capsys):
+    from resnetkit.cli import main
+    out = tmp_path / "why.png"
+    assert main(["explain", str(checkpoint / "tiny.safetensors"), str(checkpoint), "-o",
+                 str(out), "--layer", "layer2"]) == 0
+    text = capsys.readouterr().out
+    assert out.read_bytes()[:8] == PNG and "a.png" in text and "b.png" in text
+    assert "\x1b" not in text and "gradcam at layer2" in text
+    assert main(["explain", str(checkpoint / "tiny.safetensors"), str(checkpoint / "a.png"),
+                 "-o", str(tmp_path / "t.png"), "--target", "99"]) == 2
+    assert "target" in capsys.readouterr().err
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    assert main(["explain", str(tmp_path / "m.onnx"), str(checkpoint / "a.png"), "-o",
+                 str(tmp_path / "u.png")]) == 2
+    assert not (tmp_path / "t.png").exists() and not (tmp_path / "u.png").exists()

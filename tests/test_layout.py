@@ -13,7 +13,7 @@ ROOT = Path(resnetkit.__file__).parent
 CORE = {"errors", "config", "layers", "blocks", "features", "geometry", "model", "zoo", "options",
         "untrusted"}
 BASE = {"runtime", "data", "weights", "evaluate"}
-FEATURES = {"analysis", "train", "infer", "serve"}
+FEATURES = {"analysis", "explain", "train", "infer", "serve"}
 SERVES = {"serve": {"infer"}}  # the one feature -> feature edge: serving runs inference
 TOP = {"bench", "experiments", "render", "cli", "cli_parser", "__main__", "__init__"}
 

@@ -238,6 +238,20 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     return 0
 
 
+@command(runs_networks=True)
+def cmd_explain(a: argparse.Namespace) -> int:
+    from .explain import explain_files
+    from .infer.predict import expand_inputs
+    r = explain_files(a.source, expand_inputs(a.images), a.output, method=a.method,
+                      layer=a.layer, target=a.target)
+    if a.json:
+        return _show(a, r, None)
+    render.predictions(r["images"])
+    render.say(f"wrote {r['output']} ({r['method']}" +
+               (f" at {r['layer']}" if r.get("layer") else "") + ")")
+    return 0
+
+
 @command()
 def cmd_recipes(a: argparse.Namespace) -> int:
     from .train import load_recipe, recipe_names

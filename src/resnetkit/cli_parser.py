@@ -174,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_args(sub)
     _quantize_args(sub)
     _experiment_args(sub)
+    s = _verb(sub, "explain", "what a trained model looks at: Grad-CAM, integrated gradients "
+                              "or occlusion over each image, with its top-3 classes")
+    s.add_argument("source", help="a checkpoint, run folder, weights tag or foreign weights file "
+                                  "(something with gradients: not an .onnx or .xml file)")
+    s.add_argument("images", nargs="+", help="image files or folders of them")
+    s.add_argument("--method", default="gradcam",
+                   choices=["gradcam", "integrated-gradients", "occlusion"], help="attribution")
+    s.add_argument("--layer", default=None,
+                   help="gradcam: a stage or block as named in the model (layer3, layer3.1); "
+                        "default: the last stage")
+    s.add_argument("--target", type=int, default=None,
+                   help="class index to explain (default: each image's predicted class)")
+    s.add_argument("-o", "--output", required=True, help="the figure, a .png file")
     _verb(sub, "recipes", "list the shipped training recipes", json=False)
     s = _verb(sub, "weights", "published weights: list, download, convert to a checkpoint")
     s.add_argument("action", choices=["list", "download", "convert"], help="what to do")
