@@ -19,7 +19,7 @@ from ..options import parse_overrides
 from ..untrusted import parse_json, shown
 from ..weights.checkpoint import atomic_write, default_output
 from ..weights.sources import REGISTRY, class_names, load_source, preprocess_of
-from ..zoo import create_model
+from ..zoo import create_model, get_config
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 FORMATS = tuple(SUFFIX)
@@ -132,7 +132,10 @@ def export_source(source: str | Path, overrides: list[str] | None = None, fmt: s
         meta = {k: info[k] for k in ("classes", "preprocess") if k in info}
         size = image_size or meta.get("preprocess", {}).get("image_size", 224)
     else:
-        model = create_model(str(source), **parse_overrides(overrides)).eval()
+        shape = parse_overrides(overrides)
+        # before it is built: the export holds the weights about four times (see export())
+        check_memory(get_config(str(source), **shape), training=True, what=f"exporting {source}")
+        model = create_model(str(source), **shape).eval()
         size = image_size or model.pretrained_cfg["input_size"][-1]
         meta = {"classes": class_names(model.num_classes),
                 "preprocess": preprocess_of(model.pretrained_cfg, size)}

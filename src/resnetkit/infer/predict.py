@@ -65,7 +65,11 @@ def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
     else:
         model, info = load_source(checkpoint)
         run = model.eval()
-    pre = info["preprocess"]
+    pre = info.get("preprocess")
+    if pre is None:  # a resnetkit checkpoint written without it (or by hand)
+        raise UserError(f"{shown(checkpoint)} has no preprocessing metadata (mean, std, input "
+                        f"size), so its images cannot be prepared; predict with a checkpoint "
+                        f"that resnetkit trained, exported or converted")
     size, chans = pre["image_size"], pre.get("in_chans") or len(pre["mean"])
     x = torch.stack([load_image(f, size, chans, pre.get("resize", 0),
                                 pre.get("interpolation", "bilinear")) for f in files])

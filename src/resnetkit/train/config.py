@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from ..errors import UserError
 from ..options import convert, field_types, fits, kind_name, parse_fields
-from ..untrusted import path_component, shown
+from ..untrusted import path_component, regular_file, shown
 
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
@@ -163,7 +163,10 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     """A recipe by name (shipped under resnetkit/recipes/) or a path to a TOML file."""
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.exists():
-        text = path.read_text()
+        try:
+            text = regular_file(path, "recipe").read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read recipe {shown(path)}: {e}") from None
     else:
         res = resources.files("resnetkit").joinpath("recipes", f"{name_or_path}.toml")
         if not res.is_file():
