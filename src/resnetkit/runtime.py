@@ -438,11 +438,13 @@ def check_memory(cfg: Any, image_size: int | tuple[int, int] = 0, batch: int = 1
     or a batch too big for this machine ends in one sentence, not in the kernel's OOM kill."""
     need, have = memory_estimate(cfg, image_size, batch, training), available_memory()
     if need["total"] > 0.9 * have:  # a tenth left to the process itself and the system
+        copies = (" with their copies (gradients and optimizer state, or an exporter's)"
+                  if training else "")
         hw = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
         size = f" at {hw[0]}x{hw[1]}, batch {batch}" if image_size else ""
         raise UserError(f"{what}{size} needs about {need['total'] / 2**30:.1f} GiB "
                         f"({need['weights'] / 2**30:.1f} GiB of weights"
-                        f"{' with their copies (gradients and optimizer state, or an exporter' + chr(39) + 's)' if training else ''}, "
+                        f"{copies}, "
                         f"{need['activations'] / 2**30:.1f} GiB of activations) and this "
                         f"machine has {have / 2**30:.1f} GiB available: choose a smaller "
                         f"network, input or batch")
