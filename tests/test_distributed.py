@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnetkit import render
 from resnetkit.errors import UserError
 from resnetkit.train import Trainer, build_config
 from resnetkit.weights import checkpoint as ckpt
@@ -92,6 +93,10 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     b = Trainer(build_config(None, **SMALL, batch_size=64, accum_steps=2, lr_batch=128,
                              out_dir=str(tmp_path), name="b"), quiet=True)
     assert b.batches.global_ == 128 and b.batches.lr == 0.1 and b.steps_per_epoch == 4
+    assert render.train_start(b.describe()) == \
+        f"run folder: {tmp_path / 'b'} (fp32, channels_last={b.channels_last}, cpu, 1 processes " \
+        f"(), 64 per rank x 2 accumulation = global batch 128, lr 0.1)"
+    assert render.train_start(a.describe()).endswith(f"channels_last={a.channels_last}, cpu)")
     # Batch norm sees 64 samples per forward in b, so compare models without batch statistics.
     for t in (a, b):
         t.model.eval()
@@ -188,6 +193,17 @@ def test_hung_rank_times_out_with_a_clear_message(tmp_path):
     assert r.returncode != 0
     assert "waited more than 5 s (dist_timeout) for the other processes" in out, out[-3000:]
     assert secs < 60
+
+
+def test_collective_failures_are_one_sentence_and_other_errors_stay_bugs():
+    two = D.DistInfo(rank=1, world=2, backend="gloo")
+    e = D.explain_failure(RuntimeError("[gloo] Timed out waiting 5000ms for recv\ndetail"), two, 5)
+    assert isinstance(e, UserError) and str(e).startswith("rank 1: a collective operation "
+                                                          "waited more than 5 s (dist_timeout)")
+    assert str(e).endswith("([gloo] Timed out waiting 5000ms for recv)")
+    assert "lost contact" in str(D.explain_failure(RuntimeError("Connection reset by peer"), two, 5))
+    assert D.explain_failure(RuntimeError("Connection reset by peer"), D.DistInfo(), 5) is None
+    assert D.explain_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), two, 5) is None
 
 
 def test_cpu_sync_batchnorm_is_plain_batchnorm_on_one_process():

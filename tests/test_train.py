@@ -123,6 +123,33 @@ def test_unwritable_output_folder(tmp_path):
         t.fit()
 
 
+def test_the_run_folder_writes_what_it_is_given(tmp_path):
+    """RunFolder knows nothing of a trainer: it claims and locks its folder and writes the
+    config, metrics and results it is handed."""
+    from resnetkit.train.runs import RunFolder
+    run = tmp_path / "r"
+    f = RunFolder(run)
+    f.open({"train": {"epochs": 1}}, [{"epoch": 1, "train_loss": float("nan")}], tensorboard=False)
+    try:
+        assert json.loads((run / "config.json").read_text()) == {"train": {"epochs": 1}}
+        f.log_epoch({"epoch": 2, "train_loss": 0.5}, 2)
+        assert (run / "metrics.jsonl").read_text() == \
+            '{"epoch": 1, "train_loss": null}\n{"epoch": 2, "train_loss": 0.5}\n'
+        with pytest.raises(UserError, match="another process is training in"):
+            RunFolder(run, resuming=True).open({}, [], tensorboard=False)
+        f.write_results({"epochs": 2})
+    finally:
+        f.close()
+    assert f.last_good() == "No checkpoint had been written yet"
+    with pytest.raises(UserError, match="already holds a run.*--resume"):
+        RunFolder(run).open({}, [], tensorboard=False)  # a new run never adopts a folder
+    again = RunFolder(run, resuming=True)
+    again.open({"train": {"epochs": 2}}, [], tensorboard=False)  # its own resume may
+    again.close()
+    assert (run / "metrics.jsonl").read_text() == ""  # no row of an epoch the state lacks
+    assert json.loads((run / "results.json").read_text()) == {"epochs": 2}
+
+
 def test_checkpoint_for_another_architecture(tmp_path):
     t = tiny(tmp_path, epochs=1)
     t.fit()

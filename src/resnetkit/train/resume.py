@@ -17,7 +17,7 @@ from .. import weights as ckpt
 from ..errors import UserError
 from ..untrusted import parse_json, shown
 from .config import RESUMABLE, TrainConfig
-from .runs import json_row, read_run_config
+from .runs import json_row, last_state, read_run_config
 
 
 class StopSignals:
@@ -123,7 +123,7 @@ def resume(make: Callable[..., Any], run_dir: str | Path, device=None, quiet: bo
         cfg = TrainConfig(**{**info["train"], **changes})
     except TypeError as e:  # an unknown or missing field in config.json
         raise UserError(f"{run_dir / 'config.json'} does not describe a run ({e})") from None
-    state_file = run_dir / "last.state.pt"
+    state_file = last_state(run_dir)
     fresh = not state_file.exists()  # stopped before its first checkpoint: start again
     t = make(cfg, run_dir=run_dir, device=device, quiet=quiet, load_init=fresh)
     t.folder.resuming = True

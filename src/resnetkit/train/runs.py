@@ -49,6 +49,11 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return info
 
 
+def last_state(run_dir: Path) -> Path:
+    """The training state a resume continues from."""
+    return Path(run_dir) / "last.state.pt"
+
+
 def new_run_dir(out_dir: str, name: str, model: str, dataset: str) -> Path:
     """The folder of a new run: OUT_DIR/NAME, or OUT_DIR/MODEL-DATASET-TIME without a name.
     The name must be one plain path component (it came from the user)."""
@@ -73,15 +78,10 @@ class RunFolder:
         self._lock: int | None = None
         self._tb = None
 
-    @property
-    def state_file(self) -> Path:
-        """The training state a resume continues from."""
-        return self.path / "last.state.pt"
-
     def last_good(self) -> str:
         """Where the last good checkpoint is, for a message."""
-        if self.state_file.exists():
-            return f"The last good checkpoint is {self.state_file}"
+        if last_state(self.path).exists():
+            return f"The last good checkpoint is {last_state(self.path)}"
         return "No checkpoint had been written yet"
 
     def open(self, config: dict[str, Any], history: list[dict[str, Any]],
