@@ -228,7 +228,7 @@ def _quantize_args(sub) -> None:
 def _experiment_args(sub) -> None:
     s = _verb(sub, "experiment", "the ResNet paper's experiments: degradation, responses",
               json=False)
-    kinds = s.add_subparsers(dest="experiment", required=True)
+    kinds = s.add_subparsers(dest="experiment", required=True, help="which experiment")
     d = kinds.add_parser("degradation", allow_abbrev=False,
                          help="plain nets and ResNets of several depths, one recipe: training "
                               "and test error per epoch (the paper's figure 6)")
