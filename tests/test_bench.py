@@ -4,7 +4,7 @@ import torch
 
 from resnetkit.bench import bench, hardware
 from resnetkit.errors import UserError
-from resnetkit.infer.export import openvino_precisions
+from resnetkit.infer.backends.openvino import precisions as openvino_precisions
 from resnetkit.infer.optimize import compile_pays
 
 
@@ -156,11 +156,11 @@ def test_a_failing_peer_engine_is_dropped_with_a_note(monkeypatch):
                      "ONEDNN_MAX_CPU_ISA=AVX2 ([CPU] node is not initialized)"]
     # and one that fails to build (OpenVINO's compile_model under that cap)
     pytest.importorskip("openvino")
-    import resnetkit.infer.export as export
+    import resnetkit.infer.backends.openvino as openvino
 
     def no_build(*a, **k):
         raise RuntimeError("Check failed:\nSupported primitive descriptors list is empty")
-    monkeypatch.setattr(export, "openvino_model", no_build)
+    monkeypatch.setattr(openvino, "compiled", no_build)
     from resnetkit.bench import _engines
     notes = []
     from resnetkit import create_model

@@ -11,7 +11,7 @@ from resnetkit.data import ArrayDataset, ImageFolder, StreamedFolder, match_clas
 from resnetkit.data import in_memory_or_streamed, load_dataset, load_image
 from resnetkit.errors import UserError
 from resnetkit.evaluate import evaluate_checkpoint, preprocess
-from resnetkit.infer.engines import evaluate_on_engine
+from resnetkit.infer import evaluate_source
 from resnetkit.weights import checkpoint as ckpt
 
 PRE = {"mean": [0.5], "std": [0.25], "image_size": 16, "in_chans": 1}
@@ -70,7 +70,7 @@ def test_a_test_class_the_model_does_not_know_is_named(tmp_path, capsys):
     with pytest.raises(UserError, match="has class c, which the model does not know"):
         evaluate_checkpoint(w, f"folder:{test}")
     with pytest.raises(UserError, match="has class c"):
-        evaluate_on_engine(w, f"folder:{test}", engine="onnxruntime", precision="fp32")
+        evaluate_source(w, f"folder:{test}", engine="onnxruntime", precision="fp32")
     assert main(["eval", str(w), "--dataset", f"folder:{test}"]) == 2
     err = capsys.readouterr().err
     assert "class c" in err and "Traceback" not in err and err.count("\n") == 1
@@ -93,7 +93,7 @@ def test_classes_are_scored_by_name(tmp_path, names, counts, onnx):
     assert r["confusion"] == want and list(r["per_class"]) == names
     assert r["samples"] == sum(counts.values()) and "classes_left_out" not in r
     if onnx:  # every engine is judged on the same data (one export is enough here)
-        e = evaluate_on_engine(w, f"folder:{test}", engine="onnxruntime", precision="fp32")
+        e = evaluate_source(w, f"folder:{test}", engine="onnxruntime", precision="fp32")
         assert e["confusion"] == want and e["engine"] == "onnxruntime"
 
 
@@ -146,7 +146,7 @@ def test_a_model_of_some_classes_is_judged_by_name_on_every_engine(tmp_path):
     plain = evaluate_checkpoint(w)
     assert plain["samples"] == 3000 and plain["top1"] == pytest.approx(top1)
     assert plain["classes_left_out"] == [c for c in raw.classes if c not in names]
-    int8 = evaluate_on_engine(w, engine="onnxruntime", precision="int8",
+    int8 = evaluate_source(w, engine="onnxruntime", precision="int8",
                               calibration="fashion-mnist:64")
     assert int8["samples"] == 3000 and list(int8["per_class"]) == names
     assert int8["precision"] == "int8" and int8["top1"] == pytest.approx(top1, abs=0.05)

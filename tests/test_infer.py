@@ -10,7 +10,8 @@ from onnx import TensorProto, helper
 import resnetkit as rk
 from resnetkit.cli import main
 from resnetkit.errors import UserError
-from resnetkit.infer.export import export, onnx_session
+from resnetkit.infer.backends.onnxruntime import session as onnx_session
+from resnetkit.infer.export import export
 from resnetkit.infer.optimize import compile_pays, fold_bn, fold_model, optimize
 from resnetkit.runtime import has_native_bf16
 
@@ -121,17 +122,20 @@ def test_optimize_compiled_equals_eager_and_auto_follows_the_hardware():
 
 def test_openvino_runs_the_exported_file_like_pytorch(tmp_path):
     pytest.importorskip("openvino")
-    from resnetkit.infer.export import openvino_model, openvino_precisions
+    from resnetkit.infer.backends.openvino import compiled, precisions, read
+
+    def openvino_model(path, precision="fp32", shape=None):
+        return compiled(read(path), precision, shape=shape)
     m = trained_like("resnet18", num_classes=10)
     path = export(m, tmp_path / "r18.onnx", "onnx", image_size=64)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         ref = m(x)
-    assert "fp32" in openvino_precisions()
+    assert "fp32" in precisions()
     for shape in (None, (3, 3, 64, 64)):  # dynamic batch, then a fixed shape
         out = torch.from_numpy(np.array(openvino_model(path, "fp32", shape=shape)(x.numpy())))
         assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
-    if "bf16" in openvino_precisions():
+    if "bf16" in precisions():
         out = torch.from_numpy(np.array(openvino_model(path, "bf16")(x.numpy())))
         assert (out - ref).abs().max() < 0.1 * ref.abs().max()
     with pytest.raises(UserError, match="fp32 or bf16"):
@@ -232,8 +236,9 @@ def test_compiled_cpu_path_prepacks_the_weights(capfd):
 
 def test_preset_onnx_takes_any_size_and_carries_imagenet_preprocessing(tmp_path):
     from PIL import Image
-    from resnetkit.infer.export import export_source, onnx_meta
+    from resnetkit.infer.export import export_source
     from resnetkit.infer.predict import predict
+    from resnetkit.infer.source import open_source
     path, model, size = export_source("resnet18", ["layers=1,1,1,1"], "onnx", tmp_path / "r.onnx")
     assert size == 224
     sess = onnx_session(path)
@@ -244,10 +249,10 @@ def test_preset_onnx_takes_any_size_and_carries_imagenet_preprocessing(tmp_path)
             ref = model(x).numpy()
         got = sess.run(None, {"input": x.numpy()})[0]
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), hw
-    info = onnx_meta(sess)
+    meta = open_source(path).meta
     # torchvision's ImageNet eval transform: resize 256, centre crop 224, ImageNet statistics
-    assert info["preprocess"]["image_size"] == 224 and info["preprocess"]["resize"] == 256
-    assert info["preprocess"]["mean"] == [0.485, 0.456, 0.406] and len(info["classes"]) == 1000
+    assert meta.preprocess["image_size"] == 224 and meta.preprocess["resize"] == 256
+    assert meta.preprocess["mean"] == [0.485, 0.456, 0.406] and len(meta.classes) == 1000
     Image.new("RGB", (300, 240), (200, 30, 30)).save(tmp_path / "red.png")
     out = predict(path, [tmp_path / "red.png"], top_k=3)
     assert len(out) == 1 and len(out[0]["top"]) == 3
@@ -320,7 +325,7 @@ def test_outputs_that_overflow_are_refused_by_predict_and_eval(tmp_path, capsys,
     from PIL import Image
     from resnetkit.evaluate import evaluate_checkpoint
     from resnetkit.infer import predict
-    from resnetkit.infer.engines import evaluate_on_engine
+    from resnetkit.infer import evaluate_source
     w = tiny_checkpoint(tmp_path / "huge.safetensors", 1e6)
     Image.new("L", (28, 28), 200).save(tmp_path / "a.png")
     unusable = "produced NaN or infinite outputs on {}; its weights are unusable"
@@ -329,7 +334,7 @@ def test_outputs_that_overflow_are_refused_by_predict_and_eval(tmp_path, capsys,
     with pytest.raises(UserError, match=unusable.format("image 0 of fashion-mnist test")):
         evaluate_checkpoint(w, limit=64)
     with pytest.raises(UserError, match=unusable.format("image 0 of fashion-mnist test")):
-        evaluate_on_engine(w, engine="onnxruntime", precision="fp32")
+        evaluate_source(w, engine="onnxruntime", precision="fp32")
     assert main(["eval", str(w)]) == 2
     err = capsys.readouterr().err
     assert "huge.safetensors produced NaN or infinite outputs" in err and err.count("\n") == 1

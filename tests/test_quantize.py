@@ -9,9 +9,10 @@ import torch
 import resnetkit as rk
 from resnetkit.cli import main
 from resnetkit.errors import UserError
-from resnetkit.infer import engines
+from resnetkit.infer import RunConfig, auto, open_runner, runner
+from resnetkit.infer.calibrate import calibration_set, parse_calibration
 from resnetkit.infer.optimize import optimize
-from resnetkit.infer.quantize import calibration_set, parse_calibration, quantize, quantize_graph
+from resnetkit.infer.quantize import quantize, quantize_graph
 
 
 def small(in_chans=3, classes=10):
@@ -119,7 +120,7 @@ def test_int8_on_every_engine_follows_fp32(engine):
 def test_compiled_int8_equals_the_reference_graph():
     m = small()
     graph = quantize_graph(m, list(cal().split(32)))
-    from resnetkit.infer.quantize import Int8Model
+    from resnetkit.infer.backends.torch import Int8Model
     x = cal(16)
     ref = Int8Model(graph, compiled=False)(x)
     out = Int8Model(graph, compiled=True)(x)
@@ -139,7 +140,7 @@ def test_compiled_int8_equals_the_reference_graph():
 
 def test_int8_bad_input():
     m = small()
-    with pytest.raises(UserError, match="auto or one of"):
+    with pytest.raises(UserError, match="engine must be one of auto, torch"):
         optimize(m, "int8", engine="tensorrt", calibration=cal())
     with pytest.raises(UserError, match="calibration images are for precision int8 only"):
         optimize(m, "fp32", engine="onnxruntime", calibration=cal())
@@ -168,8 +169,8 @@ def test_auto_takes_the_fastest_and_remembers_it(monkeypatch, tmp_path):
     def fake_measure(candidates, shape, rounds=5):
         seen.append(set(candidates))
         return {k: speeds[k] for k in candidates}
-    monkeypatch.setattr(engines, "measure", fake_measure)
-    monkeypatch.setattr(engines, "build", lambda model, e, p, *a, **k: engines.Engine(
+    monkeypatch.setattr(auto, "measure", fake_measure)
+    monkeypatch.setattr(runner, "build", lambda model, e, p, *a, **k: runner.Runner(
         e, p, lambda x: x, numpy_io=False))
     m = small()
     e = optimize(m, "fp32", engine="auto", input_shape=(4, 3, 32, 32))
@@ -205,12 +206,12 @@ def test_quantize_writes_checked_qdq_onnx_and_an_ir(int8_files, trained, capsys)
     assert int8_files.with_suffix(".xml").exists() and int8_files.with_suffix(".bin").exists()
     assert not list(int8_files.parent.glob(".*partial*"))
     # eval on the QDQ file in ONNX Runtime and on the IR in OpenVINO, against fp32
-    from resnetkit.infer.engines import evaluate_on_engine
     from resnetkit.evaluate import evaluate_checkpoint
+    from resnetkit.infer import evaluate_source
     fp32 = evaluate_checkpoint(trained)["top1"]
     for path, engine in ((int8_files, "onnxruntime"), (int8_files, "openvino"),
                          (int8_files.with_suffix(".xml"), "openvino")):
-        r = evaluate_on_engine(path, engine=engine)
+        r = evaluate_source(path, engine=engine)
         assert (r["engine"], r["precision"]) == (engine, "int8")
         assert abs(r["top1"] - fp32) <= 0.02 and r["samples"] == 10000
     assert main(["eval", str(int8_files.with_suffix(".xml")), "--json"]) == 0
@@ -234,12 +235,12 @@ def test_predict_on_int8_files_and_engines(int8_files, trained, tmp_path):
 
 
 def test_int8_file_bad_input(int8_files, trained, tmp_path, capsys):
-    with pytest.raises(UserError, match="runs in onnxruntime or openvino, not in torch"):
-        engines.open_file(int8_files, "torch")
-    with pytest.raises(UserError, match="runs in openvino, not in onnxruntime"):
-        engines.open_file(int8_files.with_suffix(".xml"), "onnxruntime")
+    with pytest.raises(UserError, match="runs in onnxruntime or openvino, not torch"):
+        open_runner(int8_files, RunConfig(engine="torch"))
+    with pytest.raises(UserError, match="runs in openvino, not onnxruntime"):
+        open_runner(int8_files.with_suffix(".xml"), RunConfig(engine="onnxruntime"))
     with pytest.raises(UserError, match="is a int8 model; precision fp32 needs a checkpoint"):
-        engines.open_source(int8_files, "auto", "fp32")
+        open_runner(int8_files, RunConfig(precision="fp32"))
     cases = [
         (["quantize", str(trained), "--calibration", "fashion-mnist:1", "-o",
           str(tmp_path / "a.onnx")], "from 2 to 10,000 (the most read from a dataset), got '1'"),
@@ -254,7 +255,7 @@ def test_int8_file_bad_input(int8_files, trained, tmp_path, capsys):
         (["export", str(trained), "--precision", "int8", "-o", str(tmp_path / "a.onnx")],
          "needs calibration images"),
         (["export", str(trained), "--calibration", "fashion-mnist"], "--precision int8 only"),
-        (["eval", str(int8_files), "--engine", "torch"], "not in torch"),
+        (["eval", str(int8_files), "--engine", "torch"], "not torch"),
     ]
     for argv, msg in cases:
         assert main(argv) == 2, argv
@@ -265,14 +266,14 @@ def test_int8_file_bad_input(int8_files, trained, tmp_path, capsys):
 
 def test_serve_runs_an_int8_file_as_int8(int8_files):
     # the label /metadata shows comes from the file's operators, not from the engine choice
-    from resnetkit.serve.engine import open_engine
+    from resnetkit.serve.api import open_model as open_engine
     e = open_engine(int8_files)
     assert (e.engine, e.precision) == ("onnxruntime", "int8")
     ov = open_engine(int8_files, "openvino")
     assert (ov.engine, ov.precision) == ("openvino", "int8")
     x = torch.randn(4, 1, 28, 28)
     assert torch.allclose(e(x), ov(x), atol=0.1 * e(x).abs().max().item())
-    with pytest.raises(UserError, match="int8 \\(QDQ\\) file"):
+    with pytest.raises(UserError, match="is a int8 model; precision fp32 needs a checkpoint"):
         open_engine(int8_files, "auto", "fp32")
 
 
@@ -331,16 +332,16 @@ def test_calibration_images_that_are_not_finite_are_one_sentence(bad, own_rng):
 def test_auto_precision_is_one_the_engine_runs(monkeypatch, own_rng):
     import resnetkit.runtime as runtime
     monkeypatch.setattr(runtime, "has_native_bf16", lambda device: True)  # as on AMX
-    assert engines.resolve_precision("torch", "auto") == "bf16"
-    assert engines.resolve_precision("onnxruntime", "auto") == "fp32"  # it has no bf16 path
-    assert engines.resolve_precision("auto", "auto") == "bf16"
-    assert engines.resolve_precision("onnxruntime", "fp32") == "fp32"
-    assert engines.resolve_precision("openvino", "auto") == (
-        "bf16" if engines.installed("openvino", "bf16") is None else "fp32")
+    assert runner.resolve_precision("torch", "auto") == "bf16"
+    assert runner.resolve_precision("onnxruntime", "auto") == "fp32"  # it has no bf16 path
+    assert runner.resolve_precision("auto", "auto") == "bf16"
+    assert runner.resolve_precision("onnxruntime", "fp32") == "fp32"
+    assert runner.resolve_precision("openvino", "auto") == (
+        "bf16" if runner.installed("openvino", "bf16") is None else "fp32")
     e = optimize(small(), engine="onnxruntime", input_shape=(2, 3, 32, 32))
     assert (e.engine, e.precision) == ("onnxruntime", "fp32")
     monkeypatch.setattr(runtime, "has_native_bf16", lambda device: False)
-    assert engines.resolve_precision("torch", "auto") == "fp32"
+    assert runner.resolve_precision("torch", "auto") == "fp32"
 
 
 def test_int8_of_weights_that_overflow_is_one_sentence(tmp_path, capsys, own_rng):

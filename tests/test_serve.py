@@ -29,7 +29,7 @@ from resnetkit.cli import main  # noqa: E402
 from resnetkit.infer import predict  # noqa: E402
 from resnetkit.serve.batcher import Batcher  # noqa: E402
 from resnetkit.serve.decode import BadInput, check_type, decode_image  # noqa: E402
-from resnetkit.serve.engine import open_engine  # noqa: E402
+from resnetkit.serve.api import open_model as open_engine  # noqa: E402
 
 PRE = {"mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1}
 

@@ -3,6 +3,7 @@ interleaved round by round in one process so machine noise hits every path alike
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -13,10 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .evaluate import evaluate_checkpoint
+from .evaluate import eval_data, guard
 from .geometry import check_input_size
-from .infer.optimize import compile_pays, optimize
+from .infer import RunConfig, Runner, Source, open_runner, open_source
+from .infer.backends.openvino import precisions as ov_precisions
+from .infer.backends.torch import compile_pays
+from .infer.calibrate import calibration_set
+from .infer.export import export
+from .infer.runner import installed
 from .runtime import allocator_state, decide_channels_last, hardware, has_native_bf16
+from .untrusted import shown
 from .zoo import create_model
 
 __all__ = ["bench", "check", "hardware", "training_step"]
@@ -42,43 +49,34 @@ def training_step(m: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
     return run
 
 
-def _export_onnx(model: torch.nn.Module, image_size: int, notes: list[str]) -> Path | None:
-    """The model exported to a temporary ONNX file for the engines, or None (with a note)
-    when the exporter's packages are missing."""
-    from .infer.export import export
-    path = Path(tempfile.mkdtemp()) / "model.onnx"
+def _engines(model: torch.nn.Module, image_size: int, notes: list[str],
+             shape: tuple[int, ...] | None = None) -> dict[str, tuple[str, Runner]]:
+    """{name: (precision, runner)} for ONNX Runtime and OpenVINO (each precision its CPU
+    plugin offers) on one exported file. shape fixes OpenVINO's input shape (None: dynamic
+    batch). Absent engines are skipped with a note."""
+    work = Path(tempfile.mkdtemp())
     try:
-        export(model, path, "onnx", image_size, dynamic_size=False)
+        export(model, work / "model.onnx", "onnx", image_size, dynamic_size=False)
+        exported = open_source(work / "model.onnx")
     except ImportError as e:
         notes.append(f"ONNX export needs pip install 'resnetkit[export]' ({e}): "
                      "ONNX Runtime and OpenVINO skipped")
-        return None
-    return path
-
-
-def _engines(model: torch.nn.Module, image_size: int, notes: list[str],
-             shape: tuple[int, ...] | None = None) -> dict[str, tuple[str, Callable]]:
-    """{name: (precision, run)} for ONNX Runtime and OpenVINO (each precision its CPU plugin
-    offers) on the exported file; run maps a numpy batch to numpy logits. shape fixes
-    OpenVINO's input shape (None: dynamic batch). Absent engines are skipped with a note."""
-    from .infer.export import onnx_session, openvino_model, openvino_precisions
-    path = _export_onnx(model, image_size, notes)
-    if path is None:
         return {}
-    runners: dict[str, tuple[str, Callable]] = {}
-    threads = torch.get_num_threads()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    runners: dict[str, tuple[str, Runner]] = {}
     try:
-        sess = onnx_session(path, threads)
-        name = sess.get_inputs()[0].name
-        runners["onnxruntime_fp32"] = ("fp32", lambda a: sess.run(None, {name: a})[0])
+        runners["onnxruntime_fp32"] = ("fp32", open_runner(exported, RunConfig(
+            engine="onnxruntime", precision="fp32")))
     except UserError as e:
         notes.append(f"{e}: skipped")
-    precs = openvino_precisions()
+    precs = ov_precisions()
     if not precs:
         notes.append("openvino not installed: skipped (pip install 'resnetkit[openvino]')")
     for p in precs:
         try:
-            runners[f"openvino_{p}"] = (p, openvino_model(path, p, threads, shape))
+            runners[f"openvino_{p}"] = (p, open_runner(exported, RunConfig(
+                engine="openvino", precision=p, shape=shape, static=shape is not None)))
         except Exception as e:  # OpenVINO's own exception types
             _peer_failed(f"openvino_{p}", e, notes)
     return runners
@@ -114,30 +112,29 @@ def _peer_failed(name: str, e: Exception, notes: list[str]) -> None:
 def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
                 shape: tuple[int, ...] | None = None, onnx: bool = True,
                 compiled: bool = True, source: Any = "the model"
-                ) -> dict[str, tuple[str, Callable]]:
-    """{name: ("int8", run on a float batch)}: resnetkit's PT2E int8 model (compiled with
-    frozen weights where optimize() compiles), and where installed ONNX Runtime on its QDQ
-    export and OpenVINO on NNCF's quantization, all calibrated on `batches`. Engines that
-    are not installed are skipped with a note. A model whose outputs on the calibration
-    images are not finite is a UserError naming `source`."""
-    from .infer.engines import build, installed
-    from .infer.quantize import Int8Model, quantize_graph
-    paths: dict[str, tuple[str, Callable]] = {}
+                ) -> dict[str, tuple[str, Runner]]:
+    """{name: ("int8", runner)}: resnetkit's PT2E int8 model (compiled with frozen weights
+    where the torch engine compiles), and where installed ONNX Runtime on its QDQ export and
+    OpenVINO on NNCF's quantization, all calibrated on `batches`. Engines that are not
+    installed are skipped with a note. A model whose outputs on the calibration images are
+    not finite is a UserError naming `source`."""
+    paths: dict[str, tuple[str, Runner]] = {}
     why = installed("torch", "int8")
     if why:
         notes.append(f"{why}: int8 paths skipped")
         return paths
-    paths["resnetkit_int8"] = ("int8", Int8Model(quantize_graph(base, batches, source),
-                                                 compiled))
+    src = Source.of_model(base, name=source)
+    paths["resnetkit_int8"] = ("int8", open_runner(src, RunConfig(
+        engine="torch", precision="int8", calibration=batches, compile=compiled)))
     for engine in ("onnxruntime", "openvino") if onnx else ():
         why = installed(engine, "int8")
         if why:
             notes.append(f"{why}: {engine}_int8 skipped")
             continue
         try:
-            paths[f"{engine}_int8"] = ("int8", build(base, engine, "int8", batches,
-                                                     shape=shape, static=shape is not None,
-                                                     source=source))
+            paths[f"{engine}_int8"] = ("int8", open_runner(src, RunConfig(
+                engine=engine, precision="int8", calibration=batches, shape=shape,
+                static=shape is not None)))
         except UserError:
             raise
         except Exception as e:  # the engine's (or its quantizer's) own exception types
@@ -145,45 +142,54 @@ def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[
     return paths
 
 
+def _runners(src: Source, image_size: int, probe: torch.Tensor, compiled: bool, onnx: bool,
+             batches: list[torch.Tensor] | None, notes: list[str],
+             shape: tuple[int, ...] | None = None) -> dict[str, tuple[str, Runner]]:
+    """{name: (precision, runner)} of every inference path of `src`'s model, the eager fp32
+    model first: resnetkit's torch engine (eager, and compiled when `compiled`), ONNX
+    Runtime and OpenVINO (`onnx`; input fixed to `shape` where given) and the int8 paths
+    calibrated on `batches` (None: none). The peer engines are those that run on `probe`
+    (see _working); ONNX Runtime, OpenVINO and int8 run on the CPU only."""
+    fast = open_runner(src, RunConfig(engine="torch", compile=False))
+    out = {"baseline_fp32_nchw": ("fp32", open_runner(src, RunConfig(reference=True))),
+           "resnetkit_infer": (fast.precision, fast)}
+    if compiled:
+        out["resnetkit_infer_compiled"] = (fast.precision, open_runner(
+            src, RunConfig(engine="torch", compile=True)))
+    cpu = next(src.model.parameters()).device.type == "cpu"
+    if onnx and cpu:
+        out.update(_working(_engines(src.model, image_size, notes, shape), probe, notes))
+    elif onnx:
+        notes.append("ONNX Runtime and OpenVINO are timed on the CPU only (use --device cpu)")
+    if batches is not None and cpu:
+        out.update(_working(_int8_paths(src.model, batches, notes, shape, onnx, compiled,
+                                        src.name), probe, notes))
+    elif batches is not None:
+        notes.append("int8 is timed on the CPU only (use --device cpu)")
+    return out
+
+
 def _paths(model: str, x: torch.Tensor, y: torch.Tensor, image_size: int, train: bool,
            onnx: bool, compile: bool, notes: list[str], int8: bool = True, **build: Any
            ) -> tuple[dict[str, Callable[[], Any]], dict[str, str], bool]:
-    """Every timed path ({name: run}), its precision, and whether optimize() compiles by
-    default here. `build` holds create_model's in_chans and num_classes."""
+    """Every timed path ({name: run}), its precision, and whether the torch engine compiles
+    by default here. `build` holds create_model's in_chans and num_classes."""
     dev = x.device
     base = create_model(model, **build).to(dev).eval()
-    fast = optimize(base, compile=False)
-
-    def infer(m):
-        def run():
-            with torch.inference_mode():
-                m(x)
-        return run
-    paths = {"baseline_fp32_nchw": infer(base), "resnetkit_infer": infer(fast)}
-    precision = {"baseline_fp32_nchw": "fp32", "resnetkit_infer": fast.precision}
     auto_compiles = compile_pays(dev)
-    if compile or auto_compiles:
-        paths["resnetkit_infer_compiled"] = infer(optimize(base, compile=True))
-        precision["resnetkit_infer_compiled"] = fast.precision
-    if onnx and dev.type == "cpu":
-        xn = x.numpy()
-        engines = _working(_engines(base, image_size, notes, tuple(x.shape)), xn, notes)
-        for name, (prec, run) in engines.items():
-            paths[name] = lambda run=run: run(xn)
-            precision[name] = prec
-    elif onnx:
-        notes.append("ONNX Runtime and OpenVINO are timed on the CPU only (use --device cpu)")
-    if int8 and dev.type == "cpu":
-        # random weights, so random calibration images: the speed does not depend on them
-        gen = torch.Generator().manual_seed(0)
-        batches = [torch.randn(x.shape, generator=gen) for _ in range(2)]
-        int8_paths = _working(_int8_paths(base, batches, notes, tuple(x.shape), onnx,
-                                          auto_compiles or compile), x, notes)
-        for name, (prec, run) in int8_paths.items():
-            paths[name] = infer(run)
-            precision[name] = prec
-    elif int8:
-        notes.append("int8 is timed on the CPU only (use --device cpu)")
+    # random weights, so random calibration images: the speed does not depend on them
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(x.shape, generator=gen) for _ in range(2)] if int8 else None
+    runners = _runners(Source.of_model(base), image_size, x, compile or auto_compiles, onnx,
+                       batches, notes, tuple(x.shape))
+
+    def infer(run):
+        def timed():
+            with torch.inference_mode():
+                run(x)
+        return timed
+    paths = {k: infer(run) for k, (_, run) in runners.items()}
+    precision = {k: p for k, (p, _) in runners.items()}
     if train:
         tb = create_model(model, **build).to(dev).train()
         ob = torch.optim.SGD(tb.parameters(), lr=0.01, momentum=0.9)
@@ -289,38 +295,29 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
     """The accuracy guard: every fast path's logits against the eager fp32 model's on a real
     test set, for a trained checkpoint. Reports per path its top-1 accuracy, its top-1
     agreement with fp32 (fraction of images with the same predicted class) and the max and
-    mean absolute logit difference (see evaluate_checkpoint). int8: also the int8 paths,
+    mean absolute logit difference (see evaluate.guard). int8: also the int8 paths,
     calibrated on `calibration_images` images of the dataset's training split in the
     checkpoint's preprocessing (never on the test images they are judged on)."""
-    import numpy as np
-    from .weights.sources import load_source
+    if batch < 1:
+        raise UserError(f"batch size must be >= 1, got {batch}")
     notes: list[str] = []
-    info = load_source(checkpoint)[1]
-    pre = info.get("preprocess")
-
-    def variants(model: torch.nn.Module, image_size: int) -> dict[str, tuple[str, Callable]]:
-        fast = optimize(model, compile=False)
-        paths: dict[str, tuple[str, Callable]] = {"resnetkit_infer": (fast.precision, fast)}
-        if compile or compile_pays(next(model.parameters()).device):
-            paths["resnetkit_infer_compiled"] = (fast.precision, optimize(model, compile=True))
-        if onnx:
-            probe = torch.zeros(2, model.cfg.in_chans, image_size, image_size).numpy()
-            for name, (prec, run) in _working(_engines(model, image_size, notes), probe,
-                                              notes).items():
-                paths[name] = (prec, lambda x, run=run: torch.from_numpy(np.array(run(x.numpy()))))
-        if int8 and next(model.parameters()).device.type == "cpu":
-            from .infer.quantize import calibration_set
-            batches = calibration_set(f"{dataset}:{calibration_images}", model.cfg.in_chans,
-                                      image_size, pre, data_dir=data_dir,
-                                      classes=info.get("classes"))
-            notes.append(f"int8 calibrated on {calibration_images} images of the {dataset} "
-                         f"training split")
-            paths.update(_working(_int8_paths(model, batches, notes, onnx=onnx,
-                                              compiled=compile or compile_pays(torch.device("cpu")),
-                                              source=checkpoint),
-                                  batches[0][:2], notes))
-        return paths
-    r = evaluate_checkpoint(checkpoint, dataset, "test", data_dir, limit=limit,
-                            batch_size=batch, variants=variants)
+    src = open_source(checkpoint)
+    if src.model is None:
+        raise UserError(f"{shown(checkpoint)} is an exported file; bench --check compares the "
+                        f"engines of the checkpoint it was exported from")
+    pre, cfg, classes = src.meta.need_preprocess(), src.model.cfg, src.meta.classes
+    data, left_out = eval_data(dataset, "test", data_dir, pre, cfg.in_chans, classes,
+                               src.model.num_classes, limit)
+    size = pre["image_size"] or data.shape[-1]  # the size the model sees
+    batches = None
+    if int8:
+        batches = calibration_set(f"{dataset}:{calibration_images}", cfg.in_chans, size, pre,
+                                  data_dir=data_dir, classes=classes)
+        notes.append(f"int8 calibrated on {calibration_images} images of the {dataset} "
+                     f"training split")
+    probe = torch.zeros(2, cfg.in_chans, size, size)
+    paths = _runners(src, size, probe, compile or compile_pays(torch.device("cpu")), onnx,
+                     batches, notes)
+    r = guard(checkpoint, cfg, dataset, "test", data, paths, pre, batch, left_out)
     r["notes"] = notes
     return r

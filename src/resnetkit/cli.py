@@ -124,14 +124,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 @command(runs_networks=True)
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint
-    on_engine = a.engine or a.precision != "auto" or a.calibration  # int8 needs an engine
-    if on_engine or Path(a.checkpoint).suffix in (".onnx", ".xml"):
-        from .infer.engines import evaluate_on_engine
-        r = evaluate_on_engine(a.checkpoint, a.dataset, a.split, a.data_dir, a.engine or "auto",
-                               a.precision, a.calibration, tta_flip=a.tta_flip)
-    else:
-        r = evaluate_checkpoint(a.checkpoint, a.dataset, a.split, a.data_dir, tta_flip=a.tta_flip)
+    from .infer import evaluate_source
+    r = evaluate_source(a.checkpoint, a.dataset, a.split, a.data_dir, a.engine, a.precision,
+                        a.calibration, tta_flip=a.tta_flip)
     return _show(a, r, lambda r: render.evaluation(r, f"{a.checkpoint} on {a.dataset} {a.split}"))
 
 

@@ -1,6 +1,6 @@
 """Evaluate a model, or a checkpoint, on a dataset: top-1, top-5, loss, per-class accuracy,
 the confusion matrix; and the agreement of other inference paths with a checkpoint's own
-fp32 model (`resnetkit eval` and `resnetkit bench --check` both call `evaluate_checkpoint`)."""
+fp32 model (the accuracy guard, `guard`: `resnetkit bench --check`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import ArrayDataset, StreamedFolder, load_dataset, match_classes, materialize
-from .data import transforms as T
+from .data import ArrayDataset, StreamedFolder, match_classes, materialize
+from .data.preprocess import load_split, preprocess
 from .errors import UserError
 from .model import ResNet
 from .untrusted import shown
@@ -24,14 +24,6 @@ from .weights.sources import load_source
 Reduce = Callable[..., list[torch.Tensor]]
 # variants(model, image_size) -> {name: (precision, callable on a float batch)}
 Variants = Callable[[ResNet, int], dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]]]
-
-
-def preprocess(images: torch.Tensor, mean, std, image_size: int = 0) -> torch.Tensor:
-    """uint8 images -> normalised float batch at the eval size (resize + centre crop)."""
-    x = images.float() / 255
-    if image_size and x.shape[-1] != image_size:
-        x = T.resize_center_crop(x, image_size)
-    return T.normalize(x, mean, std)
 
 
 def check_outputs(out: torch.Tensor, source: Any, inputs: Callable[[int], str]) -> torch.Tensor:
@@ -144,9 +136,7 @@ def eval_data(dataset: str, split: str, data_dir: str | None, preprocess: dict[s
     differ where there are no names to match."""
     if limit < 0:
         raise UserError(f"limit must be >= 0 (0: every sample), got {limit}")
-    ds = load_dataset(dataset, split, data_dir, preprocess.get("image_size", 0), in_chans,
-                      resize=preprocess.get("resize", 0),
-                      interpolation=preprocess.get("interpolation", "bilinear"))
+    ds = load_split(dataset, split, data_dir, preprocess, in_chans)
     own = list(ds.classes)
     data = materialize(match_classes(ds, classes, num_classes, f"{dataset} ({split})"))
     left_out = [c for c in own if c not in data.classes]
@@ -201,18 +191,31 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str = "fashion-mnist",
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     e = open_eval(checkpoint, dataset, split, data_dir, limit)
-    where = f"{dataset} {split}"
     if variants is None:
         r = evaluate(e.model, e.data, e.mean, e.std, e.image_size, batch_size,
-                     tta_flip=tta_flip, source=checkpoint, where=where)
+                     tta_flip=tta_flip, source=checkpoint, where=f"{dataset} {split}")
         return {**r, **left_out_note(e.left_out)}
     e.model.eval()
     size = e.image_size or e.data.shape[-1]  # the size the model sees
     paths = {"baseline_fp32_nchw": ("fp32", e.model), **variants(e.model, size)}
-    logits = {k: evaluate(fn, e.data, e.mean, e.std, e.image_size, batch_size,
+    return guard(checkpoint, e.model.cfg, dataset, split, e.data, paths,
+                 {"mean": e.mean, "std": e.std, "image_size": e.image_size}, batch_size,
+                 e.left_out)
+
+
+def guard(checkpoint: Any, cfg: Any, dataset: str, split: str, data: ArrayDataset,
+          paths: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]],
+          pre: dict[str, Any], batch_size: int, left_out: list[str]) -> dict[str, Any]:
+    """The accuracy guard: every path ({name: (precision, callable on a float batch)}, the
+    first the reference, the checkpoint's own fp32 model) evaluated on `data` normalised by
+    `pre` (mean, std, image_size): each path's top-1, its top-1 agreement with the
+    reference (fraction of images given the same class) and the max and mean absolute
+    logit difference, under "results"; the outputs of each checked (check_outputs)."""
+    where = f"{dataset} {split}"
+    logits = {k: evaluate(fn, data, pre["mean"], pre["std"], pre["image_size"], batch_size,
                           keep_logits=True, source=f"{checkpoint} ({k})",
                           where=where)["logits"] for k, (_, fn) in paths.items()}
-    ref, labels, n = logits["baseline_fp32_nchw"], e.data.labels, len(e.data)
+    ref, labels, n = next(iter(logits.values())), data.labels, len(data)
     results = {}
     for k, out in logits.items():
         d = (out - ref).abs()
@@ -220,11 +223,10 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str = "fashion-mnist",
                       "top1": (out.argmax(1) == labels).sum().item() / n,
                       "agreement_with_fp32": (out.argmax(1) == ref.argmax(1)).sum().item() / n,
                       "max_abs_diff": d.max().item(), "mean_abs_diff": d.mean().item()}
-    c = e.model.cfg
     return {"checkpoint": str(checkpoint),
-            "model": f"{c.block} blocks, depth {c.depth}, widths {list(c.widths)}",
+            "model": f"{cfg.block} blocks, depth {cfg.depth}, widths {list(cfg.widths)}",
             "dataset": dataset, "samples": n, "logit_scale": ref.abs().max().item(),
-            "results": results, **left_out_note(e.left_out)}
+            "results": results, **left_out_note(left_out)}
 
 
 def left_out_note(left_out: list[str]) -> dict[str, list[str]]:

@@ -4,7 +4,6 @@ convolutional up to its global pool)."""
 from __future__ import annotations
 
 import copy
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,11 @@ from ..errors import UserError
 from ..geometry import check_input_size
 from ..model import ResNet
 from ..runtime import check_memory
-from ..options import parse_overrides
-from ..untrusted import parse_json, shown
+from ..untrusted import shown
 from ..weights.checkpoint import atomic_write, default_output
-from ..weights.sources import REGISTRY, class_names, load_source, preprocess_of
-from ..zoo import create_model, get_config
+from ..weights.sources import preprocess_of
+from .backends.torch import fold_model
+from .source import open_source
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 FORMATS = tuple(SUFFIX)
@@ -46,7 +45,6 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     a TorchScript file is scripted and takes any size either way); otherwise only
     image_size. opset: the ONNX opset (default: the exporter's). For ONNX, `meta` (classes,
     preprocess) is stored in the file's metadata_props, so `predict` can use the file alone."""
-    from .optimize import fold_model
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
@@ -124,116 +122,17 @@ def export_source(source: str | Path, overrides: list[str] | None = None, fmt: s
     ImageNet's, and numbered classes go along). Returns (path, model, input size)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    meta: dict[str, Any] = {}
-    if Path(source).exists() or str(source) in REGISTRY:
-        if overrides:
-            raise UserError("config overrides apply to a preset name, not to a checkpoint")
-        model, info = load_source(source)
-        meta = {k: info[k] for k in ("classes", "preprocess") if k in info}
-        size = image_size or meta.get("preprocess", {}).get("image_size", 224)
-    else:
-        shape = parse_overrides(overrides)
-        # before it is built: the export holds the weights about four times (see export())
-        check_memory(get_config(str(source), **shape), training=True, what=f"exporting {source}")
-        model = create_model(str(source), **shape).eval()
-        size = image_size or model.pretrained_cfg["input_size"][-1]
-        meta = {"classes": class_names(model.num_classes),
-                "preprocess": preprocess_of(model.pretrained_cfg, size)}
+    src = open_source(source, overrides, preset=True)
+    if src.model is None:
+        raise UserError(f"{shown(source)} is an exported file already; export the checkpoint "
+                        f"it came from")
+    model, meta = src.model, src.meta.entries()
+    size = image_size or (meta["preprocess"]["image_size"] if "preprocess" in meta else 224)
+    if src.kind == "preset" and image_size:  # the preset's preprocessing at the size asked
+        meta["preprocess"] = preprocess_of(model.pretrained_cfg, size)
     stem = Path(source).stem if Path(source).exists() else str(source)  # a tag keeps its dots
     out = Path(output) if output else Path(default_output(stem + SUFFIX[fmt]))
     if out.suffix != SUFFIX[fmt]:  # what `predict` and the engines go by
         raise UserError(f"a {fmt} file should end in {SUFFIX[fmt]}, not {out.name!r}")
     return export(model, out, fmt, size, fold=fold, meta=meta, dynamic_size=dynamic_size,
                   opset=opset), model, size
-
-
-def onnx_session(path: str | Path, threads: int = 0):
-    """An ONNX Runtime session on the CPU (threads: 0 for ORT's default); checks the file's
-    input layout."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("ONNX files need onnxruntime: pip install 'resnetkit[export]'") from None
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types for unreadable models
-        raise UserError(f"cannot load {path} in ONNX Runtime ({e})") from None
-    shape = sess.get_inputs()[0].shape
-    if len(shape) != 4 or not isinstance(shape[1], int) or shape[1] > 4:
-        raise UserError(f"{path} takes input of shape {shape}; resnetkit expects NCHW "
-                        f"(batch, channels, height, width)")
-    return sess
-
-
-def onnx_meta(sess, source: str = "the ONNX file") -> dict[str, Any]:
-    """The classes and preprocessing an exported file carries, validated like a
-    checkpoint's metadata (the file is untrusted input)."""
-    from ..weights.checkpoint import check_preprocess
-    props = sess.get_modelmeta().custom_metadata_map
-    info = {k: parse_json(v, source, f"{k} metadata") for k, v in props.items()
-            if k in ("classes", "preprocess")}
-    outputs = sess.get_outputs()[0].shape[-1]
-    classes = info.get("classes")
-    if classes is not None and (not isinstance(classes, list) or not all(
-            isinstance(c, str) for c in classes) or (isinstance(outputs, int) and len(classes) != outputs)):
-        raise UserError(f"{source}: its class list does not match its {outputs} outputs")
-    if "preprocess" in info:
-        chans = sess.get_inputs()[0].shape[1]
-        info["preprocess"] = check_preprocess(info["preprocess"], chans, source)
-    return info
-
-
-@functools.lru_cache(maxsize=1)
-def _openvino_core():
-    """One OpenVINO runtime per process: its CPU plugin (thread pools, caches) is
-    process-wide state. With a Core per compiled model, an fp32 and a bf16 model compiled
-    side by side led to a segmentation fault later in the same process (when a training run
-    in it was then interrupted with SIGINT)."""
-    import openvino as ov
-    return ov.Core()
-
-
-def openvino_precisions() -> list[str]:
-    """The inference precisions OpenVINO's CPU plugin offers here ("fp32", plus "bf16" where
-    the CPU has native bf16 and ONEDNN_MAX_CPU_ISA does not hide it: under such a cap the
-    plugin still offers bf16 but cannot build its nodes); empty when OpenVINO is not
-    installed."""
-    from ..runtime import has_native_bf16
-    try:
-        core = _openvino_core()
-    except ImportError:
-        return []
-    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return ["fp32"] + (["bf16"] if "BF16" in caps and has_native_bf16("cpu") else [])
-
-
-def openvino_model(path: str | Path, precision: str = "fp32", threads: int = 0,
-                   shape: tuple[int, ...] | None = None):
-    """An exported ONNX file compiled by OpenVINO for the CPU. precision is the plugin's
-    inference precision ("fp32" or "bf16"); shape fixes the input shape (static shapes let
-    the plugin plan its memory; None keeps the dynamic batch). Call it on a numpy array."""
-    try:
-        core = _openvino_core()
-    except ImportError:
-        raise UserError("OpenVINO is not installed: pip install 'resnetkit[openvino]'") from None
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"OpenVINO precision must be fp32 or bf16, got {precision!r}")
-    try:
-        model = core.read_model(str(path))
-    except Exception as e:  # OpenVINO raises its own exception types for unreadable files
-        raise UserError(f"cannot load {path} in OpenVINO ({e})") from None
-    if shape is not None:
-        model.reshape(list(shape))
-    config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
-              "PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-
-    def run(x):
-        request.infer({0: x}, share_inputs=True)
-        return request.get_output_tensor(0).data
-    return run

@@ -14,6 +14,14 @@ import torch
 
 from ..errors import UserError
 from ..model import ResNet
+from ..untrusted import shown
+from ..weights.registry import REGISTRY
+from .backends import onnxruntime as ort_backend
+from .backends import openvino as ov_backend
+from .calibrate import calibration_set, check_calibration_outputs
+from .export import export
+from .quantize import quantize_graph
+from .source import open_source
 
 # the exported file against the PT2E graph on the first calibration images: the two round
 # at quantization steps independently, so a few values move by one step (about 1% of the
@@ -72,9 +80,7 @@ def write_qdq_onnx(graph: torch.fx.GraphModule, path: str | Path, example: torch
 def compare_onnx(graph: torch.fx.GraphModule, path: str | Path,
                  x: torch.Tensor) -> dict[str, float]:
     """The ONNX file's logits in ONNX Runtime against the graph's on a batch."""
-    from .export import onnx_session
-    sess = onnx_session(path)
-    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    got = torch.from_numpy(ort_backend.runs(ort_backend.session(path))(x.numpy()))
     with torch.no_grad():
         ref = graph(x).float()
     return {"agreement": (got.argmax(1) == ref.argmax(1)).float().mean().item(),
@@ -82,33 +88,11 @@ def compare_onnx(graph: torch.fx.GraphModule, path: str | Path,
             "logit_scale": ref.abs().max().item(), "images": len(x)}
 
 
-def nncf_quantize(onnx_fp32: str | Path, batches: list[torch.Tensor]):
-    """The fp32 ONNX file read by OpenVINO and quantized by NNCF's post-training
-    quantization (per-channel weights, per-tensor activations, its fast bias correction) on
-    the calibration batches. Returns an openvino.Model."""
-    try:
-        import nncf
-        from .export import _openvino_core
-        core = _openvino_core()
-    except ImportError:
-        raise UserError("int8 with OpenVINO needs openvino and nncf: pip install "
-                        "'resnetkit[openvino,int8]'") from None
-    import contextlib
-    import sys
-    model = core.read_model(str(onnx_fp32))
-    data = nncf.Dataset([b.numpy() for b in batches])
-    # NNCF draws progress bars on stdout, which --json keeps for the result
-    with contextlib.redirect_stdout(sys.stderr):
-        return nncf.quantize(model, data, subset_size=len(batches),  # items: batches
-                             preset=nncf.QuantizationPreset.PERFORMANCE)
-
-
 def write_openvino_ir(model: ResNet, batches: list[torch.Tensor], path: str | Path,
                       meta: dict[str, Any] | None = None) -> Path:
     """An int8 OpenVINO IR (PATH.xml and PATH.bin) quantized by NNCF, the classes and
     preprocessing in its rt_info; both files are written beside the target and renamed into
     place."""
-    from .export import export
     path = Path(path)
     if path.suffix != ".xml":
         raise UserError(f"an OpenVINO IR is named NAME.xml (with NAME.bin), not {path.name!r}")
@@ -116,12 +100,11 @@ def write_openvino_ir(model: ResNet, batches: list[torch.Tensor], path: str | Pa
     work = Path(tempfile.mkdtemp())
     try:
         export(model, work / "fp32.onnx", "onnx", batches[0].shape[-1], dynamic_size=False)
-        q = nncf_quantize(work / "fp32.onnx", batches)
+        q = ov_backend.nncf_quantize(ov_backend.read(work / "fp32.onnx"), batches)
         for k, v in (meta or {}).items():
             q.set_rt_info(json.dumps(v), ["resnetkit", k])
-        import openvino as ov
         tmp = _tmp_ir(path)
-        ov.save_model(q, str(tmp), compress_to_fp16=False)
+        ov_backend.save(q, tmp)
         os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(tmp, path)
     except OSError as e:
@@ -133,26 +116,6 @@ def write_openvino_ir(model: ResNet, batches: list[torch.Tensor], path: str | Pa
     return path
 
 
-def openvino_meta(model, source: str) -> dict[str, Any]:
-    """The classes and preprocessing an IR written by write_openvino_ir carries, checked."""
-    from ..weights.checkpoint import check_preprocess
-    info = {}
-    for k in ("classes", "preprocess"):
-        if model.has_rt_info(["resnetkit", k]):
-            try:
-                info[k] = json.loads(model.get_rt_info(["resnetkit", k]).astype(str))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{source}: its {k} metadata is not valid JSON ({e})") from None
-    if "preprocess" in info:
-        chans = model.inputs[0].get_partial_shape()[1].get_length()
-        info["preprocess"] = check_preprocess(info["preprocess"], chans, source)
-    classes, outputs = info.get("classes"), model.outputs[0].get_partial_shape()[-1]
-    if classes is not None and (not isinstance(classes, list) or
-                                (outputs.is_static and len(classes) != outputs.get_length())):
-        raise UserError(f"{source}: its class list does not match its outputs")
-    return info
-
-
 def quantize_source(source: str | Path, calibration: str, output: str | Path,
                     data_dir: str | None = None, openvino: str = "auto") -> dict[str, Any]:
     """`resnetkit quantize` and `export --precision int8`: a checkpoint (file, run folder or
@@ -160,8 +123,6 @@ def quantize_source(source: str | Path, calibration: str, output: str | Path,
     the checkpoint's own preprocessing). output NAME.onnx writes the QDQ ONNX file and, with
     openvino="auto" where OpenVINO and NNCF are installed, NAME.xml/.bin beside it; NAME.xml
     writes only the IR. Returns {"onnx", "openvino", "check", "images"}."""
-    from ..weights.sources import REGISTRY, load_source
-    from .quantize import calibration_set, check_calibration_outputs, quantize_graph
     out = Path(output)
     if out.suffix not in (".onnx", ".xml"):
         raise UserError(f"the int8 output is NAME.onnx (QDQ ONNX) or NAME.xml (OpenVINO IR), "
@@ -171,11 +132,14 @@ def quantize_source(source: str | Path, calibration: str, output: str | Path,
         raise UserError(f"{source} is not a checkpoint: int8 calibrates with a trained "
                         f"checkpoint's own preprocessing (a .safetensors file, a run folder "
                         f"or a weights tag)")
-    model, info = load_source(source)
-    meta = {k: info[k] for k in ("classes", "preprocess") if k in info}
+    src = open_source(source)
+    if src.model is None:
+        raise UserError(f"{shown(source)} is an exported file; int8 calibrates the checkpoint "
+                        f"it was exported from")
+    model, meta = src.model, src.meta.entries()
     batches = calibration_set(calibration, model.cfg.in_chans,
-                              preprocess=info.get("preprocess"), data_dir=data_dir,
-                              classes=info.get("classes"))
+                              preprocess=src.meta.preprocess, data_dir=data_dir,
+                              classes=src.meta.classes)
     result: dict[str, Any] = {"images": sum(len(b) for b in batches), "onnx": None,
                               "openvino": None}
     ir = out if out.suffix == ".xml" else out.with_suffix(".xml")

@@ -1,4 +1,6 @@
-"""Top-k predictions for image files from a checkpoint that knows its own preprocessing."""
+"""A model source run on what users give it: top-k predictions for image files (`resnetkit
+predict`; the top-k answer itself is the server's too) and the scores on a dataset split
+(`resnetkit eval`), on any engine, in the source's own preprocessing."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +8,13 @@ from typing import Any
 
 import torch
 
-from ..data.readers import IMAGE_SUFFIXES, load_image
+from ..data.preprocess import load_images, model_input
+from ..data.readers import IMAGE_SUFFIXES
 from ..errors import UserError
-from ..evaluate import check_outputs, preprocess
+from ..evaluate import check_outputs, eval_data, evaluate, left_out_note
 from ..untrusted import regular_file, shown
-from ..weights.sources import load_source
+from .runner import RunConfig, open_runner
+from .source import kind_of, open_source
 
 
 def expand_inputs(paths: list[str | Path]) -> list[Path]:
@@ -37,52 +41,78 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+def top_answers(probs: torch.Tensor, ks: list[int], classes: list[str]
+                ) -> list[list[dict[str, Any]]]:
+    """For each row of class probabilities, its ks[row] best classes, best first:
+    [{"class", "index", "prob"}, ...]."""
+    p, idx = probs.topk(min(max(ks), probs.shape[1]), 1)
+    return [[{"class": classes[j], "index": j, "prob": q} for j, q in zip(ix[:k], pr[:k])]
+            for k, pr, ix in zip(ks, p.tolist(), idx.tolist())]
+
+
 def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
             batch_size: int = 64, engine: str | None = None, precision: str = "auto",
             calibration: str | None = None) -> list[dict[str, Any]]:
     """[{"file", "top": [{"class", "index", "prob"}...]}] for each image, best first.
 
     The checkpoint's metadata gives the architecture, class names, input size, channels and
-    normalisation, so nothing has to be repeated. Raises UserError for a file that is not a
-    regular file or cannot be decoded (before any prediction is made), and for a model
-    whose outputs on an image are NaN or infinite (naming the image). engine, precision,
-    calibration: run on that engine at that precision (see infer.engines.open_source; a
-    precision or calibration without an engine runs on the torch engine); an exported .onnx
-    or .xml file runs in ONNX Runtime or OpenVINO."""
+    normalisation, so nothing has to be repeated. Raises UserError for a source without
+    preprocessing, a file that is not a regular file or cannot be decoded (before any
+    prediction is made), and for a model whose outputs on an image are NaN or infinite
+    (naming the image). engine, precision, calibration: run on that engine at that
+    precision (see infer.runner.RunConfig; a precision or calibration without an engine
+    runs on the torch engine, none of them the checkpoint's model as it is); an exported
+    .onnx or .xml file runs in ONNX Runtime or OpenVINO."""
     if top_k < 1:
         raise UserError(f"top_k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     files = expand_inputs(images)
-    exported = Path(checkpoint).suffix in (".onnx", ".xml")
-    if engine is not None or precision != "auto" or calibration or exported:
-        from .engines import open_source
-        run, info = open_source(checkpoint, engine or ("auto" if exported else "torch"),
-                                precision, calibration)
-        if "preprocess" not in info:
-            raise UserError(f"{shown(checkpoint)} has no preprocessing metadata; export it "
-                            f"from a trained checkpoint with `resnetkit export RUN_DIR`")
-    else:
-        model, info = load_source(checkpoint)
-        run = model.eval()
-    pre = info.get("preprocess")
-    if pre is None:  # a resnetkit checkpoint written without it (or by hand)
-        raise UserError(f"{shown(checkpoint)} has no preprocessing metadata (mean, std, input "
-                        f"size), so its images cannot be prepared; predict with a checkpoint "
-                        f"that resnetkit trained, exported or converted")
-    size, chans = pre["image_size"], pre.get("in_chans") or len(pre["mean"])
-    x = torch.stack([load_image(f, size, chans, pre.get("resize", 0),
-                                pre.get("interpolation", "bilinear")) for f in files])
+    plain = engine is None and precision == "auto" and not calibration
+    config = RunConfig(engine=engine or ("auto" if kind_of(checkpoint) else "torch"),
+                       precision=precision, calibration=calibration or None,
+                       reference=plain and not kind_of(checkpoint))
+    config.check(kind_of(checkpoint), checkpoint)
+    source = open_source(checkpoint)
+    pre = source.meta.need_preprocess()
+    x = load_images(files, pre)
+    run = open_runner(source, config)
     results = []
-    with torch.no_grad():
-        for i in range(0, len(files), batch_size):
-            batch = files[i:i + batch_size]
-            logits = run(preprocess(x[i:i + batch_size], pre["mean"], pre["std"])).float()
-            check_outputs(logits, checkpoint, lambda row: str(batch[row]))
-            probs = check_outputs(logits.softmax(1), checkpoint, lambda row: str(batch[row]))
-            classes = info.get("classes") or [str(j) for j in range(probs.shape[1])]
-            p, idx = probs.topk(min(top_k, probs.shape[1]), 1)
-            for f, pr, ix in zip(batch, p.tolist(), idx.tolist()):
-                results.append({"file": str(f), "top": [
-                    {"class": classes[j], "index": j, "prob": q} for j, q in zip(ix, pr)]})
+    for i in range(0, len(files), batch_size):
+        batch = files[i:i + batch_size]
+        logits = run(model_input(x[i:i + batch_size], pre))
+        check_outputs(logits, checkpoint, lambda row: str(batch[row]))
+        probs = check_outputs(logits.softmax(1), checkpoint, lambda row: str(batch[row]))
+        names = source.meta.class_names(probs.shape[1])
+        results += [{"file": str(f), "top": top} for f, top in
+                    zip(batch, top_answers(probs, [top_k] * len(batch), names))]
     return results
+
+
+def evaluate_source(source: str | Path, dataset: str = "fashion-mnist", split: str = "test",
+                    data_dir: str | None = None, engine: str | None = None,
+                    precision: str = "auto", calibration: str | None = None,
+                    tta_flip: bool = False, batch_size: int = 0) -> dict[str, Any]:
+    """`resnetkit eval`: the result of evaluate.evaluate (top-1, top-5, loss, per-class
+    accuracy, confusion) plus "engine" and "precision", for any source on a dataset split.
+    The split is read at the model's input size and channels, in its preprocessing and
+    labelled by its classes by name (evaluate.eval_data, the same for every engine), before
+    any export or calibration. engine, precision, calibration: see infer.runner.RunConfig
+    (engine None: the checkpoint's model as it is, unless a precision or calibration asks
+    for an engine, "auto" then). batch_size: 0 for 1,024 images a batch with the model as
+    it is, 256 on an engine."""
+    kind = kind_of(source)
+    plain = engine is None and precision == "auto" and not calibration and not kind
+    config = RunConfig(engine=engine or "auto", precision=precision,
+                       calibration=calibration or None, data_dir=data_dir, reference=plain)
+    config.check(kind, source)
+    src = open_source(source)
+    pre = src.meta.need_preprocess()
+    classes = src.meta.classes
+    data, left_out = eval_data(dataset, split, data_dir, pre, pre["in_chans"], classes,
+                               len(classes) if classes is not None else src.outputs)
+    run = open_runner(src, config)
+    r = evaluate(run, data, pre["mean"], pre["std"], pre["image_size"],
+                 batch_size or (1024 if plain else 256), tta_flip=tta_flip, source=source,
+                 where=f"{dataset} {split}")
+    return {**r, "engine": run.engine, "precision": run.precision, **left_out_note(left_out)}

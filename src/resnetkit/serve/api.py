@@ -1,7 +1,8 @@
 """The inference worker: LitServe's LitAPI for a ResNet classifier. Images arrive decoded
 (uint8 arrays, see decode.py), as a batch gathered on the HTTP side (batcher.py) or as the
 requests LitServe's own batching collected; the worker normalises them with the model's own
-preprocessing and runs the engine."""
+preprocessing (data.preprocess) and runs the model on the runner infer chooses for it,
+under serving's choices (see serving)."""
 from __future__ import annotations
 
 import gc
@@ -18,9 +19,31 @@ import litserve as ls
 import numpy as np
 import torch
 
-from ..evaluate import preprocess
-from .engine import open_engine
+from ..data.preprocess import model_input
+from ..infer import RunConfig, Runner, open_runner
+from ..infer.predict import top_answers
 from .metrics import worker_metrics
+
+
+def serving(engine: str = "auto", precision: str = "auto", calibration: str | None = None,
+            threads: int = 0) -> RunConfig:
+    """How a server runs its model (see infer.runner.RunConfig): engine "auto" is chosen
+    without measuring, so that a worker starts at once (ONNX Runtime for an .onnx file,
+    OpenVINO for an .xml IR, torch for a checkpoint; for int8 the first installed of
+    OpenVINO (NNCF), ONNX Runtime (QDQ) and torch (PT2E)); the torch engine is not compiled
+    at fp32 or bf16 (a server sees every batch size from 1 to --max-batch, and compiling
+    each shape costs tens of seconds), but is at int8, where the uncompiled graph is slower
+    than fp32."""
+    return RunConfig(engine=engine, precision=precision, calibration=calibration,
+                     threads=threads, measure=False,
+                     compile="auto" if precision == "int8" else False)
+
+
+def open_model(source: str | Path, engine: str = "auto", precision: str = "auto",
+               threads: int = 0, calibration: str | None = None) -> Runner:
+    """The served model on its runner (see serving): a callable on a preprocessed float
+    NCHW batch giving fp32 logits, with `.engine` and `.precision`."""
+    return open_runner(source, serving(engine, precision, calibration, threads))
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -58,8 +81,8 @@ class ClassifierAPI(ls.LitAPI):
             os.nice(self.nice)
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.model = open_engine(self.source, self.engine_choice, self.precision_choice,
-                                 self.threads, self.calibration)
+        self.model = open_model(self.source, self.engine_choice, self.precision_choice,
+                                self.threads, self.calibration)
         self.metrics = worker_metrics()
         chans, size = self.pre["in_chans"], self.pre["image_size"]
         self.model(torch.zeros(1, chans, size, size))  # first-call costs before serving
@@ -89,11 +112,9 @@ class ClassifierAPI(ls.LitAPI):
             items = [x] if isinstance(x, dict) else x
             images = torch.from_numpy(np.stack([r["image"] for r in items]))
             ks = [r["top_k"] for r in items]
-        probs = self.model(preprocess(images, self.pre["mean"], self.pre["std"])).softmax(1)
-        p, idx = probs.topk(min(max(ks), probs.shape[1]), 1)
-        out = [{"top": [{"class": self.classes[j], "index": j, "prob": q}
-                        for j, q in zip(ix[:k], pr[:k])], "batch_size": len(ks)}
-               for k, pr, ix in zip(ks, p.tolist(), idx.tolist())]
+        probs = self.model(model_input(images, self.pre)).softmax(1)
+        out = [{"top": top, "batch_size": len(ks)}
+               for top in top_answers(probs, ks, self.classes)]
         self.metrics.batch.observe(len(ks))
         self.metrics.images.inc(len(ks))
         self.metrics.compute.observe(time.perf_counter() - t)

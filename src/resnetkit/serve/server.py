@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServeConfig, ServeHooks
-from .engine import model_info
+from ..infer.runner import check_runner
+from ..infer.source import open_source
 from .logs import escaped_log
 from .metrics import mark_dead, use_folder
 from .routes import add_routes
@@ -29,14 +30,15 @@ def serve(source: str, config: ServeConfig | None = None, hooks: ServeHooks | No
     ends. Returns 0. `config`: every option (ServeConfig, checked when it is built);
     `hooks`: the page's model card and a call once the server is about to listen
     (ServeHooks). precision "int8" is calibrated on config.calibration (a dataset spec,
-    checked here before any process starts; see engine.open_engine).
+    checked here before any process starts; see api.serving).
     Raises UserError for a bad option or an unreadable model."""
     c, hooks = config or ServeConfig(), hooks or ServeHooks()
-    info = model_info(source)
-    if c.precision == "int8":
-        from .engine import int8_calibration, int8_engine
-        int8_engine(c.engine)  # installed, or one sentence now rather than in every worker
-        int8_calibration(source, c.calibration)
+    src = open_source(source)
+    info = src.info()
+    from .api import serving
+    # the engine installed and int8's calibration images readable: one sentence now rather
+    # than in every worker
+    check_runner(src, serving(c.engine, c.precision, c.calibration))
     cfg, size = info["config"], info["preprocess"]["image_size"]
     state_dir = Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
     (state_dir / "metrics").mkdir()
