@@ -4,9 +4,10 @@ an OpenVINO IR. Each file is read once and its metadata checked once (infer.meta
 runs it is chosen later, by infer.runner.open_runner."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -134,7 +135,7 @@ def _read(path: Path, what: str) -> bytes:
 
 def _checkpoint(path: Path, spec: Any) -> Source | None:
     """A resnetkit checkpoint (or a run folder's best, else last, one) from one read of its
-    bytes, checked as weights.checkpoint.read_checkpoint checks it (metadata, finite
+    file, checked as weights.checkpoint.read_checkpoint checks it (metadata, finite
     weights, the architecture against the tensors before the model is built); None for a
     safetensors file without resnetkit's metadata (a foreign file)."""
     from safetensors import SafetensorError
@@ -145,11 +146,17 @@ def _checkpoint(path: Path, spec: Any) -> Source | None:
         if not found:
             raise UserError(f"{shown(path)} holds no best.safetensors or last.safetensors")
         path = found[0]
-    data = _read(path, "checkpoint")
-    meta = _safetensors_metadata(data, path)
-    if "resnet_config" not in meta:
-        return None
-    cfg, info = parse_metadata(meta, str(path))
+    regular_file(path, "checkpoint")
+    try:
+        with open(path, "rb") as f:  # the one open
+            meta = _safetensors_metadata(f, path)
+            if "resnet_config" not in meta:
+                return None
+            cfg, info = parse_metadata(meta, str(path))
+            f.seek(0)
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {shown(path)}: {e.strerror or e}") from None
     try:
         weights = load(data)
     except (SafetensorError, ValueError) as e:
@@ -167,19 +174,25 @@ def _checkpoint(path: Path, spec: Any) -> Source | None:
                   outputs=model.num_classes)
 
 
-def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
-    """The __metadata__ of a safetensors file's header (an 8-byte little-endian length, then
-    that much JSON), bounded as untrusted JSON is."""
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if not 0 < size <= len(data) - 8:
-        raise UserError(f"{shown(path)} is not a safetensors checkpoint (no header)")
-    header = parse_json(data[8:8 + size], str(path), "safetensors header")
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if meta is None:
-        return {}
+def _safetensors_metadata(f: BinaryIO, path: Path) -> dict[str, str]:
+    """The __metadata__ of an open safetensors file's header (an 8-byte little-endian
+    length, then that much JSON), bounded as untrusted JSON is, and the file's size checked
+    against the tensors the header declares before the rest is read."""
+    bad = f"{shown(path)} is not a safetensors checkpoint"
+    size, whole = int.from_bytes(f.read(8), "little"), os.fstat(f.fileno()).st_size
+    if not 0 < size <= whole - 8:
+        raise UserError(f"{bad} (no header)")
+    header = parse_json(f.read(size), str(path), "safetensors header")
+    if not isinstance(header, dict):
+        raise UserError(f"{bad} (its header is not an object)")
+    meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise UserError(f"{shown(path)} is not a safetensors checkpoint (its metadata is not "
-                        f"text)")
+        raise UserError(f"{bad} (its metadata is not text)")
+    ends = [v.get("data_offsets") if isinstance(v, dict) else None
+            for k, v in header.items() if k != "__metadata__"]
+    if not all(isinstance(e, list) and len(e) == 2 and all(type(o) is int for o in e)
+               for e in ends) or 8 + size + max((e[1] for e in ends), default=0) != whole:
+        raise UserError(f"{bad} (its size is not what its header says)")
     return meta
 
 
