@@ -14,3 +14,18 @@ def trained(tmp_path_factory):
                        name="r")
     Trainer(cfg, quiet=True).fit()
     return out / "r"
+
+
+def with_bn_stats(m, seed=0):
+    """`m` in eval mode with non-trivial BN statistics and affine parameters (a freshly built
+    net has mean 0, var 1, weight 1, bias 0, which hides mistakes in folding and in maps)."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            n = mod.num_features
+            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return m.eval()
+

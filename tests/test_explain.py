@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import resnetkit as rk
+from conftest import with_bn_stats
 from resnetkit.errors import UserError
 from resnetkit.explain import (attribute, explain_figure, explain_files, grad_cam,
                                integrated_gradients, layer_names)
@@ -33,15 +34,7 @@ def one_thread():
 
 def with_stats(m, seed=0):
     """`m` in eval mode with non-trivial BN statistics, so that maps and heatmaps vary."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return m.eval()
+    return with_bn_stats(m, seed)
 
 
 def cifar_net(seed=1):

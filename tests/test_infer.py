@@ -8,6 +8,7 @@ import torch
 from onnx import TensorProto, helper
 
 import resnetkit as rk
+from conftest import with_bn_stats
 from resnetkit.cli import main
 from resnetkit.errors import UserError
 from resnetkit.infer.backends.onnxruntime import session as onnx_session
@@ -18,16 +19,7 @@ from resnetkit.runtime import has_native_bf16
 
 def trained_like(name, **kw):
     """A model whose BN layers hold non-trivial statistics and affine parameters."""
-    m = rk.create_model(name, **kw)
-    g = torch.Generator().manual_seed(0)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return m.eval()
+    return with_bn_stats(rk.create_model(name, **kw))
 
 
 def test_fold_bn_single_pair_by_hand():
