@@ -161,7 +161,10 @@ def test_measured_multiply_add_rates_match_the_instruction_tables():
         {"int8"} if {"avx512_vnni", "avx_vnni"} & flags else set())
     # best of five rounds each, taken moments apart: generous bounds for a busy machine,
     # still far from the wrong table entries (a factor of 2)
-    for p in set(rates) - {"fp32"}:
+    # Where the CPU has AMX, the table's bf16 and int8 figures are the tiles' rates, which
+    # peak.c does not measure (it times AVX-512 dot products): nothing to compare them with.
+    amx = {"bf16": "amx_bf16", "int8": "amx_int8"}
+    for p in set(rates) - {"fp32"} - {k for k, f in amx.items() if f in flags}:
         assert rates[p] / rates["fp32"] == pytest.approx(per[p] / per["fp32"], rel=0.35)
     assert runtime.gemm_gflops(threads) <= rates["fp32"] * 1.25
 
