@@ -1,5 +1,8 @@
 """BN folding, the optimised inference path, export checked in ONNX Runtime, bad input."""
 import copy
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -333,3 +336,22 @@ def test_outputs_that_overflow_are_refused_by_predict_and_eval(tmp_path, capsys,
     # a checkpoint whose weights are fine passes the same check
     ok = tiny_checkpoint(tmp_path / "ok.safetensors")
     assert predict(ok, [tmp_path / "a.png"])[0]["top"][0]["prob"] > 0
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_predict_opens_the_checkpoint_once(tmp_path):
+    """`resnetkit predict CKPT image.png` opens the .safetensors file once, as the kernel
+    sees it (every openat of the process and its threads)."""
+    from PIL import Image
+    ckpt = tiny_checkpoint(tmp_path / "m.safetensors")
+    Image.new("L", (28, 28), 128).save(tmp_path / "x.png")
+    log = tmp_path / "trace"
+    cli = [sys.executable, "-m", "resnetkit", "predict", str(ckpt), str(tmp_path / "x.png")]
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(log), *cli],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode and "ptrace" in r.stderr:
+        pytest.skip("ptrace is not permitted here")
+    assert r.returncode == 0, r.stderr
+    assert "Bag" in r.stdout or "Sneaker" in r.stdout or "T-shirt" in r.stdout
+    opens = [line for line in log.read_text().splitlines() if str(ckpt) in line]
+    assert len(opens) == 1, opens

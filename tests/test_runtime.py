@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from resnetkit.runtime import _libc
+from resnetkit.runtime.allocator import _libc
 
 PROBE = """
 import ctypes, json, resource, torch, resnetkit

@@ -31,7 +31,8 @@ from resnetkit.serve.batcher import Batcher  # noqa: E402
 from resnetkit.serve.decode import BadInput, check_type, decode_image  # noqa: E402
 from resnetkit.serve.api import open_model as open_engine  # noqa: E402
 
-PRE = {"mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1}
+PRE = {"mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1, "resize": 0,
+       "interpolation": "bilinear"}  # complete, as a checkpoint's entry is once read
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +329,7 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
     from resnetkit.serve.protocol import DEADLINE_KEY
     from resnetkit.serve.routes import Predictor
     limits = {"max_queue": 1, "max_body_bytes": 1000, "max_image_pixels": 10_000}
-    info = {"preprocess": {"image_size": 28, "in_chans": 1}}
+    info = {"preprocess": PRE}
     release = asyncio.Event()
 
     async def run_one(image, top_k):
@@ -402,7 +403,7 @@ def test_a_fault_in_the_predict_handler_is_one_json_500_and_an_escaped_log(tmp_p
         raise RuntimeError("engine down\n\x1b[31mINFO: a forged line")
     limits = {"max_queue": 4, "max_body_bytes": 10_000, "max_image_pixels": 10_000,
               "workers": 1}
-    info = {"preprocess": {"image_size": 28, "in_chans": 1}}
+    info = {"preprocess": PRE}
     paths = FastPaths(None, Predictor(broken, info, limits), limits, tmp_path)
     body = png(np.zeros((28, 28), np.uint8))
     sent = []

@@ -69,8 +69,17 @@ class ResNetConfig:
             if not all(isinstance(n, int) and not isinstance(n, bool) for n in getattr(self, name)):
                 raise UserError(f"ResNetConfig.{name}={getattr(self, name)!r} is invalid: "
                                 f"need whole numbers")
+        for ok, name, allowed in self._structure_rules() + self._option_rules() + self._size_rules():
+            if not ok:
+                raise UserError(f"ResNetConfig.{name}={getattr(self, name)!r} is invalid: "
+                                f"{allowed}")
+
+    # Each rule is (valid, field, what a valid value is); the first broken one, in this order
+    # (dependency order), is the one reported.
+    def _structure_rules(self) -> list[tuple[bool, str, str]]:
+        """The blocks, stages, stem and shortcuts, and what a plain network may not have."""
         basic, chs = not self.is_bottleneck, self.channels if self.widths else ()
-        checks = [  # (valid, field, what a valid value is), in dependency order
+        return [
             (self.block in BLOCKS, "block", f"choose one of {', '.join(BLOCKS)}"),
             (bool(self.layers) and all(n >= 1 for n in self.layers),
              "layers", "need one positive block count per stage"),
@@ -110,6 +119,11 @@ class ResNetConfig:
              "zero-padding cannot reduce channels between stages"),
             (self.output_stride in (None, *self._strides()), "output_stride",
              f"choose one of {self._strides()} (or None) for this stem and stage count"),
+        ]
+
+    def _option_rules(self) -> list[tuple[bool, str, str]]:
+        """Regularisation, normalisation, SE, pooling, the input and the classifier."""
+        return [
             (0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)"),
             (self.stem_norm or self.preact, "stem_norm",
              "only pre-activation blocks may follow a stem without BN + ReLU"),
@@ -125,6 +139,12 @@ class ResNetConfig:
             (1 <= self.in_chans <= MAX_IN_CHANS, "in_chans", f"must be from 1 to {MAX_IN_CHANS}"),
             (0 <= self.num_classes <= MAX_CLASSES, "num_classes",
              f"must be from 0 (no classifier) to {MAX_CLASSES:,}"),
+        ]
+
+    def _size_rules(self) -> list[tuple[bool, str, str]]:
+        """Bounds that keep a network buildable: depth and width."""
+        chs = self.channels if self.widths else ()
+        return [
             (max(self.layers, default=0) <= MAX_BLOCKS, "layers", f"at most {MAX_BLOCKS} blocks a stage"),
             (self.stem_width <= MAX_WIDTH, "stem_width", f"at most {MAX_WIDTH:,} channels"),
             (self.groups <= MAX_WIDTH, "groups", f"at most {MAX_WIDTH:,}"),
@@ -134,10 +154,6 @@ class ResNetConfig:
              f"a bottleneck's 3x3 conv at most {MAX_WIDTH:,} channels (width x width_per_group "
              f"/ 64 x groups)"),
         ]
-        for ok, name, allowed in checks:
-            if not ok:
-                raise UserError(f"ResNetConfig.{name}={getattr(self, name)!r} is invalid: "
-                                f"{allowed}")
 
     def _strides(self) -> list[int]:
         """The output strides this stem and stage count allow."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from .data import ArrayDataset, StreamedFolder, match_classes, materialize
 from .data.preprocess import load_split, preprocess
 from .errors import UserError
 from .model import ResNet
+from .runtime import autocast
 from .untrusted import shown
 from .weights.sources import load_source
 
@@ -39,14 +39,6 @@ def check_outputs(out: torch.Tensor, source: Any, inputs: Callable[[int], str]) 
         raise UserError(f"{shown(source)} produced NaN or infinite outputs on "
                         f"{shown(inputs(row))}; its weights are unusable")
     return out
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on the device, or nothing for fp32/fp64."""
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    return nullcontext()
 
 
 def _shard(n: int, batch_size: int, shard: tuple[int, int]) -> list[torch.Tensor]:

@@ -28,25 +28,10 @@ class ResNet(nn.Module):
                  out_indices: tuple[int, ...] | None = None):
         super().__init__()
         self.cfg = cfg
-        w, norm = cfg.stem_width, cfg.norm_layer
-        if cfg.stem == "deep":
-            h = w // 2
-            self.conv1 = nn.Sequential(
-                conv3x3(cfg.in_chans, h, 2), make_norm(norm, h), nn.ReLU(inplace=True),
-                conv3x3(h, h), make_norm(norm, h), nn.ReLU(inplace=True), conv3x3(h, w))
-        elif cfg.stem == "imagenet":
-            self.conv1 = nn.Conv2d(cfg.in_chans, w, 7, 2, 3, bias=False)
-        else:
-            self.conv1 = conv3x3(cfg.in_chans, w)
-        self.bn1 = make_norm(norm, w) if cfg.stem_norm else nn.Identity()
-        self.relu = nn.ReLU(inplace=True) if cfg.stem_norm else nn.Identity()
-        self.maxpool = (nn.Identity() if cfg.stem == "cifar"
-                        else nn.MaxPool2d(3, 2, cfg.maxpool_padding))
-        info = [dict(num_chs=w, reduction=1 if cfg.stem == "cifar" else 2,
-                     module="relu" if cfg.stem_norm else "conv1")]
+        info = self._stem(cfg)
         block_cls = BLOCK_TYPES[cfg.block]
         target = cfg.output_stride or cfg.natural_stride
-        in_chs, reduction, dilation = w, cfg.stem_stride, 1
+        in_chs, reduction, dilation = cfg.stem_width, cfg.stem_stride, 1
         n_blocks, idx = sum(cfg.layers), 0
         names = []
         for i, (n, planes) in enumerate(zip(cfg.layers, cfg.widths)):
@@ -68,7 +53,7 @@ class ResNet(nn.Module):
         self.stage_names = names
         self.num_features = in_chs
         # Pre-activation nets end with BN+ReLU, as no block normalises its own output.
-        self.norm = make_norm(norm, in_chs) if cfg.preact else nn.Identity()
+        self.norm = make_norm(cfg.norm_layer, in_chs) if cfg.preact else nn.Identity()
         self.final_act = nn.ReLU(inplace=True) if cfg.preact else nn.Identity()
 
         self.features_only = features_only
@@ -90,6 +75,27 @@ class ResNet(nn.Module):
         self.pretrained_cfg = self._default_cfg()
         self._init_weights()
         self.min_input_size = min_input_size(self)
+
+    def _stem(self, cfg: ResNetConfig) -> list[dict[str, Any]]:
+        """conv1 (7x7, three 3x3 for the deep stem, one 3x3 for CIFAR), bn1, relu and the
+        max-pool; returns the feature_info entry of the stem's output."""
+        w, norm = cfg.stem_width, cfg.norm_layer
+        if cfg.stem == "deep":
+            h = w // 2
+            self.conv1 = nn.Sequential(
+                conv3x3(cfg.in_chans, h, 2), make_norm(norm, h), nn.ReLU(inplace=True),
+                conv3x3(h, h), make_norm(norm, h), nn.ReLU(inplace=True), conv3x3(h, w))
+        elif cfg.stem == "imagenet":
+            self.conv1 = nn.Conv2d(cfg.in_chans, w, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = conv3x3(cfg.in_chans, w)
+        self.bn1 = make_norm(norm, w) if cfg.stem_norm else nn.Identity()
+        self.relu = nn.ReLU(inplace=True) if cfg.stem_norm else nn.Identity()
+        self.maxpool = (nn.Identity() if cfg.stem == "cifar"
+                        else nn.MaxPool2d(3, 2, cfg.maxpool_padding))
+        info = [dict(num_chs=w, reduction=1 if cfg.stem == "cifar" else 2,
+                     module="relu" if cfg.stem_norm else "conv1")]
+        return info
 
     def _default_cfg(self) -> Dict[str, Any]:
         """timm's pretrained_cfg for an untrained net: its input and ImageNet preprocessing

@@ -7,9 +7,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data.readers import load_image
+from ..data.preprocess import load_images, model_input
 from ..errors import UserError
-from ..evaluate import check_outputs, preprocess
+from ..evaluate import check_outputs
 from ..untrusted import regular_file, shown
 from ..weights.sources import load_source
 from .attributions import attribute, check_method, check_model, find_layer, resolve_targets
@@ -54,10 +54,8 @@ def explain_files(source: str | Path, image_paths: Sequence[str | Path], out: st
     model = check_model(model)
     layer_name = find_layer(model, layer)[0] if method == "gradcam" else None
     pre = info["preprocess"]
-    size, chans = pre["image_size"], pre.get("in_chans") or len(pre["mean"])
-    raw = torch.stack([load_image(f, size, chans, pre.get("resize", 0),
-                                  pre.get("interpolation", "bilinear")) for f in files])
-    x = preprocess(raw, pre["mean"], pre["std"])
+    raw = load_images(files, pre)
+    x = model_input(raw, pre)
 
     with torch.no_grad():
         logits = model(x).float()

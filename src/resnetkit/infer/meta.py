@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..untrusted import parse_json, shown
+from ..data.preprocess import complete
 from ..weights.checkpoint import check_preprocess
 
 KEYS = ("classes", "preprocess")  # what an exported file carries (see infer.export)
@@ -25,6 +26,10 @@ class Meta:
     preprocess: dict[str, Any] | None
     source: str
     kind: str
+
+    def __post_init__(self) -> None:
+        if self.preprocess is not None:  # every key present, whatever the source gave
+            object.__setattr__(self, "preprocess", complete(self.preprocess))
 
     @classmethod
     def from_strings(cls, entries: dict[str, str], outputs: int | None, in_chans: int,

@@ -4,18 +4,16 @@ an OpenVINO IR. Each file is read once and its metadata checked once (infer.meta
 runs it is chosen later, by infer.runner.open_runner."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import torch
 
 from ..data.preprocess import complete
 from ..errors import UserError
 from ..model import ResNet
-from ..untrusted import parse_json, regular_file, shown
-from ..weights.checkpoint import check_finite, load_weights_into, parse_metadata
+from ..untrusted import regular_file, shown
+from ..weights.checkpoint import load_weights_into, read_checkpoint
 from ..weights.registry import REGISTRY
 from ..weights.sources import class_names, load_source, preprocess_of, pretrained_cfg_of
 from .backends import openvino as ov_backend
@@ -134,37 +132,13 @@ def _read(path: Path, what: str) -> bytes:
 # ---- a resnetkit checkpoint: one read of the file ------------------------------------------
 
 def _checkpoint(path: Path, spec: Any) -> Source | None:
-    """A resnetkit checkpoint (or a run folder's best, else last, one) from one read of its
-    file, checked as weights.checkpoint.read_checkpoint checks it (metadata, finite
-    weights, the architecture against the tensors before the model is built); None for a
-    safetensors file without resnetkit's metadata (a foreign file)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-    if path.is_dir():
-        found = [path / n for n in ("best.safetensors", "last.safetensors")
-                 if (path / n).exists()]
-        if not found:
-            raise UserError(f"{shown(path)} holds no best.safetensors or last.safetensors")
-        path = found[0]
-    regular_file(path, "checkpoint")
-    try:
-        with open(path, "rb") as f:  # the one open
-            meta = _safetensors_metadata(f, path)
-            if "resnet_config" not in meta:
-                return None
-            cfg, info = parse_metadata(meta, str(path))
-            f.seek(0)
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read checkpoint {shown(path)}: {e.strerror or e}") from None
-    try:
-        weights = load(data)
-    except (SafetensorError, ValueError) as e:
-        raise UserError(f"{shown(path)} is not a safetensors checkpoint ({e})") from None
-    del data
-    check_finite(weights, str(path))
-    with torch.device("meta"):  # the architecture checked against the file before any memory
-        load_weights_into(ResNet(cfg), weights, str(path), check_only=True)
+    """A resnetkit checkpoint (or a run folder's best, else last, one), read once by
+    weights.checkpoint.read_checkpoint; None for a safetensors file without resnetkit's
+    metadata (a foreign file)."""
+    got = read_checkpoint(path, foreign=True)
+    if got is None:
+        return None
+    cfg, weights, info = got
     model = ResNet(cfg)
     load_weights_into(model, weights, str(spec))
     pre = info.get("preprocess")
@@ -172,28 +146,6 @@ def _checkpoint(path: Path, spec: Any) -> Source | None:
         model.pretrained_cfg = pretrained_cfg_of(model, pre, tag=str(spec))
     return Source(Meta(info.get("classes"), pre, str(spec), "checkpoint"), model.eval(),
                   outputs=model.num_classes)
-
-
-def _safetensors_metadata(f: BinaryIO, path: Path) -> dict[str, str]:
-    """The __metadata__ of an open safetensors file's header (an 8-byte little-endian
-    length, then that much JSON), bounded as untrusted JSON is, and the file's size checked
-    against the tensors the header declares before the rest is read."""
-    bad = f"{shown(path)} is not a safetensors checkpoint"
-    size, whole = int.from_bytes(f.read(8), "little"), os.fstat(f.fileno()).st_size
-    if not 0 < size <= whole - 8:
-        raise UserError(f"{bad} (no header)")
-    header = parse_json(f.read(size), str(path), "safetensors header")
-    if not isinstance(header, dict):
-        raise UserError(f"{bad} (its header is not an object)")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise UserError(f"{bad} (its metadata is not text)")
-    ends = [v.get("data_offsets") if isinstance(v, dict) else None
-            for k, v in header.items() if k != "__metadata__"]
-    if not all(isinstance(e, list) and len(e) == 2 and all(type(o) is int for o in e)
-               for e in ends) or 8 + size + max((e[1] for e in ends), default=0) != whole:
-        raise UserError(f"{bad} (its size is not what its header says)")
-    return meta
 
 
 # ---- exported files ------------------------------------------------------------------------

@@ -67,9 +67,8 @@ def decode_image(data: bytes, pre: dict[str, Any], max_pixels: int,
             if at_most is not None and w * h > at_most:
                 raise Elsewhere
             img.load()
-            img = resize_center(img, pre["image_size"], pre.get("resize", 0),
-                                pre.get("interpolation", "bilinear"))
-            arr = to_array(img, pre.get("in_chans", 3))
+            img = resize_center(img, pre["image_size"], pre["resize"], pre["interpolation"])
+            arr = to_array(img, pre["in_chans"])
     except (BadInput, Elsewhere):
         raise
     except Image.DecompressionBombError:

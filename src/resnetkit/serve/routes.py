@@ -123,7 +123,7 @@ class FastPaths:
     /health is 200 once every worker has loaded its model (LitServe's own makes a round
     trip to its manager process on every call)."""
 
-    def __init__(self, app, predictor: "Predictor", limits: dict[str, Any], state_dir: Path):
+    def __init__(self, app, predictor: Predictor, limits: dict[str, Any], state_dir: Path):
         self.app, self.predictor, self.limits, self.state_dir = app, predictor, limits, state_dir
         self.ready = False
 
@@ -252,17 +252,7 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
         # request under load); Starlette builds the stack at the first request
         return FastPaths(type(self).build_middleware_stack(self), predictor, limits, state_dir)
     app.build_middleware_stack = types.MethodType(build_middleware_stack, app)
-    page = resources.files("resnetkit.serve").joinpath("page.html").read_text()
-
-    @app.exception_handler(StarletteHTTPException)  # FastAPI's, and the router's 404/405
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_query(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
+    _add_error_handlers(app)
 
     body_doc = {"requestBody": {"required": True, "content": {
         **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
@@ -279,6 +269,27 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
         return Response(body, status, {k.decode(): v.decode() for k, v in extra},
                         media_type=kind.decode())
 
+    _add_info_routes(app, meta, predictor, state_dir)
+
+
+def _add_error_handlers(app) -> None:
+    """Every error as {"error": sentence}: FastAPI's, the router's 404/405, bad queries."""
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's, and the router's 404/405
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+
+def _add_info_routes(app, meta: dict[str, Any], predictor: Predictor, state_dir: Path) -> None:
+    """The page (/), /metadata (the model card with the workers' engines) and /metrics."""
+    page = resources.files("resnetkit.serve").joinpath("page.html").read_text()
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse(page)
@@ -294,3 +305,4 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
     async def metrics():
         body, content_type = exposition()
         return Response(body, media_type=content_type)
+

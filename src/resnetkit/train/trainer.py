@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .. import weights as ckpt
 from ..errors import UserError
-from ..evaluate import autocast, evaluate
+from ..evaluate import evaluate
+from ..runtime import autocast
 from ..runtime import decide_channels_last, decide_precision, peak_memory_mb
 from . import distributed as D
 from .config import TrainConfig

@@ -9,11 +9,11 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load, save_file
 
 from ..config import ResNetConfig
 from ..errors import UserError
@@ -108,34 +108,73 @@ def config_to_dict(cfg: ResNetConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def read_checkpoint(path: str | Path) -> tuple[ResNetConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(architecture, weights, metadata) of a .safetensors checkpoint or a run folder
-    (its best, else last, checkpoint)."""
+def checkpoint_file(path: str | Path) -> Path:
+    """A .safetensors path as given, or a run folder's best (else last) checkpoint."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).exists():
-                path = path / name
-                break
-        else:
-            raise UserError(f"{path} holds no best.safetensors or last.safetensors")
+        found = [path / n for n in ("best.safetensors", "last.safetensors")
+                 if (path / n).exists()]
+        if not found:
+            raise UserError(f"{shown(path)} holds no best.safetensors or last.safetensors")
+        path = found[0]
+    return path
+
+
+def read_checkpoint(path: str | Path, foreign: bool = False
+                    ) -> tuple[ResNetConfig, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(architecture, weights, metadata) of a .safetensors checkpoint or a run folder (its
+    best, else last, checkpoint), from one open and one read of the file: the header's
+    metadata checked (parse_metadata) and its size checked against the tensors it declares
+    before the rest is read, then finite weights, then the architecture against the tensors
+    on the meta device. A safetensors file without resnetkit's metadata: None with
+    foreign=True (the caller reads it as foreign weights), else UserError."""
+    path = checkpoint_file(path)
     regular_file(path, "checkpoint")
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        weights = load_file(str(path))
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a safetensors checkpoint ({e})") from None
-    if "resnet_config" not in meta:
-        raise UserError(f"{path} has no resnet_config metadata: not written by resnetkit; load "
-                        f"its weights into a model you build with create_model instead")
-    cfg, info = parse_metadata(meta, str(path))
+        with open(path, "rb") as f:  # the one open
+            meta = _safetensors_metadata(f, path)
+            if "resnet_config" not in meta:
+                if foreign:
+                    return None
+                raise UserError(f"{shown(path)} has no resnet_config metadata: not written by "
+                                f"resnetkit; load its weights into a model you build with "
+                                f"create_model instead")
+            cfg, info = parse_metadata(meta, str(path))
+            f.seek(0)
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {shown(path)}: {e.strerror or e}") from None
+    try:
+        weights = load(data)
+    except (SafetensorError, ValueError) as e:
+        raise UserError(f"{shown(path)} is not a safetensors checkpoint ({e})") from None
+    del data
     check_finite(weights, str(path))
     with torch.device("meta"):  # the architecture checked against the file before any memory
         load_weights_into(ResNet(cfg), weights, str(path), check_only=True)
     return cfg, weights, info
+
+
+def _safetensors_metadata(f: BinaryIO, path: Path) -> dict[str, str]:
+    """The __metadata__ of an open safetensors file's header (an 8-byte little-endian
+    length, then that much JSON), bounded as untrusted JSON is, and the file's size checked
+    against the tensors the header declares before the rest is read."""
+    bad = f"{shown(path)} is not a safetensors checkpoint"
+    size, whole = int.from_bytes(f.read(8), "little"), os.fstat(f.fileno()).st_size
+    if not 0 < size <= whole - 8:
+        raise UserError(f"{bad} (no header)")
+    header = parse_json(f.read(size), str(path), "safetensors header")
+    if not isinstance(header, dict):
+        raise UserError(f"{bad} (its header is not an object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UserError(f"{bad} (its metadata is not text)")
+    ends = [v.get("data_offsets") if isinstance(v, dict) else None
+            for k, v in header.items() if k != "__metadata__"]
+    if not all(isinstance(e, list) and len(e) == 2 and all(type(o) is int for o in e)
+               for e in ends) or 8 + size + max((e[1] for e in ends), default=0) != whole:
+        raise UserError(f"{bad} (its size is not what its header says)")
+    return meta
 
 
 def _bad_meta(source: str, what: str) -> UserError:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..config import ResNetConfig
+from ..data.preprocess import complete
 from ..errors import UserError
 from ..model import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from ..runtime import check_memory
@@ -55,11 +56,12 @@ def preprocess_of(pretrained_cfg: dict[str, Any], image_size: int | None = None)
 
 def pretrained_cfg_of(model: ResNet, preprocess: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The model's pretrained_cfg with a checkpoint's preprocessing (and tag, url...)."""
+    preprocess = complete(preprocess, model.cfg.in_chans)
     size = preprocess["image_size"]
-    resize = preprocess.get("resize") or size
+    resize = preprocess["resize"] or size
     return {**model.pretrained_cfg, **extra, "num_classes": model.num_classes,
-            "input_size": (preprocess.get("in_chans", model.cfg.in_chans), size, size),
-            "crop_pct": size / resize, "interpolation": preprocess.get("interpolation", "bilinear"),
+            "input_size": (preprocess["in_chans"], size, size),
+            "crop_pct": size / resize, "interpolation": preprocess["interpolation"],
             "mean": tuple(preprocess["mean"]), "std": tuple(preprocess["std"])}
 
 

@@ -1,80 +1,29 @@
 """The one place that knows the hardware: the CPU's instruction sets, the precision and
-memory-format decisions, peak FLOP/s, peak memory, and the C allocator setting.
-
-The allocator: glibc's malloc serves a large block (above its mmap threshold, 128 KiB at start) with a
-fresh mmap and gives it back with munmap when freed, and it trims the top of its heap
-above 128 KiB. A network's activations are such blocks, allocated and freed at every
-layer of every batch, so each new batch touches fresh pages and the kernel zero-fills
-them: up to hundreds of thousands of page faults per batch, depending on the heap's
-history (measured in fresh processes on ResNet-50 at batch 16, 224x224: 310,000-380,000 per
-fp32 forward pass, 29,000-37,000 per eager bf16 channels_last pass), work that a dedicated
-engine, which plans its buffers once, never does. Raising both thresholds keeps
-freed blocks in the heap for the next batch. PyTorch's CPU tuning guides reach the same
-end by preloading jemalloc or tcmalloc; this needs no extra library.
+memory-format decisions (and the autocast that carries them out), peak FLOP/s and peak
+memory here; the C allocator setting in allocator.py, available memory and the memory a
+network needs in memory.py.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
+from .allocator import allocator_state, tune_allocator
+from .memory import available_memory, check_memory, memory_estimate
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for this setting on 64-bit systems
-TRIM_THRESHOLD = 1 << 30
-ENV = "RESNETKIT_ALLOCATOR"
-
-_state: dict[str, Any] | None = None
-
-
-def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt  # glibc (and compatible) only
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def tune_allocator() -> dict[str, Any]:
-    """Keep freed blocks of up to 32 MiB in the heap and hold up to 1 GiB of free heap
-    instead of returning it to the kernel. Idempotent; a no-op (reported) where the C
-    library is not glibc or where the environment says RESNETKIT_ALLOCATOR=system.
-    Returns what was done: {"allocator": "glibc-tuned"|"system", ...}."""
-    global _state
-    if _state is not None:
-        return _state
-    choice = os.environ.get(ENV, "tuned").strip().lower()
-    if choice not in ("tuned", "system"):
-        raise UserError(f"{ENV} must be tuned or system, got {choice!r}")
-    libc = _libc() if choice == "tuned" else None
-    if libc is None:
-        _state = {"allocator": "system",
-                  "why": f"{ENV}=system" if choice == "system" else "C library is not glibc"}
-        return _state
-    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and \
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    _state = {"allocator": "glibc-tuned" if ok else "system",
-              "glibc": libc.gnu_get_libc_version().decode(),
-              "mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
-    if not ok:
-        _state["why"] = "mallopt refused the thresholds"
-    return _state
-
-
-def allocator_state() -> dict[str, Any]:
-    """What tune_allocator() did in this process, or {"allocator": "system"} before it."""
-    return dict(_state) if _state is not None else {"allocator": "system"}
-
+__all__ = ["allocator_state", "autocast", "available_memory", "check_memory", "cpu_flags",
+           "cpu_info", "decide_channels_last", "decide_precision", "gemm_gflops", "hardware",
+           "has_native_bf16", "max_clock", "memory_estimate", "multiply_add_peaks",
+           "peak_memory_mb", "tune_allocator"]
 
 # ---- the hardware -------------------------------------------------------------------------
 
@@ -229,7 +178,7 @@ def gemm_gflops(threads: int, n: int = 1536, reps: int = 6) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-PEAK_SOURCE = Path(__file__).with_name("peak.c")
+PEAK_SOURCE = Path(__file__).parent.parent / "peak.c"
 # the instruction sets peak.c may use, by CPU flag (compiled in only where the flag is set,
 # and cpu_info's flags already follow ONEDNN_MAX_CPU_ISA)
 _PEAK_ISA = (("avx2", "-mavx2"), ("fma", "-mfma"), ("avx512f", "-mavx512f"),
@@ -373,78 +322,9 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux reports KiB
 
 
-def available_memory() -> int:
-    """Bytes this process may still allocate: the least of the system's MemAvailable, the
-    cgroup's limit less its usage, and the address-space limit (ulimit -v) less what the
-    process maps already."""
-    limits = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                limits.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if cap != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            limits.append(int(cap) - used)
-    except (OSError, ValueError):
-        pass
-    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if soft != resource.RLIM_INFINITY:
-        mapped = 0
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmSize:"):
-                    mapped = int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        limits.append(soft - mapped)
-    return max(0, min(limits)) if limits else 1 << 62
-
-
-def memory_estimate(cfg: Any, image_size: int | tuple[int, int] = 0, batch: int = 1,
-                    training: bool = False) -> dict[str, int]:
-    """Bytes a network of config `cfg` needs, estimated on the meta device (nothing is
-    allocated): its fp32 parameters and buffers (times 4 when training: gradients, momentum
-    and an EMA copy), and with image_size its activations for `batch` images (training:
-    every layer's output, which autograd keeps; inference: the two largest outputs, the
-    input and output of the widest layer)."""
-    from .model import ResNet
-    with torch.device("meta"):
-        net = ResNet(cfg)
-    weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
-    out = {"weights": weights * (4 if training else 1), "activations": 0}
-    if image_size:
-        sizes: list[int] = []
-        in_place = (torch.nn.ReLU, torch.nn.Identity, torch.nn.Dropout)  # no memory of their own
-        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel() * 4))
-                 for m in net.modules() if not list(m.children()) and not isinstance(m, in_place)]
-        with torch.no_grad():
-            hw = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
-            net(torch.empty(batch, cfg.in_chans, *hw, device="meta"))
-        for h in hooks:
-            h.remove()
-        out["activations"] = sum(sizes) if training else sum(sorted(sizes)[-2:])
-    out["total"] = out["weights"] + out["activations"]
-    return out
-
-
-def check_memory(cfg: Any, image_size: int | tuple[int, int] = 0, batch: int = 1,
-                 training: bool = False, what: str = "the network") -> None:
-    """UserError, before anything is allocated, when `memory_estimate` is over what this
-    process may allocate (available_memory): a network too wide or deep, an input too large
-    or a batch too big for this machine ends in one sentence, not in the kernel's OOM kill."""
-    need, have = memory_estimate(cfg, image_size, batch, training), available_memory()
-    if need["total"] > 0.9 * have:  # a tenth left to the process itself and the system
-        copies = (" with their copies (gradients and optimizer state, or an exporter's)"
-                  if training else "")
-        hw = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
-        size = f" at {hw[0]}x{hw[1]}, batch {batch}" if image_size else ""
-        raise UserError(f"{what}{size} needs about {need['total'] / 2**30:.1f} GiB "
-                        f"({need['weights'] / 2**30:.1f} GiB of weights"
-                        f"{copies}, "
-                        f"{need['activations'] / 2**30:.1f} GiB of activations) and this "
-                        f"machine has {have / 2**30:.1f} GiB available: choose a smaller "
-                        f"network, input or batch")
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on the device, or nothing for fp32/fp64."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return nullcontext()
