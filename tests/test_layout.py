@@ -5,7 +5,10 @@ engines) behind HTTP, so serve may import infer (and nothing may import serve). 
 model card comes from analysis through the CLI, as data. Read from the import statements of
 every module."""
 import ast
+import sys
 from pathlib import Path
+
+import pytest
 
 import resnetkit
 
@@ -62,3 +65,72 @@ def test_imports_flow_one_way():
             if t not in allowed[me] and not (t == "__init__" and target == "resnetkit"):
                 wrong.append(f"{path.relative_to(ROOT)} imports {target}")
     assert wrong == []
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the modules it imports (a package's __init__ named by
+    the package; `from pkg import sub` counts as an import of pkg.sub where sub is a module,
+    else of pkg), imports inside functions included."""
+    mods = {("resnetkit." + ".".join(p.relative_to(ROOT).with_suffix("").parts))
+            .removesuffix(".__init__"): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = (".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+                        if node.level else "")
+                mod = ".".join(x for x in (base, node.module or "") if x)
+                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod
+                           for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t not in mods and "." in t:
+                    t = t.rsplit(".", 1)[0]
+                if t in mods and t != name and not name.startswith(t + "."):
+                    out.add(t)  # a module's own packages are loaded before it, not by it
+        graph[name] = out
+    return graph
+
+
+def test_no_import_cycle():
+    graph = _module_graph()
+    assert len(graph) > 50 and graph["resnetkit.infer.source"] >= {"resnetkit.weights.checkpoint"}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [node, nxt] if nxt in path else path + [node, nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [node])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [])
+            assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
+    """The check itself, on a package of two modules that import each other in functions."""
+    pkg = tmp_path / "resnetkit"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from . import b\n")
+    (pkg / "b.py").write_text("def g():\n    from .a import f\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
+    with pytest.raises(AssertionError, match="resnetkit.a -> resnetkit.b -> resnetkit.a|"
+                                             "resnetkit.b -> resnetkit.a -> resnetkit.b"):
+        graph = _module_graph()
+        monkeypatch.setattr(sys.modules[__name__], "_module_graph", lambda: {
+            **graph, "resnetkit.infer.source": {"resnetkit.weights.checkpoint"},
+            **{f"x{i}": set() for i in range(60)}})
+        test_no_import_cycle()
