@@ -1,7 +1,8 @@
 """The package's layering (DESIGN.md): data flows one way, cli -> {analysis, train, infer,
 serve, bench} -> {evaluate, weights, data, runtime} -> core; the feature packages never import
-each other, with one exception: serve runs the inference path (infer's optimize and its
-engines) behind HTTP, so serve may import infer (and nothing may import serve). The page's
+each other, with one exception: serve runs the inference path (infer's runner) behind HTTP
+and shows explain's Grad-CAM on its page, so serve may import infer and explain (and nothing
+may import serve). The page's
 model card comes from analysis through the CLI, as data. Read from the import statements of
 every module."""
 import ast
@@ -17,7 +18,8 @@ CORE = {"errors", "config", "layers", "blocks", "features", "geometry", "model",
         "untrusted"}
 BASE = {"runtime", "data", "weights", "evaluate"}
 FEATURES = {"analysis", "explain", "train", "infer", "serve"}
-SERVES = {"serve": {"infer"}}  # the one feature -> feature edge: serving runs inference
+# the feature -> feature edges: serving runs inference, and shows explain's heatmaps
+SERVES = {"serve": {"infer", "explain"}}
 TOP = {"bench", "experiments", "render", "cli", "cli_parser", "__main__", "__init__"}
 
 

@@ -77,6 +77,33 @@ def test_predictions_equal_the_python_api(server, checkpoint, tmp_path):
         assert np.allclose([t["prob"] for t in got], [t["prob"] for t in want], atol=0.02)
 
 
+def test_explain_answers_as_predict_with_a_heatmap_of_the_first_class(server, checkpoint):
+    """POST /explain: /predict's answer plus "why", the Grad-CAM of the first class (its
+    pixels are compared with an independent computation in test_serve_page); bad uploads are
+    refused as /predict refuses them."""
+    import base64
+    import io
+
+    from PIL import Image
+    img = images(1, seed=5)[0]
+    pred = httpx.post(f"{server.url}/predict?top_k=3", content=png(img),
+                      headers={"Content-Type": "image/png"}, timeout=30).json()
+    r = httpx.post(f"{server.url}/explain?top_k=3", content=png(img),
+                   headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [t["index"] for t in body["top"]] == [t["index"] for t in pred["top"]]
+    why = body["why"]
+    assert (why["method"], why["layer"], why["class"]) == ("gradcam", "layer3", pred["top"][0]["class"])
+    for key, mode in (("heatmap", "RGBA"), ("view", "L")):
+        head, _, data = why[key].partition(",")
+        pic = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert head == "data:image/png;base64" and (pic.mode, pic.size) == (mode, (28, 28))
+    bad = httpx.post(f"{server.url}/explain", content=b"GIF89a garbage",
+                     headers={"Content-Type": "image/gif"}, timeout=30)
+    assert bad.status_code == 400 and list(bad.json()) == ["error"]
+
+
 def _bomb(side: int = 2000) -> bytes:  # side**2 pixels in about side**2 / 1000 bytes
     return png(np.zeros((side, side), dtype=np.uint8))
 
@@ -315,6 +342,9 @@ def test_litserves_own_batching_gives_the_same_answers(checkpoint, tmp_path):
                     headers={"Content-Type": "image/png"}) for img in imgs))
         got = asyncio.run(burst())
         assert [r.status_code for r in got] == [200] * 6
+        why = httpx.post(f"{s.url}/explain?top_k=2", content=png(imgs[0]),
+                         headers={"Content-Type": "image/png"}, timeout=60).json()
+        assert why["why"]["class"] == why["top"][0]["class"] == CLASSES[want[0]["top"][0]["index"]]
         assert [[t["index"] for t in r.json()["top"]] for r in got] == \
             [[t["index"] for t in w["top"]] for w in want]
         assert httpx.get(f"{s.url}/metadata").json()["limits"]["batching"] == "litserve"

@@ -1,6 +1,10 @@
 """The page at / in a real headless Chromium (Debian's `chromium`, driven by Playwright):
 upload a Fashion-MNIST test image, read the top class off the page, compare it with the
-model's prediction through the Python API, and check the screenshot is not blank."""
+model's prediction through the Python API, and check the screenshot is not blank; then turn
+the "why?" switch on and compare the heatmap laid over the image with Grad-CAM computed here,
+and off again."""
+import base64
+import io
 import os
 import shutil
 import tempfile
@@ -41,6 +45,19 @@ def drive_page(url: str, image: Path, screenshot: Path) -> dict:
                    "facts": page.inner_text("#facts"),
                    "status": page.inner_text("#status")}
             page.screenshot(path=str(screenshot), full_page=True)
+            page.check("#why")  # asks /explain for the same file
+            page.wait_for_selector("#overlay:not([hidden])", timeout=60_000)
+            page.wait_for_function("document.getElementById('heat').naturalWidth > 0")
+            out["heat"] = page.get_attribute("#heat", "src")
+            out["view"] = page.get_attribute("#view", "src")
+            out["note"] = page.inner_text("#whynote")
+            out["why_top"] = page.inner_text("#top-class")
+            out["overlay_box"] = page.locator("#overlay").bounding_box()
+            out["preview_hidden"] = not page.is_visible("#preview")
+            page.screenshot(path=str(screenshot.with_suffix(".why.png")), full_page=True)
+            page.uncheck("#why")
+            page.wait_for_selector("#overlay", state="hidden", timeout=10_000)
+            out["preview_back"] = page.is_visible("#preview")
             return out
         finally:
             browser.close()
@@ -69,7 +86,43 @@ def check_page(model: Path, folder: Path, screenshot: Path, index: int = 0) -> d
     assert "resnet20" in shown["facts"] and "20 = 1 stem conv" in shown["facts"]
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
     assert pixels.std() > 10, "the screenshot is blank"
+    check_why(model, image, shown, screenshot)
     return shown
+
+
+def data_url_image(url: str) -> np.ndarray:
+    head, _, data = url.partition(",")
+    assert head == "data:image/png;base64", head
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def check_why(model: Path, image: Path, shown: dict, screenshot: Path) -> None:
+    """The switch's heatmap is Grad-CAM of the top class, computed here from the checkpoint
+    (explain.grad_cam, itself checked against hooks in test_explain), drawn with its alpha
+    growing as the square root of the normalised heat, over the image as the model saw it."""
+    import torch
+
+    from resnetkit.data.preprocess import load_images, model_input
+    from resnetkit.explain import grad_cam
+    from resnetkit.infer import open_source
+    src = open_source(model)
+    raw = load_images([image], src.meta.preprocess)
+    cam = grad_cam(src.model, model_input(raw, src.meta.preprocess))[0]
+    heat, view = data_url_image(shown["heat"]), data_url_image(shown["view"])
+    assert heat.shape == (28, 28, 4) and view.shape == (28, 28)
+    np.testing.assert_array_equal(view, raw[0, 0].numpy())
+    want = 255 * 0.7 * torch.sqrt(cam.clamp(min=0) / cam.max()).numpy()
+    assert cam.max() > 0 and np.abs(heat[..., 3] - want).max() <= 1.0
+    assert shown["why_top"] == shown["top"] and f'"{shown["top"]}" at layer3' in shown["note"]
+    assert shown["preview_hidden"] and shown["preview_back"]
+    box = shown["overlay_box"]
+    assert box["width"] == box["height"] == 162  # 160 px and its border
+    # the page with the heatmap differs from the page without it, where the overlay is
+    before = np.asarray(Image.open(screenshot).convert("RGB"), dtype=np.int16)
+    after = np.asarray(Image.open(screenshot.with_suffix(".why.png")).convert("RGB"), dtype=np.int16)
+    x, y = int(box["x"]), int(box["y"])
+    region = (slice(y, y + 160), slice(x, x + 160))
+    assert before.shape == after.shape and np.abs(after[region] - before[region]).mean() > 5
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install chromium (make test "

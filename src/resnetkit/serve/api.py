@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ..data.preprocess import model_input
-from ..infer import RunConfig, Runner, open_runner
+from ..infer import RunConfig, Runner, open_runner, open_source
 from ..infer.predict import top_answers
+from .heatmap import why
 from .metrics import worker_metrics
 
 
@@ -42,8 +43,13 @@ def serving(engine: str = "auto", precision: str = "auto", calibration: str | No
 def open_model(source: str | Path, engine: str = "auto", precision: str = "auto",
                threads: int = 0, calibration: str | None = None) -> Runner:
     """The served model on its runner (see serving): a callable on a preprocessed float
-    NCHW batch giving fp32 logits, with `.engine` and `.precision`."""
-    return open_runner(source, serving(engine, precision, calibration, threads))
+    NCHW batch giving fp32 logits, with `.engine` and `.precision`, and `.explained`: the
+    fp32 torch model with gradients the "why?" heatmaps come from (None for an exported
+    file, which has none). The source is read once."""
+    src = open_source(source)
+    runner = open_runner(src, serving(engine, precision, calibration, threads))
+    runner.explained = src.model
+    return runner
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -104,21 +110,31 @@ class ClassifierAPI(ls.LitAPI):
     def predict(self, x: list[dict[str, Any]] | dict[str, Any]) -> Any:
         """x: a batch gathered on the HTTP side ({"images", "top_k"}: batcher.py), or, with
         LitServe's own batching, a list of single requests ({"image", "top_k"}; one request
-        when max_batch is 1)."""
+        when max_batch is 1). A single request with "explain" set (POST /explain) also gets
+        the Grad-CAM heatmap of its first class ("why", see heatmap.why)."""
         t = time.perf_counter()
         if "images" in x:
-            images, ks = torch.from_numpy(x["images"]), x["top_k"]
+            images, ks, why = torch.from_numpy(x["images"]), x["top_k"], []
         else:
             items = [x] if isinstance(x, dict) else x
             images = torch.from_numpy(np.stack([r["image"] for r in items]))
             ks = [r["top_k"] for r in items]
-        probs = self.model(model_input(images, self.pre)).softmax(1)
+            why = [i for i, r in enumerate(items) if r.get("explain")]
+        inputs = model_input(images, self.pre)
+        probs = self.model(inputs).softmax(1)
         out = [{"top": top, "batch_size": len(ks)}
                for top in top_answers(probs, ks, self.classes)]
+        for i in why:
+            out[i]["why"] = self._why(images[i].numpy(), inputs[i:i + 1], out[i]["top"][0])
         self.metrics.batch.observe(len(ks))
         self.metrics.images.inc(len(ks))
         self.metrics.compute.observe(time.perf_counter() - t)
         return out[0] if isinstance(x, dict) and "images" not in x else out
+
+    def _why(self, image: np.ndarray, x: torch.Tensor, first: dict[str, Any]) -> dict[str, Any]:
+        if self.model.explained is None:  # the HTTP side refuses these first (/metadata)
+            return {"error": "this model is an exported file, which has no gradients"}
+        return {**why(self.model.explained, image, x, first["index"]), "class": first["class"]}
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
         return output

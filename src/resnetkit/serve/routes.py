@@ -223,8 +223,8 @@ class Predictor:
 
 def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: dict[str, Any],
                state_dir: Path) -> None:
-    """Replace LitServe's / and POST /predict with ours; add /metadata and /metrics; errors
-    as {"error": sentence}."""
+    """Replace LitServe's / and POST /predict with ours; add POST /explain, /metadata and
+    /metrics; errors as {"error": sentence}."""
     from litserve.server import RegularRequestHandler
 
     app = server.app
@@ -246,6 +246,12 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
 
     predictor = Predictor(run_one, info, limits)
 
+    async def explain_one(image, top_k: int) -> dict[str, Any]:
+        # one image per call: Grad-CAM runs a backward pass, which a batch would not share
+        return await handler.handle_request({"image": image, "top_k": top_k, "explain": True},
+                                            dict)
+    explainer = Predictor(explain_one, info, limits)
+
     def build_middleware_stack(self):
         # FastPaths outside every layer FastAPI adds (its error, body-limit and telemetry
         # middleware wrap each call and each send: 5-10% of the HTTP process's time per
@@ -266,6 +272,20 @@ def add_routes(server, api, info: dict[str, Any], meta: dict[str, Any], limits: 
         (Served by the middleware ahead of FastAPI, with the same handler; this route gives
         the OpenAPI entry and serves the app where the middleware is not in front.)"""
         status, body, kind, extra = await predictor(request.scope, request.receive)
+        return Response(body, status, {k.decode(): v.decode() for k, v in extra},
+                        media_type=kind.decode())
+
+    @app.post("/explain", openapi_extra=body_doc,
+              summary="Top-k classes of one image and a Grad-CAM heatmap of the first")
+    async def explain(request: Request, top_k: int = Query(5, ge=1, le=MAX_TOP_K)):
+        """As /predict, plus "why": {"class", "method": "gradcam", "layer", "heatmap" (an
+        RGBA PNG data URL at the model's input size), "view" (the image as the model saw it,
+        resized and centre-cropped, a PNG data URL)}. 400 for a model without gradients (an
+        exported ONNX or OpenVINO file)."""
+        if not meta.get("explain"):
+            return _error(400, "this model cannot show why: it is an exported file, which "
+                               "has no gradients; serve its checkpoint or run folder instead")
+        status, body, kind, extra = await explainer(request.scope, request.receive)
         return Response(body, status, {k.decode(): v.decode() for k, v in extra},
                         media_type=kind.decode())
 

@@ -54,6 +54,7 @@ def serve(source: str, config: ServeConfig | None = None, hooks: ServeHooks | No
         arch = config_to_dict(cfg)
     meta = {"source": str(source), "architecture": arch, "classes": info["classes"],
             "preprocess": info["preprocess"], "limits": limits,
+            "explain": src.model is not None,  # Grad-CAM needs gradients: not an exported file
             "card": hooks.card(cfg, size) if hooks.card and cfg is not None else None}
     litserve_batch = c.batching == "litserve"
     api = ClassifierAPI(str(source), c.engine, c.precision, info["preprocess"], info["classes"],
