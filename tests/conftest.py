@@ -1,18 +1,50 @@
+import os
+
 import pytest
 import torch
+from filelock import FileLock
 
 torch.manual_seed(0)
+
+# The one tiny training config of the suite (a ResNet-20 of widths 4, 8, 8 on 512 real
+# Fashion-MNIST images: 4 steps of 128 an epoch, fp32, deterministic); tests add or change
+# what they need through the `tiny_config` fixture.
+TINY = dict(model="resnet20", model_overrides={"widths": (4, 8, 8), "stem_width": 4},
+            train_subset=512, test_subset=200, batch_size=128, epochs=3, lr=0.1,
+            schedule="cosine", precision="fp32", deterministic=True, plots=False)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """build_config(TINY + overrides), its run folder tmp_path/NAME: tiny_config("run", epochs=1)."""
+    from resnetkit.train import build_config
+
+    def make(name: str = "run", **overrides):
+        return build_config(None, **{**TINY, **overrides}, out_dir=str(tmp_path), name=name)
+    return make
+
+
+def shared_folder(tmp_path_factory) -> "os.PathLike":
+    """A folder every process of this test session sees: pytest's base temporary folder,
+    or, under pytest-xdist, the one above the workers' own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A small ResNet-20 trained for 2 epochs on 4,096 Fashion-MNIST images (~70% top-1)."""
+    """A small ResNet-20 trained for 2 epochs on 4,096 Fashion-MNIST images (~70% top-1),
+    trained once per session: the first process to need it trains it, under a file lock,
+    and the others (pytest-xdist workers) wait for it and read it."""
     from resnetkit.train import Trainer, build_config
-    out = tmp_path_factory.mktemp("runs")
-    cfg = build_config(None, model="resnet20", train_subset=4096, test_subset=500, epochs=2,
-                       batch_size=128, lr=0.1, precision="fp32", plots=False, out_dir=str(out),
-                       name="r")
-    Trainer(cfg, quiet=True).fit()
+    root = shared_folder(tmp_path_factory)
+    out = root / "trained-runs"
+    with FileLock(str(root / "trained-runs.lock")):
+        if not (out / "r" / "results.json").exists():
+            cfg = build_config(None, model="resnet20", train_subset=4096, test_subset=500,
+                               epochs=2, batch_size=128, lr=0.1, precision="fp32", plots=False,
+                               out_dir=str(out), name="r")
+            Trainer(cfg, quiet=True).fit()
     return out / "r"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY
 from resnetkit import render
 from resnetkit.errors import UserError
 from resnetkit.train import Trainer, build_config
@@ -15,10 +16,10 @@ from resnetkit.weights import checkpoint as ckpt
 from resnetkit.train import distributed as D
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
-# Small real runs: 512 Fashion-MNIST training images, 4 optimizer steps of 128 per epoch.
-SMALL = dict(model="resnet20", model_overrides={"widths": [8, 16, 32], "stem_width": 8},
-             train_subset=512, test_subset=256, epochs=1, lr=0.1, schedule="constant",
-             precision="fp32", deterministic=True, plots=False, workers=0)
+# conftest's tiny runs (512 Fashion-MNIST training images, 4 optimizer steps of 128 per
+# epoch), one epoch at a constant rate.
+SMALL = dict({k: v for k, v in TINY.items() if k != "batch_size"}, test_subset=256, epochs=1,
+             schedule="constant", workers=0)  # the batch is each test's
 
 
 def info(rank, world):
@@ -151,7 +152,7 @@ TOL = 1e-8
 def test_syncbn_two_processes_match_one_and_resume_across_world_sizes(tmp_path):
     common = dict(SMALL, batch_size=128, global_batch=128, sync_bn=True, lr=0.05,
                   precision="fp64", out_dir=str(tmp_path))
-    args = ["--model_overrides", "widths=8,16,32;stem_width=8", "--name", "two"]
+    args = ["--model_overrides", "widths=4,8,8;stem_width=4", "--name", "two"]
     for k, v in common.items():
         if k != "model_overrides":
             args += [f"--{k}", str(v)]

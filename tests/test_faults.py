@@ -17,14 +17,13 @@ from safetensors.torch import save_file
 
 import resnetkit as rk
 from resnetkit.cli import main
+from conftest import TINY
 from resnetkit.errors import UserError
 from resnetkit.train import NonFiniteLoss, Trainer, build_config
 from resnetkit.weights import load_model, load_state
 from resnetkit.weights.checkpoint import config_to_dict
 
-SMALL = dict(model="resnet20", model_overrides={"widths": (4, 8, 8), "stem_width": 4},
-             train_subset=512, test_subset=200, batch_size=128, epochs=3, lr=0.1,
-             schedule="cosine", precision="fp32", deterministic=True, plots=False)
+SMALL = TINY  # conftest's tiny config: 4 steps an epoch, 3 epochs
 TIMING = ("epoch_s", "images_per_s", "peak_mem_mb")
 
 

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import resnetkit as rk
+from conftest import TINY
 from resnetkit.errors import UserError
 from resnetkit.train import Trainer, build_config
 from resnetkit.train.finetune import FrozenBatchNorm2d, freeze, freeze_batchnorm
 
-SMALL = dict(model="resnet20", model_overrides={"widths": (8, 16, 32), "stem_width": 8},
-             precision="fp32", plots=False, batch_size=50)
+# conftest's tiny network, in batches of 50 (data and schedule are each test's)
+SMALL = dict({k: TINY[k] for k in ("model", "model_overrides", "precision", "plots")}, batch_size=50)
 
 
 def test_frozen_batchnorm_is_eval_mode_batchnorm_and_never_changes():
@@ -65,7 +66,7 @@ def test_init_from_a_run_keeps_the_backbone_and_starts_a_new_head(tmp_path):
                                   per_class=20, init=str(tmp_path / "pre"),
                                   out_dir=str(tmp_path), name="ft"),
                      quiet=True)
-    src = rk.create_model("resnet20", widths=(8, 16, 32), stem_width=8, in_chans=1, num_classes=3,
+    src = rk.create_model("resnet20", widths=(4, 8, 8), stem_width=4, in_chans=1, num_classes=3,
                           checkpoint_path=tmp_path / "pre" / "best.safetensors")
     assert torch.equal(ft.model.layer3[2].conv2.weight, src.layer3[2].conv2.weight)
     assert ft.model.fc.out_features == 2

@@ -9,15 +9,16 @@ from PIL import Image
 
 import resnetkit as rk
 from resnetkit.cli import main
+from conftest import TINY as BASE
 from resnetkit.errors import UserError
 from resnetkit.infer import predict
 from resnetkit.train import NonFiniteLoss, Trainer, build_config
 from resnetkit.weights import checkpoint as ckpt
 from resnetkit.train.optim import lr_factor
 
-TINY = dict(model="resnet20", model_overrides={"widths": (8, 16, 32), "stem_width": 8},
-            train_subset=2048, batch_size=128, epochs=2, lr=0.1, schedule="cosine", crop_padding=2, hflip=True,
-            precision="fp32", deterministic=True, plots=False, test_subset=2000, quiet=None)
+# conftest's tiny config with 16 steps an epoch (2,048 images), 2 epochs and augmentation
+TINY = dict(BASE, train_subset=2048, epochs=2, crop_padding=2, hflip=True, test_subset=500,
+            quiet=None)
 
 
 def tiny(tmp_path, name="run", **kw):
@@ -31,7 +32,9 @@ def weights(t):
 
 
 def test_fit_writes_run_folder(tmp_path):
-    t = tiny(tmp_path, plots=True, test_subset=0)
+    # the wider net (8, 16, 32) of the accuracy check below: 2 epochs take it well past chance
+    t = tiny(tmp_path, plots=True, test_subset=0,
+             model_overrides={"widths": (8, 16, 32), "stem_width": 8})
     r = t.fit()
     d = tmp_path / "run"
     names = {p.name for p in d.iterdir()}
@@ -46,21 +49,25 @@ def test_fit_writes_run_folder(tmp_path):
     assert not [p for p in names if p.startswith(".")]  # no temporary files left
 
 
-def test_resume_after_epoch_is_bitwise_identical(tmp_path):
-    full = tiny(tmp_path, "full")
-    full.fit()
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """TINY trained to its end without a stop: what every exact resume must equal."""
+    t = tiny(tmp_path_factory.mktemp("full"), "full")
+    t.fit()
+    return weights(t)
+
+
+def test_resume_after_epoch_is_bitwise_identical(tmp_path, full_run):
     part = tiny(tmp_path, "part")
     part.fit(until_epoch=1)
     resumed = Trainer.resume(tmp_path / "part", quiet=True)
     assert resumed.epoch == 1
     resumed.fit()
-    a, b = weights(full), weights(resumed)
+    a, b = full_run, weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
-    full = tiny(tmp_path, "full")
-    full.fit()
+def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch, full_run):
     t = tiny(tmp_path, "cut")
     real = Trainer.train_step
     calls = {"n": 0}
@@ -78,7 +85,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
     resumed = Trainer.resume(tmp_path / "cut", quiet=True)
     assert (resumed.epoch, resumed.step_in_epoch) == (1, 2)
     resumed.fit()
-    a, b = weights(full), weights(resumed)
+    a, b = full_run, weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -154,12 +161,12 @@ def test_checkpoint_for_another_architecture(tmp_path):
     t = tiny(tmp_path, epochs=1)
     t.fit()
     _, w, _ = ckpt.read_checkpoint(tmp_path / "run")
-    other = rk.create_model("resnet32", in_chans=1, widths=(8, 16, 32), stem_width=8)
+    other = rk.create_model("resnet32", in_chans=1, widths=(4, 8, 8), stem_width=4)
     # resnet32 has 2 more basic blocks per stage: 6 blocks x (2 conv weights + 2 BN x 5) = 72 keys
     with pytest.raises(UserError, match="does not fit this model: missing 72 keys"):
         ckpt.load_weights_into(other, w, "run")
-    fewer = rk.create_model("resnet20", in_chans=1, widths=(8, 16, 32), stem_width=8, num_classes=5)
-    with pytest.raises(UserError, match=r"shape mismatch: fc.weight \(10, 32\) vs \(5, 32\)"):
+    fewer = rk.create_model("resnet20", in_chans=1, widths=(4, 8, 8), stem_width=4, num_classes=5)
+    with pytest.raises(UserError, match=r"shape mismatch: fc.weight \(10, 8\) vs \(5, 8\)"):
         ckpt.load_weights_into(fewer, w, "run")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(UserError, match="not a safetensors checkpoint"):
