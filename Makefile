@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install data browser demo test bench venv
+.PHONY: install data browser demo test bench venv docs
 
 # Debian and Ubuntu ship venv's pip bootstrap separately (python3-venv): installed when missing.
 $(PY):
@@ -42,6 +42,10 @@ demo: install data
 test: install data browser
 	$(PY) -m pip install -q -e ".[all,paddle]"
 	$(PY) -m pytest -q
+
+# the docs site into site/ (the tutorial notebook executed as it is rendered)
+docs: install data
+	$(VENV)/bin/mkdocs build --strict
 
 bench: install
 	$(PY) benchmarks/trainer_overhead.py
