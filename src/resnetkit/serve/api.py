@@ -21,6 +21,7 @@ import torch
 
 from ..data.preprocess import model_input
 from ..infer import RunConfig, Runner, open_runner, open_source
+from ..infer.source import kind_of
 from ..infer.predict import top_answers
 from .heatmap import why
 from .metrics import worker_metrics
@@ -46,8 +47,10 @@ def open_model(source: str | Path, engine: str = "auto", precision: str = "auto"
     NCHW batch giving fp32 logits, with `.engine` and `.precision`, and `.explained`: the
     fp32 torch model with gradients the "why?" heatmaps come from (None for an exported
     file, which has none). The source is read once."""
+    config = serving(engine, precision, calibration, threads)
+    config.check(kind_of(source), source)  # an engine that cannot run the file: before reading it
     src = open_source(source)
-    runner = open_runner(src, serving(engine, precision, calibration, threads))
+    runner = open_runner(src, config)
     runner.explained = src.model
     return runner
 
