@@ -86,3 +86,27 @@ def test_transfer_recipe_beats_training_from_scratch(tmp_path):
                       quiet=True).fit()
     assert ft["test"]["samples"] == 5000
     assert ft["test"]["top1"] > scratch["test"]["top1"]
+
+
+def test_a_head_for_other_classes_of_the_same_number_starts_fresh(tmp_path):
+    """Classes 0-2 then 3-5: three outputs each, but the head's rows mean other classes, so it
+    starts fresh (warned); the same classes again keep it."""
+    import warnings
+    pre = Trainer(build_config(None, **SMALL, epochs=1, classes=[0, 1, 2], train_subset=300,
+                               test_subset=60, out_dir=str(tmp_path), name="pre"), quiet=True)
+    pre.fit()
+    src = rk.create_model("resnet20", widths=(4, 8, 8), stem_width=4, in_chans=1, num_classes=3,
+                          checkpoint_path=tmp_path / "pre" / "best.safetensors")
+    with pytest.warns(UserWarning, match=r"answers other classes \(T-shirt/top, Trouser, "
+                                         r"Pullover\); the head starts fresh"):
+        other = Trainer(build_config(None, **SMALL, epochs=1, classes=[3, 4, 5], per_class=20,
+                                     init=str(tmp_path / "pre"), out_dir=str(tmp_path),
+                                     name="other"), quiet=True)
+    assert torch.equal(other.model.layer3[2].conv2.weight, src.layer3[2].conv2.weight)
+    assert not torch.equal(other.model.fc.weight, src.fc.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the head fits and means the same
+        same = Trainer(build_config(None, **SMALL, epochs=1, classes=[0, 1, 2], per_class=20,
+                                    init=str(tmp_path / "pre"), out_dir=str(tmp_path),
+                                    name="same"), quiet=True)
+    assert torch.equal(same.model.fc.weight, src.fc.weight)

@@ -51,10 +51,16 @@ def freeze(model: ResNet, parts: list[str]) -> int:
     return n
 
 
-def start_from(model: ResNet, source: str) -> dict[str, Any]:
+def start_from(model: ResNet, source: str, classes: list[str] | None = None) -> dict[str, Any]:
     """Load `source` (registry tag, weights file, resnetkit checkpoint or run folder) into
-    the model; a head of another size starts fresh. Returns the source's metadata (its
-    "preprocess" when it has one)."""
+    the model; a head of another size starts fresh, and so does a head of the same size
+    whose classes (by name, where the source names them) are not `classes`. Returns the
+    source's metadata (its "preprocess" when it has one)."""
     state, kind, info, _ = read_source(source)
-    load_into(model, state, source, kind)
+    theirs = info.get("classes")
+    other = (classes is not None and isinstance(theirs, list) and len(theirs) == len(classes)
+             and list(theirs) != list(classes))
+    load_into(model, state, source, kind,
+              fresh_head=f"its head answers other classes ({', '.join(map(str, theirs[:3]))}"
+                         f"{', ...' if len(theirs) > 3 else ''})" if other else None)
     return info

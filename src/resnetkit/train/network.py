@@ -44,7 +44,7 @@ def build_model(cfg: TrainConfig, feed: Feed, load_init: bool) -> nn.Module:
     check_input_size(model, feed.image_size)
     _warn_if_collapsed(model, cfg.model, feed.image_size)
     if cfg.init and load_init:
-        pre = start_from(model, cfg.init).get("preprocess", {})
+        pre = start_from(model, cfg.init, list(feed.train.classes)).get("preprocess", {})
         if len(pre.get("mean", ())) == len(feed.mean):  # the weights' own normalisation
             feed.mean, feed.std = tuple(pre["mean"]), tuple(pre["std"])
     if cfg.freeze_bn:

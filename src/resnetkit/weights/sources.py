@@ -114,9 +114,10 @@ def _mismatch(model: ResNet, state: dict[str, torch.Tensor], source: str) -> Use
 
 
 def load_into(model: ResNet, state: dict[str, torch.Tensor], source: str,
-              kind: str = "torch") -> None:
+              kind: str = "torch", fresh_head: str | None = None) -> None:
     """Load foreign or own weights into `model`: names mapped, the stem adapted to the model's
-    in_chans, a head of another size (or none) left as the model has it, with a warning."""
+    in_chans, a head of another size (or none) left as the model has it, with a warning;
+    fresh_head: why the head is left as the model has it whatever its size (warned)."""
     check_finite(state, source)
     state = to_resnetkit(state, kind, model.state_dict())
     for key in ("conv1.weight", "conv1.0.weight"):
@@ -126,6 +127,9 @@ def load_into(model: ResNet, state: dict[str, torch.Tensor], source: str,
     fc, mine = state.get("fc.weight"), own.get("fc.weight")
     if fc is not None and mine is None:  # a features_only model: no head to load
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    elif fc is not None and fresh_head:
+        warnings.warn(f"{source}: {fresh_head}; the head starts fresh", stacklevel=3)
+        state.update({k: own[k] for k in ("fc.weight", "fc.bias") if k in own})
     elif fc is not None and fc.dim() == 2 and fc.shape[1:] == mine.shape[1:] \
             and fc.shape[0] != mine.shape[0]:
         warnings.warn(f"{source}: the checkpoint's classifier has {fc.shape[0]} outputs, the "
