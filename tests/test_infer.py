@@ -64,16 +64,20 @@ def test_fold_requires_eval():
 
 def test_optimize_bf16_and_fp32():
     m = trained_like("resnet50")
-    x = torch.randn(4, 3, 96, 96)
+    x = torch.randn(8, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = m(x)
         fp32 = optimize(m, precision="fp32", channels_last=True)(x)
         bf16 = optimize(m, precision="bf16")(x)
     assert fp32.dtype == bf16.dtype == torch.float32
     assert torch.allclose(fp32, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
-    # bf16 keeps 8 bits of mantissa: agreement of the ranking, and a loose bound
-    assert torch.equal(bf16.argmax(1), ref.argmax(1))
+    # bf16 keeps 8 bits of mantissa: a loose bound, and the same first class wherever fp32's
+    # first two classes are further apart than bf16's rounding can move them (2% of the
+    # largest logit; random weights give near ties, which rounding may reorder)
     assert (bf16 - ref).abs().max() < 0.1 * ref.abs().max()
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.02 * ref.abs().max()
+    assert clear.any() and torch.equal(bf16.argmax(1)[clear], ref.argmax(1)[clear])
     # bf16 weights stored once instead of cast by autocast on each call: the same rounding
     auto = optimize(m, precision="bf16", bf16_weights=False)
     stored = optimize(m, precision="bf16", bf16_weights=True)
