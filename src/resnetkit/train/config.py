@@ -44,7 +44,7 @@ class TrainConfig:
     classes: list[int] = opt([], "keep only these class indices, renumbered from 0 (e.g. 5,6,7,8,9)")
     per_class: int = opt(0, "train on a fixed random N images of each class (0: all)")
     init: str = opt("", "start from these weights: a registry tag, a weights file or a run "
-                        "folder (a head of another size starts fresh)")
+                        "folder (a head of another size, or for other classes, starts fresh)")
     freeze: list[str] = opt([], "parts that do not learn: stem, layer1..layer4 or backbone")
     freeze_bn: bool = opt(False, "BatchNorm with fixed statistics and affine (FrozenBatchNorm2d)")
     head_lr_mult: float = opt(1.0, "learning-rate multiplier of the classifier")
