@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import UserError
 from ..layers import FrozenBatchNorm2d
 from ..model import ResNet
+from ..untrusted import shown
 from ..weights.sources import load_into, read_source
 
 # What --freeze names: the stem (conv1 and bn1, or the deep stem), each stage, or everything
@@ -60,7 +61,9 @@ def start_from(model: ResNet, source: str, classes: list[str] | None = None) -> 
     theirs = info.get("classes")
     other = (classes is not None and isinstance(theirs, list) and len(theirs) == len(classes)
              and list(theirs) != list(classes))
-    load_into(model, state, source, kind,
-              fresh_head=f"its head answers other classes ({', '.join(map(str, theirs[:3]))}"
-                         f"{', ...' if len(theirs) > 3 else ''})" if other else None)
+    why = None
+    if other:  # the names came from a file: escaped before they are shown
+        names = ", ".join(shown(str(c)) for c in theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+        why = f"its head answers other classes ({names})"
+    load_into(model, state, source, kind, fresh_head=why)
     return info
