@@ -63,7 +63,9 @@ def test_fold_requires_eval():
 
 
 def test_optimize_bf16_and_fp32():
-    m = trained_like("resnet50")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same weights whatever ran before
+        m = trained_like("resnet50")
     x = torch.randn(8, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = m(x)
@@ -71,13 +73,12 @@ def test_optimize_bf16_and_fp32():
         bf16 = optimize(m, precision="bf16")(x)
     assert fp32.dtype == bf16.dtype == torch.float32
     assert torch.allclose(fp32, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
-    # bf16 keeps 8 bits of mantissa: a loose bound, and the same first class wherever fp32's
-    # first two classes are further apart than bf16's rounding can move them (2% of the
-    # largest logit; random weights give near ties, which rounding may reorder)
-    assert (bf16 - ref).abs().max() < 0.1 * ref.abs().max()
-    top2 = ref.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.02 * ref.abs().max()
-    assert clear.any() and torch.equal(bf16.argmax(1)[clear], ref.argmax(1)[clear])
+    # bf16 keeps 8 bits of mantissa: bounds on the logits' error. (The first class is not
+    # compared here: random weights put the first classes of every image within bf16's
+    # rounding of each other; test_bench's `bench --check` compares the classes of a trained
+    # model on the test set.)
+    err = (bf16 - ref).abs()
+    assert err.max() < 0.1 * ref.abs().max() and err.mean() < 0.02 * ref.abs().mean()
     # bf16 weights stored once instead of cast by autocast on each call: the same rounding
     auto = optimize(m, precision="bf16", bf16_weights=False)
     stored = optimize(m, precision="bf16", bf16_weights=True)
