@@ -13,17 +13,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The tests that use the session's trained run go to one test process, one file after the
-# other, so that no process waits for another to train it (see `trained`); every other test
-# goes with its file (its module fixtures are built once).
-TRAINED_FILES = {"test_bench.py", "test_infer.py", "test_quantize.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("trained" if name in TRAINED_FILES else name))
-
 # The one tiny training config of the suite (a ResNet-20 of widths 4, 8, 8 on 512 real
 # Fashion-MNIST images: 4 steps of 128 an epoch, fp32, deterministic); tests add or change
 # what they need through the `tiny_config` fixture.
