@@ -117,17 +117,17 @@ class ClassifierAPI(ls.LitAPI):
         the Grad-CAM heatmap of its first class ("why", see heatmap.why)."""
         t = time.perf_counter()
         if "images" in x:
-            images, ks, why = torch.from_numpy(x["images"]), x["top_k"], []
+            images, ks, asked = torch.from_numpy(x["images"]), x["top_k"], []
         else:
             items = [x] if isinstance(x, dict) else x
             images = torch.from_numpy(np.stack([r["image"] for r in items]))
             ks = [r["top_k"] for r in items]
-            why = [i for i, r in enumerate(items) if r.get("explain")]
+            asked = [i for i, r in enumerate(items) if r.get("explain")]
         inputs = model_input(images, self.pre)
         probs = self.model(inputs).softmax(1)
         out = [{"top": top, "batch_size": len(ks)}
                for top in top_answers(probs, ks, self.classes)]
-        for i in why:
+        for i in asked:  # the requests that asked why (POST /explain)
             out[i]["why"] = self._why(images[i].numpy(), inputs[i:i + 1], out[i]["top"][0])
         self.metrics.batch.observe(len(ks))
         self.metrics.images.inc(len(ks))

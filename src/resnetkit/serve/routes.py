@@ -325,4 +325,3 @@ def _add_info_routes(app, meta: dict[str, Any], predictor: Predictor, state_dir:
     async def metrics():
         body, content_type = exposition()
         return Response(body, media_type=content_type)
-
