@@ -18,9 +18,11 @@ def test_bench_reports_the_int8_paths():
     assert all(v["fraction_of_peak"] <= 1 for v in res.values())
 
 
-def test_bench_small_model_reports_every_path():
+def test_bench_small_model_reports_every_path(monkeypatch):
     # the int8 paths (compiled per shape, tens of seconds) are in the slow test above;
-    # `bench --check` in CI covers them on a trained model
+    # `bench --check` in CI covers them on a trained model. The compiled training step (tens
+    # of seconds more) is left out here: test_train_step covers it.
+    monkeypatch.setattr("resnetkit.bench.can_compile", lambda device: False)
     r = bench("resnet20", batch=4, image_size=32, rounds=2, warmup=1, in_chans=3, num_classes=10,
               int8=False)
     res = r["results"]
@@ -46,6 +48,27 @@ def test_bench_small_model_reports_every_path():
     macs = (3 * 16 * 9 * 32 ** 2 + 6 * 16 * 16 * 9 * 32 ** 2
             + (16 * 32 + 5 * 32 * 32) * 9 * 16 ** 2 + (32 * 64 + 5 * 64 * 64) * 9 * 8 ** 2 + 64 * 10)
     assert r["macs_per_image"] == macs
+    t = r["train_targets"]
+    assert t["path"] == "train_resnetkit" and r["train_compile_s"] is None
+    assert t["speedup_paired"] == res["train_resnetkit"]["speedup_paired"]
+    assert t["speedup_target"] == (2.5 if hw["avx512_bf16"] or hw["amx_bf16"] else 1.5)
+    assert t["fraction_of_peak_target"] == (None if hw["amx_bf16"] else 0.6)
+
+
+def test_train_targets_follow_the_cpu():
+    from resnetkit.bench import _train_targets
+    res = {"train_resnetkit": {"speedup_paired": 2.0, "fraction_of_peak": 0.62},
+           "train_resnetkit_compiled": {"speedup_paired": 2.6, "fraction_of_peak": 0.5}}
+    cpu = {"peak_int8_gops": 1.0}
+    t = _train_targets(res, {**cpu, "avx512_bf16": True, "amx_bf16": False})
+    assert (t["path"], t["speedup_target"], t["speedup_met"]) == ("train_resnetkit_compiled", 2.5, True)
+    assert (t["fraction_of_peak_target"], t["fraction_of_peak_met"]) == (0.6, False)
+    t = _train_targets(res, {**cpu, "avx512_bf16": False, "amx_bf16": False})
+    assert t["speedup_target"] == 1.5 and t["speedup_met"]
+    t = _train_targets(res, {**cpu, "avx512_bf16": True, "amx_bf16": True})
+    assert t["fraction_of_peak_target"] is None and t["fraction_of_peak_met"] is None
+    t = _train_targets(res, {"peak_bf16_gflops": 1.0})  # CUDA: no targets
+    assert t["speedup_target"] is None and t["speedup_met"] is None
 
 
 @pytest.mark.parametrize("kw,msg", [({"batch": 0}, "batch size must be >= 1"),

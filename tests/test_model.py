@@ -215,3 +215,17 @@ def test_too_small_input_names_minimum():
     with pytest.raises(UserError, match="too small: maxpool would output an empty map.*at least 5x5"):
         m(torch.randn(1, 3, 4, 4))
     m.eval()(torch.randn(1, 3, 5, 5))
+
+
+def test_the_pooled_cifar_stem_halves_the_side():
+    # the CIFAR stem's 3x3 conv at full size, then a 2x2 max-pool: 28 -> 14, 7, 4 (ceil of the
+    # stride-2 3x3 convs with padding 1)
+    m = rk.create_model("resnet20", in_chans=1, num_classes=10, stem="cifar_pool").eval()
+    sizes = {}
+    for name in ("relu", "maxpool", "layer1", "layer2", "layer3"):
+        getattr(m, name).register_forward_hook(
+            lambda mod, i, o, name=name: sizes.setdefault(name, tuple(o.shape[1:])))
+    assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert sizes == {"relu": (16, 28, 28), "maxpool": (16, 14, 14), "layer1": (16, 14, 14),
+                     "layer2": (32, 7, 7), "layer3": (64, 4, 4)}
+    assert [f["reduction"] for f in m.feature_info] == [1, 2, 4, 8]

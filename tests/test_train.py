@@ -33,13 +33,15 @@ def weights(t):
 
 def test_fit_writes_run_folder(tmp_path):
     # the wider net (8, 16, 32) of the accuracy check below: 2 epochs take it well past chance
-    t = tiny(tmp_path, plots=True, test_subset=0,
+    t = tiny(tmp_path, plots=True, test_subset=0, tensorboard=True,
              model_overrides={"widths": (8, 16, 32), "stem_width": 8})
     r = t.fit()
     d = tmp_path / "run"
     names = {p.name for p in d.iterdir()}
     assert {"config.json", "metrics.jsonl", "last.safetensors", "last.state.pt",
-            "best.safetensors", "best.state.pt", "results.json", "curves.png", "confusion.png"} <= names
+            "best.safetensors", "best.state.pt", "results.json", "curves.png", "confusion.png",
+            "tb"} <= names
+    _check_tensorboard(d, t, r)
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2] and all(row["images_per_s"] > 0 for row in rows)
     info = json.loads((d / "config.json").read_text())
@@ -47,6 +49,37 @@ def test_fit_writes_run_folder(tmp_path):
     assert r["test"]["samples"] == 10_000 and 0.3 < r["test"]["top1"] <= 1  # chance is 0.1
     assert sum(sum(row) for row in r["test"]["confusion"]) == 10_000
     assert not [p for p in names if p.startswith(".")]  # no temporary files left
+
+
+def _check_tensorboard(d, t, r):
+    """The run's TensorBoard log as TensorBoard reads it: the loss and lr of every step, the
+    epochs' metrics, and the hyperparameters with the final metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    acc = EventAccumulator(str(d / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    losses = acc.Scalars("step/train_loss")
+    assert [e.step for e in losses] == list(range(1, t.global_step + 1)) == \
+        [e.step for e in acc.Scalars("step/lr")]
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    n = t.steps_per_epoch  # equal batches (drop_last): an epoch's loss is its steps' mean
+    for i, row in enumerate(rows):
+        mean = sum(e.value for e in losses[i * n:(i + 1) * n]) / n
+        assert mean == pytest.approx(row["train_loss"], rel=1e-5)
+    assert [(e.step, e.value) for e in acc.Scalars("epoch/val_acc")] == \
+        [(n * row["epoch"], pytest.approx(row["val_acc"])) for row in rows]
+    lrs = {e.step: e.value for e in acc.Scalars("step/lr")}
+    assert lrs[1] == pytest.approx(TINY["lr"] * lr_factor(t.cfg, t.total_steps, n)(0))
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["lr"].number_value == TINY["lr"]
+    assert start.hparams["model"].string_value == "resnet20"
+    assert start.hparams["precision"].string_value == "fp32"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    assert "hparam/test_top1" in {m.name.tag for m in experiment.metric_infos}
+    assert acc.Scalars("hparam/test_top1")[-1].value == pytest.approx(r["test"]["top1"])
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 interleaved round by round in one process so machine noise hits every path alike."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
@@ -22,7 +23,11 @@ from .infer.backends.torch import compile_pays
 from .infer.calibrate import calibration_set
 from .infer.export import export
 from .infer.runner import installed
-from .runtime import allocator_state, decide_channels_last, hardware, has_native_bf16
+from .runtime import allocator_state, decide_channels_last, decide_precision, hardware
+from .runtime.compiling import can_compile
+from .train.config import TrainConfig
+from .train.optim import build_optimizer
+from .train.step import TrainStep
 from .untrusted import shown
 from .zoo import create_model
 
@@ -170,7 +175,8 @@ def _runners(src: Source, image_size: int, probe: torch.Tensor, compiled: bool, 
 
 
 def _paths(model: str, x: torch.Tensor, y: torch.Tensor, image_size: int, train: bool,
-           onnx: bool, compile: bool, notes: list[str], int8: bool = True, **build: Any
+           onnx: bool, compile: bool, notes: list[str], int8: bool = True,
+           steps: dict[str, TrainStep] | None = None, **build: Any
            ) -> tuple[dict[str, Callable[[], Any]], dict[str, str], bool]:
     """Every timed path ({name: run}), its precision, and whether the torch engine compiles
     by default here. `build` holds create_model's in_chans and num_classes."""
@@ -191,20 +197,35 @@ def _paths(model: str, x: torch.Tensor, y: torch.Tensor, image_size: int, train:
     paths = {k: infer(run) for k, (_, run) in runners.items()}
     precision = {k: p for k, (p, _) in runners.items()}
     if train:
-        tb = create_model(model, **build).to(dev).train()
-        ob = torch.optim.SGD(tb.parameters(), lr=0.01, momentum=0.9)
-        bf16 = has_native_bf16(dev)
-        prec = "bf16" if bf16 else "fp32"
-        cl = decide_channels_last("auto", prec, dev)  # what the trainer would pick
-        tt = create_model(model, **build).to(dev).train()
-        tt = tt.to(memory_format=torch.channels_last) if cl else tt
-        ot = torch.optim.SGD(tt.parameters(), lr=0.01, momentum=0.9)
-        xt = x.contiguous(memory_format=torch.channels_last) if cl else x
-        paths["train_baseline_fp32_nchw"] = training_step(tb, ob, x, y, False)
-        paths["train_resnetkit"] = training_step(tt, ot, xt, y, bf16)
-        precision["train_baseline_fp32_nchw"] = "fp32"
-        precision["train_resnetkit"] = prec
+        trained = _train_paths(model, x, y, compile, {} if steps is None else steps, **build)
+        for name, (run, prec) in trained.items():
+            paths[name], precision[name] = run, prec
     return paths, precision, auto_compiles
+
+
+def _train_paths(model: str, x: torch.Tensor, y: torch.Tensor, compile: bool,
+                 steps: dict[str, TrainStep], **build: Any
+                 ) -> dict[str, tuple[Callable[[], None], str]]:
+    """{name: (run, precision)} of the training steps: plain PyTorch in eager fp32 NCHW (the
+    baseline), and the trainer's own step (train.TrainStep with the trainer's optimizer) at
+    the precision and layout the trainer picks here, eager, and compiled where torch.compile
+    can build kernels (the trainer compiles runs long enough to pay for it). The trainer's
+    steps are also put in `steps`, by name."""
+    dev = x.device
+    tb = create_model(model, **build).to(dev).train()
+    ob = torch.optim.SGD(tb.parameters(), lr=0.01, momentum=0.9)
+    out = {"train_baseline_fp32_nchw": (training_step(tb, ob, x, y, False), "fp32")}
+    prec = decide_precision("auto", dev, choices=("bf16", "fp32"))
+    cl = decide_channels_last("auto", prec, dev)  # what the trainer picks
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    xt = x.contiguous(memory_format=fmt)
+    for compiled in (False, True) if compile or can_compile(dev) else (False,):
+        m = create_model(model, **build).to(dev, memory_format=fmt).train()
+        step = TrainStep(m, m, build_optimizer(m, TrainConfig(lr=0.01)), None, dev, prec,
+                         compile=compiled)
+        name = "train_resnetkit_compiled" if compiled else "train_resnetkit"
+        out[name], steps[name] = (functools.partial(step, [(xt, y)]), prec), step
+    return out
 
 
 def _summarise(times: dict[str, list[float]], precision: dict[str, str], batch: int,
@@ -231,6 +252,23 @@ def _summarise(times: dict[str, list[float]], precision: dict[str, str], batch: 
         r["speedup_paired"] = statistics.median(
             a / b for a, b in zip(results[ref]["round_ms"], r["round_ms"]))
     return results
+
+
+def _train_targets(results: dict[str, dict[str, Any]], hw: dict[str, Any]) -> dict[str, Any]:
+    """The training step's targets here, and whether the fastest of the trainer's steps meets
+    them: >= 2.5x eager fp32 NCHW where the CPU has native bf16, >= 1.5x elsewhere (on CUDA:
+    none), and >= 0.6 of the peak at its precision on CPUs without AMX (AMX's tile peak is
+    far above what convolutions of a few dozen channels reach: reported, no target)."""
+    best = max((k for k in results if k.startswith("train_resnetkit")),
+               key=lambda k: results[k]["speedup_paired"])
+    r, cpu = results[best], "peak_int8_gops" in hw
+    speedup = (2.5 if hw.get("avx512_bf16") or hw.get("amx_bf16") else 1.5) if cpu else None
+    peak = 0.6 if cpu and not hw.get("amx_bf16") else None
+    return {"path": best, "speedup_paired": r["speedup_paired"], "speedup_target": speedup,
+            "speedup_met": None if speedup is None else r["speedup_paired"] >= speedup,
+            "fraction_of_peak": r["fraction_of_peak"], "fraction_of_peak_target": peak,
+            "fraction_of_peak_met": None if peak is None or r["fraction_of_peak"] is None
+            else r["fraction_of_peak"] >= peak}
 
 
 def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
@@ -271,8 +309,9 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     x = torch.randn(batch, in_chans, image_size, image_size, device=dev)
     y = torch.randint(0, num_classes, (batch,), device=dev)
     notes: list[str] = []
+    steps: dict[str, TrainStep] = {}
     paths, precision, auto_compiles = _paths(model, x, y, image_size, train, onnx, compile,
-                                             notes, int8, **build)
+                                             notes, int8, steps, **build)
     for fn in paths.values():
         for _ in range(warmup):
             fn()
@@ -281,9 +320,13 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
         for k, fn in paths.items():
             times[k].append(_time(fn, dev.type == "cuda"))
     hw = hardware(dev, measure=True)
+    results = _summarise(times, precision, batch, macs, hw)
+    compiled = steps.get("train_resnetkit_compiled")
+    extra = {"train_compile_s": compiled.compile_s if compiled else None,
+             "train_targets": _train_targets(results, hw)} if steps else {}
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw,
-            "results": _summarise(times, precision, batch, macs, hw),
+            "results": results, **extra,
             "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
             "allocator": allocator_state(),
             "notes": notes, "pid": os.getpid()}

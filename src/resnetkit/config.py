@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from .errors import UserError
 
 BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
-STEMS = ("imagenet", "cifar", "deep")
+STEMS = ("imagenet", "cifar", "deep", "cifar_pool")
 SHORTCUTS = ("A", "B", "C", "none")
 NORMS = ("batchnorm", "frozen_batchnorm", "groupnorm")
 POOLS = ("avg", "max", "avgmax", "catavgmax", "")  # timm's global pool types
@@ -34,7 +34,8 @@ class ResNetConfig:
     width_per_group: int = 64
     stride_in_1x1: bool = False     # stage stride on the first 1x1 (v1, the paper), not the 3x3
     # "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (3x3/1 conv, no pooling), "deep"
-    # (three 3x3 convs + max-pool, "ResNet-C")
+    # (three 3x3 convs + max-pool, "ResNet-C"), "cifar_pool" (3x3/1 conv + 2x2/2 max-pool: the
+    # stages work at half the input's side, a quarter of the CIFAR stem's cost per block)
     stem: str = "imagenet"
     stem_width: int = 64            # channels out of the stem
     maxpool_padding: int = 1        # of the stem's max-pool: 1 (torchvision) or 0
@@ -100,8 +101,8 @@ class ResNetConfig:
              "stem_width",
              "must be positive (and even for the deep stem, whose first convs use half)"),
             (self.maxpool_padding in (0, 1), "maxpool_padding", "choose 0 or 1"),
-            (self.stem != "cifar" or self.maxpool_padding == 1, "maxpool_padding",
-             "the cifar stem has no max-pool"),
+            (self.stem not in ("cifar", "cifar_pool") or self.maxpool_padding == 1, "maxpool_padding",
+             "the cifar stems have no padded max-pool"),
             (self.shortcut in SHORTCUTS, "shortcut",
              "choose A (zero-pad), B or C (projection), or none (a plain network)"),
             (self.shortcut != "none" or not self.zero_init_residual, "zero_init_residual",
@@ -191,7 +192,7 @@ class ResNetConfig:
 
     @property
     def stem_stride(self) -> int:
-        return 1 if self.stem == "cifar" else 4
+        return {"cifar": 1, "cifar_pool": 2}.get(self.stem, 4)
 
     @property
     def natural_stride(self) -> int:

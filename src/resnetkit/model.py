@@ -77,8 +77,9 @@ class ResNet(nn.Module):
         self.min_input_size = min_input_size(self)
 
     def _stem(self, cfg: ResNetConfig) -> list[dict[str, Any]]:
-        """conv1 (7x7, three 3x3 for the deep stem, one 3x3 for CIFAR), bn1, relu and the
-        max-pool; returns the feature_info entry of the stem's output."""
+        """conv1 (7x7, three 3x3 for the deep stem, one 3x3 for the CIFAR stems), bn1, relu
+        and the max-pool (none for "cifar", 2x2 for "cifar_pool"); returns the feature_info
+        entry of the stem's output."""
         w, norm = cfg.stem_width, cfg.norm_layer
         if cfg.stem == "deep":
             h = w // 2
@@ -91,16 +92,16 @@ class ResNet(nn.Module):
             self.conv1 = conv3x3(cfg.in_chans, w)
         self.bn1 = make_norm(norm, w) if cfg.stem_norm else nn.Identity()
         self.relu = nn.ReLU(inplace=True) if cfg.stem_norm else nn.Identity()
-        self.maxpool = (nn.Identity() if cfg.stem == "cifar"
-                        else nn.MaxPool2d(3, 2, cfg.maxpool_padding))
-        info = [dict(num_chs=w, reduction=1 if cfg.stem == "cifar" else 2,
+        self.maxpool = (nn.Identity() if cfg.stem == "cifar" else nn.MaxPool2d(2, 2)
+                        if cfg.stem == "cifar_pool" else nn.MaxPool2d(3, 2, cfg.maxpool_padding))
+        info = [dict(num_chs=w, reduction=1 if cfg.stem.startswith("cifar") else 2,
                      module="relu" if cfg.stem_norm else "conv1")]
         return info
 
     def _default_cfg(self) -> Dict[str, Any]:
         """timm's pretrained_cfg for an untrained net: its input and ImageNet preprocessing
         (weights loaded through resnetkit.create_model replace it with theirs)."""
-        size, c = (32 if self.cfg.stem == "cifar" else 224), self.cfg.in_chans
+        size, c = (32 if self.cfg.stem.startswith("cifar") else 224), self.cfg.in_chans
         # other channel counts: the average statistic on every channel (timm's choice for 1)
         mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if c == 3 else
                      ((sum(IMAGENET_MEAN) / 3,) * c, (sum(IMAGENET_STD) / 3,) * c))

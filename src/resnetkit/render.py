@@ -121,10 +121,11 @@ def compare(rows: list[dict[str, Any]], image_size: int) -> None:
 
 def train_start(info: dict[str, Any]) -> str:
     """The line that opens a training run, from Trainer.describe(): folder, precision,
-    layout, device, and with several processes or accumulation steps the batches and lr."""
+    layout, device, a compiled step, and with several processes or accumulation steps the batches and lr."""
     i = info
     return (f"run folder: {i['run_dir']} ({i['precision']}, channels_last="
             f"{i['channels_last']}, {i['device']}" +
+            (", compiled step" if i.get("compile") else "") +
             (f", {i['world']} processes ({i['backend']}), {i['per_rank']} per rank x "
              f"{i['accum']} accumulation = global batch {i['global_batch']}, lr {i['lr']:g}"
              if i["world"] > 1 or i["accum"] > 1 else "") + ")")

@@ -22,6 +22,11 @@ def pad_random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tens
 
 def hflip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
     flip = torch.rand(x.shape[0], generator=g) < p
+    return flip_where(x, flip)
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The images of batch x mirrored left to right where the boolean vector `flip` is set."""
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 

@@ -61,6 +61,8 @@ class TrainConfig:
     momentum: float = opt(0.9, "SGD momentum (AdamW's beta1)")
     nesterov: bool = opt(False, "Nesterov momentum (SGD)")
     weight_decay: float = opt(5e-4, "L2 weight decay (not on BN parameters and biases)")
+    bn_lr_mult: float = opt(1.0, "learning-rate multiplier of BN parameters and biases")
+    bn_weight_decay: float = opt(0.0, "L2 weight decay of BN parameters and biases")
     schedule: str = opt("onecycle", f"learning-rate schedule: one of {', '.join(SCHEDULES)}")
     warmup_epochs: float = opt(0.0, "linear warm-up, in epochs")
     milestones: list[float] = opt([0.5, 0.75], "step schedule: where lr drops, as fractions "
@@ -71,12 +73,16 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "max global L2 norm of the gradients (0: no clipping)")
     crop_padding: int = opt(0, "pad by N pixels, then crop at random (0: off)")
     hflip: bool = opt(False, "random horizontal flips")
+    alternate_flip: bool = opt(False, "with hflip: each image mirrored in every other epoch "
+                                      "from a random start, not at random each time")
     random_resized_crop: bool = opt(False, "random resized crops (Inception-style)")
     random_erasing: float = opt(0.0, "probability of erasing a random rectangle")
     tta_flip: bool = opt(False, "final test: average each image and its mirror image")
     precision: str = opt("auto", "auto (bf16 where native, fp16 on other GPUs, else fp32), "
                                  "bf16, fp16, fp32 or fp64")
     channels_last: Auto | bool = opt("auto", "channels_last memory format: auto, true or false")
+    compile: Auto | bool = opt("auto", "torch.compile the training step: auto (runs long enough "
+                               "to pay for it, one process, a C++ compiler), true or false")
     seed: int = opt(0, "seed of the initial weights, the order and the augmentation")
     deterministic: bool = opt(False, "deterministic algorithms only (bitwise-repeatable)")
     train_subset: int = opt(0, "train on a fixed random N samples (0: all)")
@@ -98,7 +104,8 @@ class TrainConfig:
     threads: int = opt(0, "CPU threads (0: torch's default)")
 
     def __post_init__(self) -> None:
-        for name in ("channels_last", "cache_images"):  # "true" from a recipe or a caller
+        # "true" from a recipe or a caller
+        for name in ("channels_last", "compile", "cache_images"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -118,6 +125,7 @@ class TrainConfig:
             (self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
             (self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}"),
             (self.channels_last in ("auto", True, False), "channels_last", "auto, true or false"),
+            (self.compile in ("auto", True, False), "compile", "auto, true or false"),
             (self.epochs >= 1, "epochs", ">= 1"), (self.batch_size >= 1, "batch_size", ">= 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr", "> 0 and finite"),
             (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),
@@ -138,6 +146,8 @@ class TrainConfig:
             (self.save_every_steps >= 0, "save_every_steps", ">= 0"),
             (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.bn_weight_decay >= 0, "bn_weight_decay", ">= 0"),
+            (self.bn_lr_mult > 0, "bn_lr_mult", "> 0"),
             (self.grad_clip >= 0, "grad_clip", ">= 0 (0: no clipping)"),
             (isinstance(self.model_overrides, dict) and "num_classes" not in self.model_overrides,
              "model_overrides", "ResNetConfig fields except num_classes, which comes from the "

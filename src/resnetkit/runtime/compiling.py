@@ -1,0 +1,77 @@
+"""Whether torch.compile can build kernels here, and whether compiling a training run pays."""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Literal
+
+import torch
+
+from ..errors import UserError
+
+# Eager training throughput as a fraction of the CPU's fp32 peak (hardware()), measured with
+# ResNet-20 at batch 256 on 1x28x28 images (torch 2.13, 2 cores of an AMX Sapphire Rapids):
+# bf16 channels_last 1,186 img/s x 185 MFLOP = 0.66 of the 333 GFLOP/s fp32 peak, fp32 NCHW
+# 615 img/s = 0.34. The estimate of a run's length below uses the lower figures, rounded down.
+EAGER_FRACTION = {"bf16": 0.6, "fp16": 0.6, "fp32": 0.3, "fp64": 0.15}
+# Compiling a training step took 19-40 s on that machine (the first run 40 s, later ones less
+# from Inductor's on-disk cache) and made the step 1.1x-1.2x faster: a run pays for it after
+# about 5 minutes of eager training.
+PAYS_AFTER_S = 300.0
+
+
+def can_compile(device: torch.device | str) -> bool:
+    """Whether torch.compile can build kernels for `device`: CUDA, or a CPU with a C++
+    compiler (TorchInductor writes C++ and compiles it)."""
+    if torch.device(device).type == "cuda":
+        return True
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
+
+
+def estimated_train_s(flop: float, precision: str, peak_fp32_gflops: float | None) -> float:
+    """Seconds an eager run of `flop` training FLOP would take at EAGER_FRACTION of the peak
+    (inf where the peak is unknown)."""
+    rate = (peak_fp32_gflops or 0.0) * 1e9 * EAGER_FRACTION.get(precision, 0.3)
+    return flop / rate if rate > 0 else float("inf")
+
+
+def decide_compile(choice: Literal["auto"] | bool, device: torch.device | str, precision: str,
+                   est_seconds: float, world: int = 1) -> tuple[bool, str]:
+    """(compile the training step?, why). "auto": where torch.compile can build kernels, for
+    one process (DDP with a compiled step is not measured here), in fp32/bf16/fp16, when the
+    run's estimated eager length reaches PAYS_AFTER_S, so short runs (the quick demo) do not
+    wait for a compiler. True where it cannot compile is a UserError."""
+    if choice not in ("auto", True, False):
+        raise UserError(f"compile must be auto, true or false, got {choice!r}")
+    able = can_compile(device)
+    if choice is True and not able:
+        raise UserError("compile=true needs a C++ compiler (g++ or clang++) for torch.compile "
+                        "on the CPU; install one or set compile=false")
+    if choice != "auto":
+        return bool(choice), "asked for"
+    if not able:
+        return False, "no C++ compiler for torch.compile"
+    if world > 1:
+        return False, "several processes"
+    if precision == "fp64":
+        return False, "fp64"
+    if est_seconds < PAYS_AFTER_S:
+        return False, f"a short run (about {est_seconds:.0f} s eager; compiling pays after " \
+                      f"{PAYS_AFTER_S:.0f} s)"
+    return True, f"a long run (about {est_seconds:.0f} s eager)"
+
+
+def forward_flop(model: torch.nn.Module, in_chans: int, image_size: int) -> int:
+    """FLOP of one forward pass of one image (a multiply-add is two), counted by
+    torch.utils.flop_counter on a forward pass in eval mode (BN statistics untouched)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    p = next(model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, in_chans, image_size, image_size, device=p.device,
+                              dtype=p.dtype))
+    finally:
+        model.train(was)
+    return counter.get_total_flops()
