@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from ..untrusted import shown
 from . import v2
 from .decode import BadInput
@@ -30,6 +29,14 @@ from .routing import Models, Served
 
 JSON = b"application/json"
 EXTENSIONS = ["binary_tensor_data", "classification"]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("resnetkit")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def _json(status: int, data: Any, extra=()) -> tuple[int, bytes, bytes, list]:
@@ -79,7 +86,7 @@ class OpenInference:
                 self.models.refresh()
             return _json(200 if self.models.ready else 503, {"ready": self.models.ready})
         if parts == []:
-            return _json(200, {"name": "resnetkit", "version": __version__,
+            return _json(200, {"name": "resnetkit", "version": _version(),
                                "extensions": EXTENSIONS})
         if parts[:1] == ["models"] and len(parts) in (2, 3, 4, 5):
             ready = parts[-1] == "ready"
