@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import numpy as np
+from fastapi import HTTPException
 
 from ..untrusted import shown
 from . import v2
@@ -141,6 +142,9 @@ class OpenInference:
                 logits = await self._run(served, req)
         except BadInput as e:
             return self._count(served, *p.bad_input(m, scope, e, None))
+        except HTTPException as e:
+            return self._count(served, *p.refuse(m, e.status_code, f"the model failed on this "
+                                                 f"request ({shown(e.detail)})", "internal"))
         finally:
             p.pending -= n
             m.queue.dec(n)
@@ -156,7 +160,10 @@ class OpenInference:
             inputs = [await served.decoder.pixels(a) for a in req.images]
         else:
             inputs = [await served.decoder(b) for b in req.images]
-        results = await asyncio.gather(*(served.batcher(x, 0) for x in inputs))
+        if len(inputs) == 1:  # the common case: no tasks to make
+            results = [await served.batcher(inputs[0], 0)]
+        else:
+            results = await asyncio.gather(*(served.batcher(x, 0) for x in inputs))
         return np.stack([r["logits"] for r in results])
 
     def _count(self, served: Served, status: int, *rest):
