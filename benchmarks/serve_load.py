@@ -370,26 +370,31 @@ def main() -> None:
         if proc:
             result["shutdown"] = stop_server(proc)
     if a.bench and meta.get("card") and top["mean_batch"]:  # back to back, server stopped
-        b = max(1, round(top["mean_batch"]))
-        threads = meta["limits"]["threads_per_worker"]
-        result["bench"] = {"at_mean_batch": bench_at(meta["card"], b, a.bench_rounds, threads),
-                           "at_batch_1": bench_at(meta["card"], 1, a.bench_rounds, threads)}
-        served = result["bench"]["at_mean_batch"]["resnetkit_infer"]["img_s"]
-        single = result["bench"]["at_batch_1"]["resnetkit_infer"]["img_s"]
-        result.setdefault("targets", {}).update({
-            "c_top_over_bench": top["requests_per_s"] / served,
-            "c_top_over_c_low": top["requests_per_s"] / low["requests_per_s"],
-            # what batching can give at most: the model's own speed-up from batch 1
-            "bench_batch_over_batch_1": served / single})
-        cpu = top.get("cpu_ms_per_request") or {}
-        if cpu.get("workers"):
-            # the workers' CPU per request at the top level against the model's own time per
-            # image: what the server costs where the worker is not short of a core
-            result["targets"]["worker_cpu_over_bench_time"] = cpu["workers"] / (1e3 / served)
+        add_bench(result, meta, top, low, a.bench_rounds)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")
+
+
+def add_bench(result: dict, meta: dict, top: dict, low: dict, rounds: int) -> None:
+    """`resnetkit bench` at the top level's mean batch and at batch 1, and the ratios."""
+    b = max(1, round(top["mean_batch"]))
+    threads = meta["limits"]["threads_per_worker"]
+    result["bench"] = {"at_mean_batch": bench_at(meta["card"], b, rounds, threads),
+                       "at_batch_1": bench_at(meta["card"], 1, rounds, threads)}
+    served = result["bench"]["at_mean_batch"]["resnetkit_infer"]["img_s"]
+    single = result["bench"]["at_batch_1"]["resnetkit_infer"]["img_s"]
+    result.setdefault("targets", {}).update({
+        "c_top_over_bench": top["requests_per_s"] / served,
+        "c_top_over_c_low": top["requests_per_s"] / low["requests_per_s"],
+        # what batching can give at most: the model's own speed-up from batch 1
+        "bench_batch_over_batch_1": served / single})
+    cpu = top.get("cpu_ms_per_request") or {}
+    if cpu.get("workers"):
+        # the workers' CPU per request at the top level against the model's own time per
+        # image: what the server costs where the worker is not short of a core
+        result["targets"]["worker_cpu_over_bench_time"] = cpu["workers"] / (1e3 / served)
 
 
 def _cpu_model() -> str:

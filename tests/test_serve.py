@@ -50,7 +50,7 @@ def server(checkpoint):
     # decode; the log from INFO up, where refused uploads are named
     s = Server(checkpoint, "--max-queue", "4", "--batch-timeout-ms", "300", "--max-batch", "64",
                "--max-image-pixels", "40000000", "--max-body-mb", "0.1", "--log-level", "info",
-               "--request-timeout-s", str(DEADLINE_S))
+               "--request-timeout-s", str(DEADLINE_S), "--name", "fm-20")
     yield s
     s.close()
 
@@ -150,9 +150,13 @@ def test_bad_input_is_one_sentence_and_the_server_keeps_serving(server, what, kw
     assert server.proc.poll() is None
 
 
-def test_health_metadata_docs_and_metrics(server):
+def test_health_metadata_docs_and_metrics(server, checkpoint):
     assert httpx.get(f"{server.url}/health").status_code == 200
-    meta = httpx.get(f"{server.url}/metadata").json()
+    text = httpx.get(f"{server.url}/metadata").text
+    meta = json.loads(text)
+    # the model's name (--name) and version, never the server's path to it
+    assert meta["name"] == "fm-20" and meta["version"] == 1 and meta["models"] == {"fm-20": [1]}
+    assert str(checkpoint.parent) not in text
     assert meta["classes"] == CLASSES and meta["preprocess"]["image_size"] == 28
     assert meta["engine"] == "torch" and meta["precision"] in ("fp32", "bf16")
     card = meta["card"]

@@ -117,14 +117,7 @@ def test_tritonclient_health_metadata_infer_and_classification(server, repo):
                      headers={"Content-Type": "image/png", **AUTH}, timeout=30).json()["top"]
     assert np.allclose([t["prob"] for t in one], probs[0][[t["index"] for t in one]], atol=1e-4)
 
-    # many clients at once go through one batcher with /predict's requests
-    with httpx.Client(headers=auth(), timeout=30) as c:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda i: c.post(
-                f"{server.url}/predict", content=files[i % 3],
-                headers={"Content-Type": "image/png"}).json()["batch_size"], range(16)))
-    assert max(answers) > 1
+    check_batching(server, files)
 
     # nothing private: the model's name and version, never the server's path to it
     text = httpx.get(f"{server.url}/metadata", headers=auth()).text
@@ -136,6 +129,26 @@ def test_tritonclient_health_metadata_infer_and_classification(server, repo):
     check_the_key(server)
     check_bad_requests(server)
     assert "not a name" in server.log()  # the folder that is no model name was skipped
+
+
+def check_batching(server, files):
+    """Many clients at once, on both protocols, answered from batches they share."""
+    from concurrent.futures import ThreadPoolExecutor
+    body, n = _binary_request([{"name": "image", "datatype": "BYTES", "shape": [1],
+                                "parameters": {"binary_data_size": len(files[0]) + 4}}],
+                              struct.pack("<I", len(files[0])) + files[0])
+
+    def one(i):
+        if i % 2:
+            r = infer(server.url, "fashion", body, n)
+            return r.status_code, 0
+        r = httpx.post(f"{server.url}/predict", content=files[0], timeout=30,
+                       headers={"Content-Type": "image/png", **AUTH})
+        return r.status_code, r.json()["batch_size"]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(32)))
+    assert {status for status, _ in answers} == {200}
+    assert max(size for _, size in answers) > 1
 
 
 def v2_extensions():
