@@ -1,6 +1,6 @@
-"""The model repository under load, for serve_load.py: a new version copied in, and a
-broken version dropped in, each in the middle of a closed-loop load; the requests that
-failed, and the latency while the new version loads and takes over."""
+"""The model repository under load, for serve_load.py: a new version copied in, a broken
+version dropped in, and the new version removed, each in the middle of a closed-loop load;
+the requests that failed, and the latency while each change is taken up."""
 from __future__ import annotations
 
 import asyncio
@@ -67,7 +67,8 @@ async def under_load(closed_loop, url: str, requests: list, concurrency: int, se
 
 def reload_phases(closed_loop, url: str, requests: list, model: str, repo: Path,
                   concurrency: int, seconds: float, pid: int | None, poll: float) -> dict:
-    """A new version (a copy of `model`) during a load, then a broken one."""
+    """A new version (a copy of `model`) during a load, then a broken one, then the new
+    one removed (its accepted requests answered, then the default falls back to 1)."""
     name, headers = repo.name, {}
     out = {"new_version": asyncio.run(under_load(
         closed_loop, url, requests, concurrency, seconds,
@@ -81,5 +82,8 @@ def reload_phases(closed_loop, url: str, requests: list, model: str, repo: Path,
         closed_loop, url, requests, concurrency, seconds, broken,
         lambda: False, pid))  # never routed: the load runs its course with version 2
     out["broken_version"]["versions_after"] = versions(url, name, headers)
+    out["removed_version"] = asyncio.run(under_load(
+        closed_loop, url, requests, concurrency, seconds, lambda: shutil.rmtree(repo / "2"),
+        lambda: versions(url, name, headers) == ["1"], pid))
     out["poll_seconds"] = poll
     return out
