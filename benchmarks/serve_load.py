@@ -1,15 +1,18 @@
 """Load test of `resnetkit serve`: a bounded async load generator on 127.0.0.1.
 
-Starts the server (or uses --url), then for each concurrency level sends a fixed number of
+Starts the server (or uses --url), then for each concurrency level (and each --protocol:
+/predict, or the Open Inference Protocol's infer with binary tensors) sends a fixed number of
 requests (stopping early at --duration seconds) from that many concurrent clients, and
 reads the server's /metrics before and after for the mean batch size. Optionally: an
 overload phase (open-loop arrivals at --overload x the measured throughput for
 --overload-seconds, /health polled throughout, the server's memory sampled) and the
-`resnetkit bench` throughput of the same model and engine at the mean batch size reached.
-Prints JSON.
+`resnetkit bench` throughput of the same model and engine at the mean batch size reached;
+with --reload, a new version and then a broken one dropped into the model repository during
+a load (serve_reload.py). Prints JSON.
 
     python benchmarks/serve_load.py runs/fm15 --concurrency 1 8 64 --requests 2000 --bench
     python benchmarks/serve_load.py resnet50-random.safetensors --requests 200 --images 224
+    python benchmarks/serve_load.py runs/fm15 --protocol predict v2 --reload 20
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image
+from serve_reload import make_repository, reload_phases
 
 
 def free_port() -> int:
@@ -71,10 +76,35 @@ def pct(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) * 1e3 if xs else None
 
 
-async def post(s, url: str, body: bytes, kind: str) -> str:
-    """One /predict request; its status code, or the name of the connection error."""
+def v2_request(model: str, image: bytes) -> tuple[bytes, str]:
+    """An Open Inference Protocol infer request as tritonclient sends it by default: the
+    file as a BYTES input in binary (Triton's binary tensor data extension), the outputs
+    asked in binary; (body, JSON header length)."""
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": len(image) + 4}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    return head + len(image).to_bytes(4, "little") + image, str(len(head))
+
+
+def requests_for(bodies: list, protocol: str, model: str | None) -> list:
+    """(path, body, headers) of each test image for /predict or the v2 infer route."""
+    if protocol == "predict":
+        return [("/predict", b, {"Content-Type": k}) for b, k in bodies]
+    out = []
+    for b, _ in bodies:
+        body, n = v2_request(model, b)
+        out.append((f"/v2/models/{model}/infer", body,
+                    {"Content-Type": "application/octet-stream",
+                     "Inference-Header-Content-Length": n}))
+    return out
+
+
+async def post(s, url: str, body, kind: str | None = None) -> str:
+    """One request ((path, body, headers), or a /predict body and its type); its status
+    code, or the name of the connection error."""
+    path, body, headers = body if kind is None else ("/predict", body, {"Content-Type": kind})
     try:
-        async with s.post(f"{url}/predict", data=body, headers={"Content-Type": kind}) as r:
+        async with s.post(f"{url}{path}", data=body, headers=headers) as r:
             await r.read()
             return str(r.status)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -105,10 +135,13 @@ def cpu_seconds(server_pid: int | None) -> dict[str, float]:
 
 
 async def closed_loop(url: str, bodies: list, concurrency: int, requests: int,
-                      duration: float, server_pid: int | None = None) -> dict:
-    """`concurrency` clients, each sending its next request when the last one is answered,
-    until `requests` are sent or `duration` seconds pass. With the server's pid, also the
-    CPU milliseconds per answered request of the client, the HTTP side and the workers."""
+                      duration: float, server_pid: int | None = None,
+                      times: list | None = None) -> dict:
+    """`concurrency` clients, each sending its next request ((path, body, headers) from
+    `bodies`) when the last one is answered, until `requests` are sent or `duration` seconds
+    pass. With the server's pid, also the CPU milliseconds per answered request of the
+    client, the HTTP side and the workers; with `times`, (start, latency) of each answer
+    is appended to it."""
     lat, codes, sent = [], {}, [0]
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
@@ -120,13 +153,15 @@ async def closed_loop(url: str, bodies: list, concurrency: int, requests: int,
 
         async def client() -> None:
             while sent[0] < requests and time.perf_counter() - t0 < duration:
-                body, kind = bodies[sent[0] % len(bodies)]
+                request = bodies[sent[0] % len(bodies)]
                 sent[0] += 1
                 t = time.perf_counter()
-                code = await post(s, url, body, kind)
+                code = await post(s, url, request)
                 codes[code] = codes.get(code, 0) + 1
                 if code == "200":
                     lat.append(time.perf_counter() - t)
+                    if times is not None:
+                        times.append((t - t0, time.perf_counter() - t))
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
         cpu1 = cpu_seconds(server_pid)
@@ -159,8 +194,7 @@ async def overload(url: str, bodies: list, rate: float, seconds: float, pid: int
             before = await r.text()
 
         async def one(i: int) -> None:
-            body, kind = bodies[i % len(bodies)]
-            code = await post(s, url, body, kind)
+            code = await post(s, url, bodies[i % len(bodies)])
             codes[code] = codes.get(code, 0) + 1
 
         ctx = multiprocessing.get_context("spawn")
@@ -235,8 +269,9 @@ def bench_at(model_info: dict, batch: int, rounds: int, threads: int) -> dict:
                for k, v in out["results"].items()}}
 
 
-def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "resnetkit", "serve", model, "--port", str(port), *extra]
+def start_server(model: str | None, port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "resnetkit", "serve", *([model] if model else []), "--port",
+           str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(600):
         if proc.poll() is not None:
@@ -280,17 +315,29 @@ def main() -> None:
     p.add_argument("--bench", action="store_true",
                    help="also run `resnetkit bench` at the mean batch size of the top level")
     p.add_argument("--bench-rounds", type=int, default=7)
+    p.add_argument("--protocol", nargs="+", default=["predict"], choices=["predict", "v2"],
+                   help="each level with /predict, and/or the Open Inference Protocol's infer "
+                        "with binary tensors")
+    p.add_argument("--reload", type=float, default=0, metavar="SECONDS",
+                   help="serve MODEL from a model repository polled every second and, after "
+                        "the levels, copy in a new version, then a broken one, each during "
+                        "a load of SECONDS at the top concurrency")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args()
     if not a.url and not a.model:
         p.error("give MODEL or --url")
-    proc, url = None, a.url
+    proc, url, repo = None, a.url, None
     if not url:
         port = free_port()
-        proc = start_server(a.model, port, a.serve_args.split())
+        extra = a.serve_args.split()
+        if a.reload:
+            repo = make_repository(a.model, Path(tempfile.mkdtemp(prefix="serve-load-")))
+            extra = ["--model-repository", str(repo.parent), "--poll-seconds", "1", *extra]
+        proc = start_server(None if repo else a.model, port, extra)
         url = f"http://127.0.0.1:{port}"
     bodies = test_images(a.images)
     meta = httpx.get(f"{url}/metadata", timeout=10).json()
+    requests = {pr: requests_for(bodies, pr, meta.get("name")) for pr in a.protocol}
     load = os.getloadavg()
     result = {"model": a.model or url, "engine": meta["engine"], "precision": meta["precision"],
               "limits": meta["limits"], "image_bytes_mean": statistics.mean(len(b) for b, _ in bodies),
@@ -298,17 +345,23 @@ def main() -> None:
               "loadavg_before": load, "levels": []}
     try:
         for c in a.concurrency:
-            lvl = asyncio.run(closed_loop(url, bodies, c, a.requests, a.duration,
-                                          proc.pid if proc else None))
-            result["levels"].append(lvl)
-            print(json.dumps(lvl), file=sys.stderr, flush=True)
+            for protocol, reqs in requests.items():
+                lvl = {"protocol": protocol, **asyncio.run(closed_loop(
+                    url, reqs, c, a.requests, a.duration, proc.pid if proc else None))}
+                result["levels"].append(lvl)
+                print(json.dumps(lvl), file=sys.stderr, flush=True)
         top = max(result["levels"], key=lambda r: r["concurrency"])
         low = min(result["levels"], key=lambda r: r["concurrency"])
         if a.overload:
             rate = a.overload * max(r["requests_per_s"] for r in result["levels"])
-            result["overload"] = asyncio.run(overload(url, bodies, rate, a.overload_seconds,
+            result["overload"] = asyncio.run(overload(url, next(iter(requests.values())),
+                                                      rate, a.overload_seconds,
                                                       proc.pid if proc else None,
                                                       a.overload_connections))
+        if repo is not None:
+            result["reload"] = reload_phases(
+                closed_loop, url, requests[a.protocol[-1]], a.model, repo,
+                max(a.concurrency), a.reload, proc.pid if proc else None, 1.0)
         result["loadavg_after"] = os.getloadavg()
         c8 = [r for r in result["levels"] if r["concurrency"] == 8]
         if c8 and c8[0]["p50_ms"]:
@@ -317,26 +370,31 @@ def main() -> None:
         if proc:
             result["shutdown"] = stop_server(proc)
     if a.bench and meta.get("card") and top["mean_batch"]:  # back to back, server stopped
-        b = max(1, round(top["mean_batch"]))
-        threads = meta["limits"]["threads_per_worker"]
-        result["bench"] = {"at_mean_batch": bench_at(meta["card"], b, a.bench_rounds, threads),
-                           "at_batch_1": bench_at(meta["card"], 1, a.bench_rounds, threads)}
-        served = result["bench"]["at_mean_batch"]["resnetkit_infer"]["img_s"]
-        single = result["bench"]["at_batch_1"]["resnetkit_infer"]["img_s"]
-        result.setdefault("targets", {}).update({
-            "c_top_over_bench": top["requests_per_s"] / served,
-            "c_top_over_c_low": top["requests_per_s"] / low["requests_per_s"],
-            # what batching can give at most: the model's own speed-up from batch 1
-            "bench_batch_over_batch_1": served / single})
-        cpu = top.get("cpu_ms_per_request") or {}
-        if cpu.get("workers"):
-            # the workers' CPU per request at the top level against the model's own time per
-            # image: what the server costs where the worker is not short of a core
-            result["targets"]["worker_cpu_over_bench_time"] = cpu["workers"] / (1e3 / served)
+        add_bench(result, meta, top, low, a.bench_rounds)
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")
+
+
+def add_bench(result: dict, meta: dict, top: dict, low: dict, rounds: int) -> None:
+    """`resnetkit bench` at the top level's mean batch and at batch 1, and the ratios."""
+    b = max(1, round(top["mean_batch"]))
+    threads = meta["limits"]["threads_per_worker"]
+    result["bench"] = {"at_mean_batch": bench_at(meta["card"], b, rounds, threads),
+                       "at_batch_1": bench_at(meta["card"], 1, rounds, threads)}
+    served = result["bench"]["at_mean_batch"]["resnetkit_infer"]["img_s"]
+    single = result["bench"]["at_batch_1"]["resnetkit_infer"]["img_s"]
+    result.setdefault("targets", {}).update({
+        "c_top_over_bench": top["requests_per_s"] / served,
+        "c_top_over_c_low": top["requests_per_s"] / low["requests_per_s"],
+        # what batching can give at most: the model's own speed-up from batch 1
+        "bench_batch_over_batch_1": served / single})
+    cpu = top.get("cpu_ms_per_request") or {}
+    if cpu.get("workers"):
+        # the workers' CPU per request at the top level against the model's own time per
+        # image: what the server costs where the worker is not short of a core
+        result["targets"]["worker_cpu_over_bench_time"] = cpu["workers"] / (1e3 / served)
 
 
 def _cpu_model() -> str:

@@ -23,9 +23,9 @@ from resnetkit.weights.checkpoint import save_weights
 CLASSES = [f"class-{i}" for i in range(10)]
 
 
-def write_checkpoint(path: Path) -> Path:
+def write_checkpoint(path: Path, seed: int = 0) -> Path:
     """A random-weight ResNet-20 checkpoint with classes and preprocessing in its metadata."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = rk.create_model("resnet20", in_chans=1, num_classes=10).eval()
     save_weights(path, model, {"classes": CLASSES, "preprocess": {
         "mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1}})
@@ -50,12 +50,13 @@ class Server:
     goes to a file (`log()`), never to a pipe that nobody reads and that would block it
     once full."""
 
-    def __init__(self, model: Path, *args: str):
+    def __init__(self, model: Path | None, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resnetkit", "serve", str(model), "--port", str(self.port), *args],
+            [sys.executable, "-m", "resnetkit", "serve", *([str(model)] if model else []),
+             "--port", str(self.port), *args],
             stdout=self.out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

@@ -50,7 +50,7 @@ def server(checkpoint):
     # decode; the log from INFO up, where refused uploads are named
     s = Server(checkpoint, "--max-queue", "4", "--batch-timeout-ms", "300", "--max-batch", "64",
                "--max-image-pixels", "40000000", "--max-body-mb", "0.1", "--log-level", "info",
-               "--request-timeout-s", str(DEADLINE_S))
+               "--request-timeout-s", str(DEADLINE_S), "--name", "fm-20")
     yield s
     s.close()
 
@@ -150,9 +150,13 @@ def test_bad_input_is_one_sentence_and_the_server_keeps_serving(server, what, kw
     assert server.proc.poll() is None
 
 
-def test_health_metadata_docs_and_metrics(server):
+def test_health_metadata_docs_and_metrics(server, checkpoint):
     assert httpx.get(f"{server.url}/health").status_code == 200
-    meta = httpx.get(f"{server.url}/metadata").json()
+    text = httpx.get(f"{server.url}/metadata").text
+    meta = json.loads(text)
+    # the model's name (--name) and version, never the server's path to it
+    assert meta["name"] == "fm-20" and meta["version"] == 1 and meta["models"] == {"fm-20": [1]}
+    assert str(checkpoint.parent) not in text
     assert meta["classes"] == CLASSES and meta["preprocess"]["image_size"] == 28
     assert meta["engine"] == "torch" and meta["precision"] in ("fp32", "bf16")
     card = meta["card"]
@@ -352,17 +356,35 @@ def test_litserves_own_batching_gives_the_same_answers(checkpoint, tmp_path):
         s.close()
 
 
+class OneModel:
+    """The routing table (routing.Models) of one model, for the handlers on their own."""
+
+    def __init__(self, limits):
+        from resnetkit.serve.decode import Decoder
+        from resnetkit.serve.routing import Served
+        self.served = Served("m/1/fixed", {"name": "m", "version": 1, "preprocess": PRE},
+                             Decoder(PRE, limits["max_image_pixels"]), None)
+        self.ready = True
+
+    def find(self, name, version):
+        return self.served
+
+    def watch(self):
+        pass
+
+
 def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
     # the handler the middleware calls for every POST /predict, driven with ASGI messages:
     # the query check, the body limit, the queue limit and a good answer, in-process
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     from resnetkit.serve.protocol import DEADLINE_KEY
-    from resnetkit.serve.routes import Predictor
+    from resnetkit.serve.predictor import Predictor
     limits = {"max_queue": 1, "max_body_bytes": 1000, "max_image_pixels": 10_000}
-    info = {"preprocess": PRE}
+    info = OneModel(limits)
     release = asyncio.Event()
 
-    async def run_one(image, top_k):
+    async def run_one(model, image, top_k):
+        assert model is info.served
         await release.wait()
         return {"shape": list(image.shape), "k": top_k}
 
@@ -429,12 +451,12 @@ def test_a_fault_in_the_predict_handler_is_one_json_500_and_an_escaped_log(tmp_p
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     from resnetkit.serve.routes import FastPaths, Predictor
 
-    async def broken(image, top_k):  # a message that quotes a request: escaped in the log
+    async def broken(model, image, top_k):  # a message that quotes a request: escaped in the log
         raise RuntimeError("engine down\n\x1b[31mINFO: a forged line")
     limits = {"max_queue": 4, "max_body_bytes": 10_000, "max_image_pixels": 10_000,
               "workers": 1}
-    info = {"preprocess": PRE}
-    paths = FastPaths(None, Predictor(broken, info, limits), limits, tmp_path)
+    models = OneModel(limits)
+    paths = FastPaths(None, Predictor(broken, models, limits), None, models, None)
     body = png(np.zeros((28, 28), np.uint8))
     sent = []
 

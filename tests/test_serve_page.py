@@ -26,8 +26,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def drive_page(url: str, image: Path, screenshot: Path) -> dict:
-    """Open the page, choose `image` in its file picker, wait for the bars; returns the top
+def drive_page(url: str, image: Path, screenshot: Path, key: str | None = None) -> dict:
+    """Open the page (giving it `key` where the server needs one), choose `image` in its file
+    picker, wait for the bars; returns the top
     class read off the page, the classes of the bars and the model card's facts."""
     with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
         browser = p.chromium.launch_persistent_context(
@@ -36,14 +37,19 @@ def drive_page(url: str, image: Path, screenshot: Path) -> dict:
         try:
             page = browser.new_page()
             page.goto(url)
+            if key:  # the page asks for the key, then sends it on each of its requests
+                page.wait_for_selector("#keyform:not([hidden])", timeout=30_000)
+                page.fill("#key", key)
+                page.click("#keyform button")
             page.wait_for_selector("#facts dt", timeout=30_000)  # the model card from /metadata
+            subtitle = page.inner_text("#subtitle")
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#top-class", timeout=60_000)
             page.wait_for_selector("#diagram svg", timeout=10_000)
             out = {"top": page.inner_text("#top-class"),
                    "bars": [r.get_attribute("data-cls") for r in page.query_selector_all("#bars .row")],
                    "facts": page.inner_text("#facts"),
-                   "status": page.inner_text("#status")}
+                   "status": page.inner_text("#status"), "subtitle": subtitle}
             page.screenshot(path=str(screenshot), full_page=True)
             page.check("#why")  # asks /explain for the same file
             page.wait_for_selector("#overlay:not([hidden])", timeout=60_000)
@@ -76,11 +82,15 @@ def check_page(model: Path, folder: Path, screenshot: Path, index: int = 0) -> d
     returns what the page showed."""
     image = fashion_test_image(folder, index)
     want = predict(model, [image], top_k=5)[0]["top"]
-    server = Server(model)
+    key = "a-key-for-the-page-test-0123"
+    server = Server(model, "--api-key", key)
     try:
-        shown = drive_page(server.url, image, screenshot)
+        shown = drive_page(server.url, image, screenshot, key)
     finally:
         server.close()
+    # the model's name and version, never the server's path to it
+    assert shown["subtitle"].startswith(f"{model.stem} version 1"), shown["subtitle"]
+    assert str(model.parent) not in shown["subtitle"]
     assert shown["top"] == want[0]["class"], (shown, want)
     assert shown["bars"] == [t["class"] for t in want]
     assert "resnet20" in shown["facts"] and "20 = 1 stem conv" in shown["facts"]

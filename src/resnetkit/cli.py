@@ -203,8 +203,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
                             if hasattr(a, f.name)})
 
     def started(meta: dict[str, Any]) -> None:
-        render.say(f"serving {a.model} at {meta['url']} (page at /, API docs at /docs); "
-                   f"SIGTERM or Ctrl-C drains and stops")
+        what = a.model if a.model is not None else ", ".join(meta["models"])
+        render.say(f"serving {what} at {meta['url']} (page at /, the Open Inference Protocol "
+                   f"at /v2, API docs at /docs); SIGTERM or Ctrl-C drains and stops")
         sys.stdout.flush()
     return serve(a.model, config, ServeHooks(card=model_card, on_start=started))
 

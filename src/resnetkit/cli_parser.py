@@ -148,8 +148,9 @@ def _runtime_args(sub) -> None:
 def _serve_args(sub) -> None:
     s = _verb(sub, "serve", "HTTP server with dynamic batching, a page to try the model, "
                             "metrics", json=False)
-    s.add_argument("model", help="a run folder, .safetensors checkpoint, weights tag or "
-                                 "exported .onnx file")
+    s.add_argument("model", nargs="?", default=None,
+                   help="a run folder, .safetensors checkpoint, weights tag or exported .onnx "
+                        "file (or give --model-repository DIR instead)")
     _serve_fields(s)
 
 
@@ -157,11 +158,17 @@ def _serve_fields(s: argparse.ArgumentParser) -> None:
     """Every ServeConfig field as --field-with-dashes, its help, type and choices."""
     from .serve.config import ServeConfig
     for f in dataclasses.fields(ServeConfig):
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        flag = f"--{f.name.replace('_', '-')}"
+        if str(f.type) == "bool":
+            s.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action="store_true",
+                           help=f.metadata["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         choices = f.metadata["choices"]  # checked by ServeConfig, in one sentence
-        s.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+        default = "" if f.default is dataclasses.MISSING else f" (default: {f.default!r})"
+        s.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
                        type=kind, metavar="|".join(choices) if choices else None,
-                       help=f"{f.metadata['help']} (default: {f.default!r})")
+                       help=f"{f.metadata['help']}{default}")
 
 
 def build_parser() -> argparse.ArgumentParser:

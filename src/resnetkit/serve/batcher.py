@@ -21,12 +21,14 @@ import numpy as np
 class Batcher:
     """Gathers single requests into batches of at most `max_batch` and hands each batch to
     `submit` (a coroutine taking {"images": uint8 (B, C, H, W), "top_k": [k...]} and
-    returning one result per image), with at most `slots` batches in flight."""
+    returning one result per image), with at most `slots` batches in flight (a number, or
+    a semaphore shared with other batchers)."""
 
     def __init__(self, submit: Callable[[dict[str, Any]], Awaitable[list[Any]]],
-                 max_batch: int, timeout_s: float, slots: int):
+                 max_batch: int, timeout_s: float, slots: int | asyncio.Semaphore):
         self.submit, self.max_batch, self.timeout_s = submit, max_batch, timeout_s
-        self.slots = asyncio.Semaphore(slots)
+        # batchers of several models share one semaphore: the workers' slots
+        self.slots = asyncio.Semaphore(slots) if isinstance(slots, int) else slots
         self.waiting: deque[tuple[float, np.ndarray, int, asyncio.Future]] = deque()
         self.arrived = asyncio.Event()
         self.task: asyncio.Task | None = None

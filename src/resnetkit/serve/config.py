@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import UserError
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
+LOOPBACK = ("127.0.0.1",)
+KEY_ENV = "RESNETKIT_API_KEY"
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # The inference workers run this much nicer than the HTTP process. Where they share cores,
 # a request that waits to be read or answered costs latency and throughput, while a batch
@@ -56,6 +59,17 @@ class ServeConfig:
     request_timeout_s: float = opt(60.0, "most a request's head and body may take to arrive, "
                                          "seconds (408 beyond)")
     log_level: str = opt("warning", "server log verbosity", ("debug", "info", "warning", "error"))
+    model_repository: str | None = opt(None, "serve every model of this folder, laid out as "
+                                             "DIR/NAME/VERSION/ (instead of one MODEL)")
+    poll_seconds: float = opt(0.0, "with --model-repository: look for new, changed and removed "
+                                   "versions every this many seconds (0: never)")
+    name: str | None = opt(None, "the model's name in the Open Inference Protocol's URLs "
+                                 "(default: the run folder's or file's name)")
+    api_key: str | None = field(default_factory=lambda: os.environ.get(KEY_ENV) or None,
+                                repr=False, metadata={
+        "help": f"every route but /health, /v2/health/* and the page needs 'Authorization: "
+                f"Bearer KEY' (default: ${KEY_ENV})", "choices": None})
+    insecure: bool = opt(False, "allow binding a host other than 127.0.0.1 without --api-key")
 
     def __post_init__(self) -> None:
         """One sentence for the first option out of range."""
@@ -84,6 +98,26 @@ class ServeConfig:
                 raise UserError(f"--{_flag(name)} must be {allowed}, got {getattr(self, name)!r}")
         if self.calibration and self.precision != "int8":
             raise UserError("--calibration is for --precision int8 only")
+        self._check_access()
+
+    def _check_access(self) -> None:
+        if not 0 <= self.poll_seconds <= 86400:
+            raise UserError(f"--poll-seconds must be from 0 to 86400, got {self.poll_seconds!r}")
+        if self.poll_seconds and not self.model_repository:
+            raise UserError("--poll-seconds is for --model-repository only")
+        if self.name is not None and self.model_repository:
+            raise UserError("--name names the one model served; a repository's models are "
+                            "named by their folders")
+        if self.api_key is not None:
+            from .auth import check_key
+            try:
+                check_key(self.api_key)
+            except ValueError as e:
+                raise UserError(f"the API key (--api-key or ${KEY_ENV}) {e}") from None
+        elif self.host not in LOOPBACK and not self.insecure:
+            raise UserError(f"binding {self.host} without an API key would let anyone who can "
+                            f"reach the port use the server: give --api-key KEY (or set "
+                            f"${KEY_ENV}), or --insecure to do it anyway")
 
     def limits(self, threads: int) -> dict[str, Any]:
         """What /metadata reports and the routes enforce (`threads`: per worker, resolved)."""
@@ -93,7 +127,8 @@ class ServeConfig:
                 "threads_per_worker": threads, "batching": self.batching,
                 "worker_nice": self.worker_nice,
                 "max_header_bytes": int(self.max_header_kb * 1024),
-                "request_timeout_s": self.request_timeout_s}
+                "request_timeout_s": self.request_timeout_s,
+                "poll_seconds": self.poll_seconds, "api_key": self.api_key is not None}
 
 
 @dataclass(frozen=True)

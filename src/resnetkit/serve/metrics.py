@@ -36,7 +36,10 @@ def http_metrics() -> SimpleNamespace:
         latency=Histogram("resnetkit_request_latency_seconds", "time from a /predict "
                           "request's arrival to its answer", buckets=LATENCY_BUCKETS),
         queue=Gauge("resnetkit_queue_depth", "accepted /predict requests not yet answered",
-                    multiprocess_mode="livesum"))
+                    multiprocess_mode="livesum"),
+        model_requests=Counter("resnetkit_model_requests", "inference requests (/predict and "
+                               "the Open Inference Protocol's infer) by model, version and "
+                               "status code", ["model", "version", "code"]))
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,7 +51,9 @@ def worker_metrics() -> SimpleNamespace:
                         buckets=BATCH_BUCKETS),
         compute=Histogram("resnetkit_batch_seconds", "model time per batch (preprocessing "
                           "and forward pass)", buckets=LATENCY_BUCKETS),
-        images=Counter("resnetkit_images", "images the model classified"))
+        images=Counter("resnetkit_images", "images the model classified"),
+        model_images=Counter("resnetkit_model_images", "images classified by model and "
+                             "version", ["model", "version"]))
 
 
 def exposition() -> tuple[bytes, str]:

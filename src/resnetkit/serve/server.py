@@ -15,31 +15,39 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .config import ServeConfig, ServeHooks
+from ..errors import UserError
 from ..infer.runner import check_runner
 from ..infer.source import open_source
+from .auth import KeyCheck
+from .config import ServeConfig, ServeHooks
 from .logs import escaped_log
 from .metrics import mark_dead, use_folder
+from .repository import Repository
 from .routes import add_routes
 
 
-def serve(source: str, config: ServeConfig | None = None, hooks: ServeHooks | None = None
-          ) -> int:
-    """Serve a run folder, checkpoint, registry tag or ONNX file until SIGTERM or SIGINT, then
-    drain: the HTTP process stops accepting, answers what it accepted, and every process
-    ends. Returns 0. `config`: every option (ServeConfig, checked when it is built);
-    `hooks`: the page's model card and a call once the server is about to listen
-    (ServeHooks). precision "int8" is calibrated on config.calibration (a dataset spec,
-    checked here before any process starts; see api.serving).
-    Raises UserError for a bad option or an unreadable model."""
+def serve(source: str | None, config: ServeConfig | None = None,
+          hooks: ServeHooks | None = None) -> int:
+    """Serve a run folder, checkpoint, registry tag or ONNX file (`source`, named
+    config.name or after its folder or file, at version 1), or every model of
+    config.model_repository (DIR/NAME/VERSION/, polled every config.poll_seconds for new,
+    changed and removed versions), until SIGTERM or SIGINT, then drain: the HTTP process
+    stops accepting, answers what it accepted, and every process ends. Returns 0.
+    `config`: every option (ServeConfig, checked when it is built); `hooks`: the page's
+    model card and a call once the server is about to listen (ServeHooks). precision
+    "int8" is calibrated on config.calibration (a dataset spec, checked here before any
+    process starts; see api.serving).
+    Raises UserError for a bad option, an unreadable model or an empty repository."""
     c, hooks = config or ServeConfig(), hooks or ServeHooks()
-    src = open_source(source)
-    info = src.info()
+    if (source is None) == (c.model_repository is None):
+        raise UserError("serve one MODEL or --model-repository DIR (one of the two)")
+    repo = Repository(c.model_repository, source, c.name, c.engine)
+    repo.check()
     from .api import serving
-    # the engine installed and int8's calibration images readable: one sentence now rather
-    # than in every worker
-    check_runner(src, serving(c.engine, c.precision, c.calibration))
-    cfg, size = info["config"], info["preprocess"]["image_size"]
+    if source is not None:
+        # the model readable, the engine installed and int8's calibration images readable:
+        # one sentence now rather than in every worker
+        check_runner(open_source(source), serving(c.engine, c.precision, c.calibration))
     state_dir = Path(tempfile.mkdtemp(prefix="resnetkit-serve-"))
     (state_dir / "metrics").mkdir()
     use_folder(state_dir / "metrics")
@@ -48,23 +56,17 @@ def serve(source: str, config: ServeConfig | None = None, hooks: ServeHooks | No
     # one core left to the HTTP process, which decodes every upload
     threads = c.threads or max(1, (multiprocessing.cpu_count() - 1) // c.workers)
     limits = c.limits(threads)
-    arch = None
-    if cfg is not None:
-        from ..weights.checkpoint import config_to_dict
-        arch = config_to_dict(cfg)
-    meta = {"source": str(source), "architecture": arch, "classes": info["classes"],
-            "preprocess": info["preprocess"], "limits": limits,
-            "explain": src.model is not None,  # Grad-CAM needs gradients: not an exported file
-            "card": hooks.card(cfg, size) if hooks.card and cfg is not None else None}
     litserve_batch = c.batching == "litserve"
-    api = ClassifierAPI(str(source), c.engine, c.precision, info["preprocess"], info["classes"],
-                        str(state_dir), c.max_batch if litserve_batch else 1,
+    api = ClassifierAPI(repo, c.engine, c.precision, str(state_dir),
+                        c.max_batch if litserve_batch else 1,
                         c.batch_timeout_ms / 1000 if litserve_batch else 0.0, threads,
-                        c.calibration, c.worker_nice)
+                        c.calibration, c.worker_nice, c.poll_seconds, hooks.card)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=c.workers, timeout=60,
                           fast_queue=True)  # responses over ZMQ, not the manager's queues
-    add_routes(server, api, info, meta, limits, state_dir)
-    return _run(server, c, hooks, meta, state_dir)
+    add_routes(server, api, limits, state_dir, KeyCheck(c.api_key) if c.api_key else None,
+               c.poll_seconds)
+    models = [v.name for v in repo.scan()]
+    return _run(server, c, hooks, {"models": sorted(set(models)), "limits": limits}, state_dir)
 
 
 def _run(server, c: ServeConfig, hooks: ServeHooks, meta: dict[str, Any],
@@ -83,7 +85,7 @@ def _run(server, c: ServeConfig, hooks: ServeHooks, meta: dict[str, Any],
     with escaped_log(c.log_level):  # every log line escaped, in every process forked below
         try:
             if hooks.on_start:
-                hooks.on_start({"url": f"http://{c.host}:{c.port}", **meta, "card": None})
+                hooks.on_start({"url": f"http://{c.host}:{c.port}", **meta})
             # The HTTP process is forked from this one and inherits its heap: millions of
             # objects from torch, FastAPI and the model's analysis. Frozen, they are left out of
             # every garbage collection there, whose full passes otherwise stop its event loop
