@@ -352,6 +352,14 @@ def test_litserves_own_batching_gives_the_same_answers(checkpoint, tmp_path):
         assert [[t["index"] for t in r.json()["top"]] for r in got] == \
             [[t["index"] for t in w["top"]] for w in want]
         assert httpx.get(f"{s.url}/metadata").json()["limits"]["batching"] == "litserve"
+        # the Open Inference Protocol's images go through LitServe's batches too
+        v2 = httpx.post(f"{s.url}/v2/models/{checkpoint.stem}/infer", timeout=60, json={
+            "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 28, 28, 1],
+                        "data": np.stack(imgs[:2]).ravel().tolist()}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]})
+        assert v2.status_code == 200, v2.text
+        assert [int(t.split(":")[1]) for t in v2.json()["outputs"][0]["data"]] == \
+            [w["top"][0]["index"] for w in want[:2]]
     finally:
         s.close()
 
@@ -422,6 +430,14 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
             return {"type": "http.request", "body": b"x", "more_body": True}
         late = {**scope(), DEADLINE_KEY: asyncio.get_running_loop().time() + 0.2}
         out["late"] = await Predictor(run_one, info, limits)(late, drip)
+        seen = []  # a version counts a request as in flight while its body arrives (a
+        # version removed meanwhile drains it rather than being unloaded under it)
+
+        async def counted():
+            seen.append(info.served.inflight)
+            return {"type": "http.request", "body": b"not an image", "more_body": False}
+        out["counted"] = await p(scope(), counted)
+        out["inflight"] = (seen, info.served.inflight)
         out["declared"] = await p(scope(length=b"5000"), receive_of(image))
         out["streamed"] = await p(scope(), receive_of(bytes(1500), pieces=5))
         out["type"] = await p(scope(kind=b"text/plain"), receive_of(image))
@@ -439,6 +455,7 @@ def test_predict_handler_at_the_asgi_level(tmp_path, monkeypatch):
     assert b"from 1 to 1000" in out["huge"][1] and b"from 1 to 1000" in out["minus"][1]
     assert out["stalled"][0] == 408 and b"stalled" in out["stalled"][1]
     assert out["late"][0] == 408 and b"did not arrive within" in out["late"][1]
+    assert out["counted"][0] == 400 and out["inflight"] == ([1], 0)
     assert out["declared"][0] == 413 and out["streamed"][0] == 413 and out["type"][0] == 415
     assert out["full"][0] == 503 and (b"retry-after", b"1") in out["full"][3]
     status, body, kind, _ = out["ok"]

@@ -25,7 +25,7 @@ class KeyCheck:
     """Whether a request may pass: `allowed(scope)`; `refusal` is the answer otherwise."""
 
     def __init__(self, key: str):
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
         body = json.dumps({"error": "this server needs an API key: send the header "
                                     "'Authorization: Bearer KEY'"}).encode()
         self.refusal = (401, body, b"application/json", [(b"www-authenticate", b"Bearer")])
@@ -38,5 +38,7 @@ class KeyCheck:
             if name == b"authorization":
                 got = value
                 break
-        # compared whole in constant time: the time taken tells nothing about the key
-        return hmac.compare_digest(got, self.expected)
+        # the scheme is case-insensitive (RFC 9110, 11.1): "bearer KEY" is as good
+        scheme, _, token = got.partition(b" ")
+        # the token compared whole in constant time: the time taken tells nothing about the key
+        return hmac.compare_digest(token, self.expected) and scheme.lower() == b"bearer"

@@ -150,12 +150,22 @@ class Predictor:
         m, start = http_metrics(), time.perf_counter()
         if self.pending >= self.limits["max_queue"]:
             return self.refuse(m, 503, "", "overloaded")
-        headers = dict(scope["headers"])
-        name = None
         try:
             query = scope.get("query_string", b"")
             top_k = top_k_of(query)
             served = self.models.find(*model_query(query))
+        except BadInput as e:
+            return self.bad_input(m, scope, e, None)
+        # the version counts this request from the moment it was routed, its body's upload
+        # included: a version removed or replaced meanwhile drains it rather than being
+        # unloaded under it
+        with served.accepted():
+            return await self._accepted(m, scope, receive, served, top_k, start)
+
+    async def _accepted(self, m, scope, receive, served: Served, top_k: int, start: float):
+        headers = dict(scope["headers"])
+        name = None
+        try:
             kind = check_type(headers.get(b"content-type", b"").decode("latin-1"))
             body = await read_body(receive, headers.get(b"content-length", b"").decode(
                 "latin-1"), self.limits["max_body_bytes"],
@@ -177,9 +187,8 @@ class Predictor:
         self.pending += 1
         m.queue.inc()
         try:
-            with served.accepted():
-                image = await served.decoder(body)
-                result = await self.run_one(served, image, top_k)
+            image = await served.decoder(body)
+            result = await self.run_one(served, image, top_k)
         except BadInput as e:
             return self.bad_input(m, scope, e, name)
         except HTTPException as e:

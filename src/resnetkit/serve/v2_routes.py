@@ -75,7 +75,7 @@ class OpenInference:
 
     def _find(self, parts: list[str]) -> Served:
         """["NAME"] or ["NAME", "versions", "V"] -> the routed load (BadInput 404)."""
-        if len(parts) == 3 and parts[1] != "versions":
+        if len(parts) == 3 and (parts[1] != "versions" or not parts[2]):
             raise BadInput(404, "model paths are /v2/models/NAME[/versions/VERSION]")
         return self.models.find(parts[0], parts[2] if len(parts) == 3 else None)
 
@@ -90,7 +90,7 @@ class OpenInference:
             return _json(200, {"name": "resnetkit", "version": _version(),
                                "extensions": EXTENSIONS})
         if parts[:1] == ["models"] and len(parts) in (2, 3, 4, 5):
-            ready = parts[-1] == "ready"
+            ready = parts[-1] == "ready" and len(parts) in (3, 5)  # a model may be named "ready"
             where = parts[1:-1] if ready else parts[1:]
             if len(where) in (1, 3):
                 served = self._find(where)
@@ -117,6 +117,13 @@ class OpenInference:
                 for name in self.models.names() for v in sorted(self.models.table[name])]
 
     async def _infer(self, scope, receive, served: Served):
+        # the version counts this request from the moment it was routed, its body's upload
+        # included: a version removed or replaced meanwhile drains it rather than being
+        # unloaded under it
+        with served.accepted():
+            return await self._infer_accepted(scope, receive, served)
+
+    async def _infer_accepted(self, scope, receive, served: Served):
         p, m, start = self.predictor, http_metrics(), time.perf_counter()
         if p.pending >= self.limits["max_queue"]:
             return self._count(served, *p.refuse(m, 503, "", "overloaded"))
@@ -138,8 +145,7 @@ class OpenInference:
         p.pending += n
         m.queue.inc(n)
         try:
-            with served.accepted(n):
-                logits = await self._run(served, req)
+            logits = await self._run(served, req)
         except BadInput as e:
             return self._count(served, *p.bad_input(m, scope, e, None))
         except HTTPException as e:
@@ -160,10 +166,13 @@ class OpenInference:
             inputs = [await served.decoder.pixels(a) for a in req.images]
         else:
             inputs = [await served.decoder(b) for b in req.images]
+        # each image as one /predict request (top_k 0: the logits), in the same batches:
+        # the HTTP side's batcher, or LitServe's with --batching litserve
+        run = self.predictor.run_one
         if len(inputs) == 1:  # the common case: no tasks to make
-            results = [await served.batcher(inputs[0], 0)]
+            results = [await run(served, inputs[0], 0)]
         else:
-            results = await asyncio.gather(*(served.batcher(x, 0) for x in inputs))
+            results = await asyncio.gather(*(run(served, x, 0) for x in inputs))
         return np.stack([r["logits"] for r in results])
 
     def _count(self, served: Served, status: int, *rest):
