@@ -126,7 +126,8 @@ def max_diff(a, b):
 
 
 def test_every_rank_holds_identical_parameters(tmp_path):
-    cfg = dict(SMALL, batch_size=64, crop_padding=2, hflip=True, out_dir=str(tmp_path), name="r")
+    cfg = dict(SMALL, batch_size=64, crop_padding=2, hflip=True, out_dir=str(tmp_path), name="r",
+               tensorboard=True)
     r, _ = torchrun(WORKER, "train", str(tmp_path), json.dumps(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     s0, s1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
@@ -140,6 +141,14 @@ def test_every_rank_holds_identical_parameters(tmp_path):
     rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1  # only rank 0 logs
     assert json.loads(rows[0])["epoch"] == 1
+    # one TensorBoard event file, rank 0's, with one loss per step of the two ranks together
+    events = list((tmp_path / "r" / "tb").iterdir())
+    assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = json.loads(rows[0])["step"]
+    assert [e.step for e in acc.Scalars("step/train_loss")] == list(range(1, steps + 1))
 
 
 # SyncBN on 2 ranks of 64 vs plain BN on one process of 128 is the same arithmetic summed in

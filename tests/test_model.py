@@ -222,9 +222,13 @@ def test_the_pooled_cifar_stem_halves_the_side():
     # stride-2 3x3 convs with padding 1)
     m = rk.create_model("resnet20", in_chans=1, num_classes=10, stem="cifar_pool").eval()
     sizes = {}
+
+    def keep(name):
+        def hook(mod, inputs, out):
+            sizes[name] = tuple(out.shape[1:])
+        return hook
     for name in ("relu", "maxpool", "layer1", "layer2", "layer3"):
-        getattr(m, name).register_forward_hook(
-            lambda mod, i, o, name=name: sizes.setdefault(name, tuple(o.shape[1:])))
+        getattr(m, name).register_forward_hook(keep(name))
     assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert sizes == {"relu": (16, 28, 28), "maxpool": (16, 14, 14), "layer1": (16, 14, 14),
                      "layer2": (32, 7, 7), "layer3": (64, 4, 4)}

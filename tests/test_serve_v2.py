@@ -8,7 +8,6 @@ key guards every route but the health checks and the page.
 One server serves every test here (a repository with an API key, polled every 0.3 s): the
 tests that use it are few and large, so that pytest-xdist, which deals tests out one by
 one, starts it at most twice."""
-import io
 import json
 import shutil
 import struct

@@ -6,7 +6,6 @@ under serving's choices (see serving)."""
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import threading

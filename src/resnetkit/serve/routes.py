@@ -21,7 +21,7 @@ from .batcher import Batcher
 from .decode import IMAGE_TYPES, BadInput
 from .logs import logger
 from .metrics import exposition, http_metrics
-from .predictor import MAX_TOP_K, Predictor, model_query
+from .predictor import MAX_TOP_K, Predictor
 from .repository import read_json
 from .routing import Models, Served
 from .v2_routes import OpenInference, answer_v2

@@ -14,14 +14,13 @@ as BYTES [batch, k] of "value:index[:label]")."""
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..untrusted import shown
+from ..untrusted import json_depth, shown
 from .decode import PIXEL_CHANNELS, BadInput
 
 HEADER = "inference-header-content-length"  # Triton's binary data extension
@@ -67,7 +66,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     # json_depth's pass costs several times the parse of such a header
     # (nesting up to QUICK_BRACKETS deep is harmless to the parser)
     brackets = head.count(b"[") + head.count(b"{")
-    if brackets > QUICK_BRACKETS and _depth(head) > MAX_JSON_DEPTH:
+    if brackets > QUICK_BRACKETS and json_depth(head) > MAX_JSON_DEPTH:
         raise _bad(f"the request's JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         request = json.loads(head)
@@ -76,22 +75,6 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     if not isinstance(request, dict):
         raise _bad("the request must be a JSON object with \"inputs\"")
     return request, rest
-
-
-# A JSON string, or what is left of the text from an unterminated one: each match starts at
-# a quote and always succeeds without backtracking (possessive), so the scan is linear. The
-# pattern of untrusted.json_depth, which can fail and be retried from every later quote,
-# took 3.3 s for 32 KB of escaped quotes (quadratic), on the event loop.
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.S)
-
-
-def _depth(head: bytes) -> int:
-    """The deepest nesting of arrays and objects in JSON text, counted in linear time
-    without parsing (strings left out)."""
-    skeleton = np.frombuffer(_STRING.sub(b'""', head), dtype=np.uint8)
-    step = (np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64)
-            - np.isin(skeleton, (ord("]"), ord("}"))).astype(np.int64))
-    return int(np.cumsum(step).max(initial=0))
 
 
 def parse(body: bytes, header_length: str | None, in_chans: int, limits: dict[str, Any],
