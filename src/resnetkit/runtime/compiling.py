@@ -15,9 +15,15 @@ from ..errors import UserError
 # 615 img/s = 0.34. The estimate of a run's length below uses the lower figures, rounded down.
 EAGER_FRACTION = {"bf16": 0.6, "fp16": 0.6, "fp32": 0.3, "fp64": 0.15}
 # Compiling a training step took 19-40 s on that machine (the first run 40 s, later ones less
-# from Inductor's on-disk cache) and made the step 1.1x-1.2x faster: a run pays for it after
-# about 5 minutes of eager training.
+# from Inductor's on-disk cache) and made ResNet-20's step 1.26x faster in bf16 (1,747 against
+# 1,390 img/s) and 1.07x in fp32 with oneDNN capped at AVX2 (618 against 578): a run pays for
+# it after about 5 minutes of eager training.
 PAYS_AFTER_S = 300.0
+# What compiling fuses is BN, ReLU and the additions, whose share of the step falls as the
+# channels grow: ResNet-50 (stages of 256-2,048 channels, batch 32 at 224) measured 0.98x
+# compiled (16.4 against 16.8 img/s, bf16), so only networks whose widest stage has at most
+# this many channels are compiled by default.
+NARROW_CHANNELS = 256
 
 
 def can_compile(device: torch.device | str) -> bool:
@@ -36,9 +42,10 @@ def estimated_train_s(flop: float, precision: str, peak_fp32_gflops: float | Non
 
 
 def decide_compile(choice: Literal["auto"] | bool, device: torch.device | str, precision: str,
-                   est_seconds: float, world: int = 1) -> tuple[bool, str]:
+                   est_seconds: float, world: int = 1, widest: int = 0) -> tuple[bool, str]:
     """(compile the training step?, why). "auto": where torch.compile can build kernels, for
-    one process (DDP with a compiled step is not measured here), in fp32/bf16/fp16, when the
+    one process (DDP with a compiled step is not measured here), in fp32/bf16/fp16, for a
+    network whose widest stage (`widest` channels) has at most NARROW_CHANNELS, when the
     run's estimated eager length reaches PAYS_AFTER_S, so short runs (the quick demo) do not
     wait for a compiler. True where it cannot compile is a UserError."""
     if choice not in ("auto", True, False):
@@ -55,6 +62,8 @@ def decide_compile(choice: Literal["auto"] | bool, device: torch.device | str, p
         return False, "several processes"
     if precision == "fp64":
         return False, "fp64"
+    if widest > NARROW_CHANNELS:
+        return False, f"a wide network ({widest} channels: its convolutions dominate the step)"
     if est_seconds < PAYS_AFTER_S:
         return False, f"a short run (about {est_seconds:.0f} s eager; compiling pays after " \
                       f"{PAYS_AFTER_S:.0f} s)"

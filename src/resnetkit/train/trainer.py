@@ -104,7 +104,8 @@ class Trainer:
             flop = 3 * forward_flop(model, self.feed.train.shape[0], self.image_size)
             est = estimated_train_s(flop * len(self.train_data) * cfg.epochs, self.precision,
                                     hardware(self.device)["peak_fp32_gflops"])
-        return decide_compile(cfg.compile, self.device, self.precision, est, self.dist.world)
+        return decide_compile(cfg.compile, self.device, self.precision, est, self.dist.world,
+                              max(model.cfg.channels))
 
     @classmethod
     def resume(cls, run_dir: str | Path, device=None, quiet: bool = False,
