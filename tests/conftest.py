@@ -13,6 +13,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """--dist loadgroup (pyproject): a test marked xdist_group("G") gets "@G" at the end of
+    its node id, which is how pytest-xdist's scheduler keeps a group in one process.
+    pytest-xdist 3.8 sets the id in an attribute pytest 9 no longer reads (`_nodeid`; pytest 9
+    keeps `_id`), so its groups would be dealt out like any test: set it where pytest reads it."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+    for item in items:
+        names = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                 for m in item.iter_markers("xdist_group")}
+        if names and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(names))}")
+
+
 # The one tiny training config of the suite (a ResNet-20 of widths 4, 8, 8 on 512 real
 # Fashion-MNIST images: 4 steps of 128 an epoch, fp32, deterministic); tests add or change
 # what they need through the `tiny_config` fixture.

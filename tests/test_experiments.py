@@ -10,6 +10,9 @@ from resnetkit.cli import main
 from resnetkit.errors import UserError
 from resnetkit.experiments import degradation, layer_responses, responses
 import resnetkit.experiments.degradation  # noqa: E402  (the module, for monkeypatch)
+
+# one process runs this file's tests, so its module fixtures are built once (see pyproject)
+pytestmark = pytest.mark.xdist_group("test_experiments")
 degradation_module = sys.modules["resnetkit.experiments.degradation"]
 
 TINY = {"model_overrides": "widths=4,8,8;stem_width=4", "train_subset": "256",

@@ -15,6 +15,9 @@ from resnetkit.explain import (attribute, explain_figure, explain_files, grad_ca
                                integrated_gradients, layer_names)
 from resnetkit.weights import save_weights
 
+# one process runs this file's tests, so its module fixtures are built once (see pyproject)
+pytestmark = pytest.mark.xdist_group("test_explain")
+
 pytest.importorskip("captum")
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,9 @@ from resnetkit.train import NonFiniteLoss, Trainer, build_config
 from resnetkit.weights import load_model, load_state
 from resnetkit.weights.checkpoint import config_to_dict
 
+# one process runs this file's tests, so its module fixtures are built once (see pyproject)
+pytestmark = pytest.mark.xdist_group("test_faults")
+
 SMALL = TINY  # conftest's tiny config: 4 steps an epoch, 3 epochs
 TIMING = ("epoch_s", "images_per_s", "peak_mem_mb")
 

@@ -14,6 +14,9 @@ from resnetkit.infer.calibrate import calibration_set, parse_calibration
 from resnetkit.infer.optimize import optimize
 from resnetkit.infer.quantize import quantize, quantize_graph
 
+# one process runs this file's tests, so its module fixtures are built once (see pyproject)
+pytestmark = pytest.mark.xdist_group("test_quantize")
+
 
 def small(in_chans=3, classes=10):
     with torch.random.fork_rng():  # the same weights whichever tests ran before

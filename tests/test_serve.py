@@ -31,6 +31,9 @@ from resnetkit.serve.batcher import Batcher  # noqa: E402
 from resnetkit.serve.decode import BadInput, check_type, decode_image  # noqa: E402
 from resnetkit.serve.api import open_model as open_engine  # noqa: E402
 
+# one process runs this file's tests, so its module fixtures are built once (see pyproject)
+pytestmark = pytest.mark.xdist_group("test_serve")
+
 PRE = {"mean": [0.29], "std": [0.35], "image_size": 28, "in_chans": 1, "resize": 0,
        "interpolation": "bilinear"}  # complete, as a checkpoint's entry is once read
 

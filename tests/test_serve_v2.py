@@ -30,6 +30,9 @@ from resnetkit.serve.api import open_model  # noqa: E402
 from resnetkit.serve.decode import BadInput  # noqa: E402
 from resnetkit.serve.repository import Repository, name_of  # noqa: E402
 
+# one process runs this file's tests, so its module fixtures are built once (see pyproject)
+pytestmark = pytest.mark.xdist_group("test_serve_v2")
+
 KEY = "k3y-for-the-v2-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

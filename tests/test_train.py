@@ -17,6 +17,9 @@ from resnetkit.weights import checkpoint as ckpt
 from resnetkit.runtime.compiling import can_compile
 from resnetkit.train.optim import lr_factor
 
+# one process runs this file's tests, so its module fixtures are built once (see pyproject)
+pytestmark = pytest.mark.xdist_group("test_train")
+
 # the target for the speedrun recipe: 94.0% test top-1 (flip TTA allowed)
 SPEEDRUN_TARGET = 0.94
 
