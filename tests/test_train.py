@@ -324,7 +324,8 @@ def test_the_speedrun_recipe_reaches_its_target(tmp_path):
 
 
 def test_cli_train_and_resume(tmp_path, capsys):
-    args = ["train", "--epochs", "1", "--train-subset", "256", "--batch-size", "128",
+    args = ["train", "--epochs", "1", "--train-subset", "256", "--test-subset", "500",
+            "--batch-size", "128",
             "--precision", "fp32", "--plots", "false", "--out-dir", str(tmp_path), "--name", "cli"]
     assert main(args) == 0
     assert "test top-1" in capsys.readouterr().out

@@ -15,6 +15,9 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("captum")      # section 8, Grad-CAM
 pytest.importorskip("matplotlib")  # section 8, the figure
 
+# one process runs this file's tests, so the notebook runs once (see pyproject)
+pytestmark = pytest.mark.xdist_group("test_tutorial")
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 NOTEBOOK = DOCS / "tutorial.ipynb"
