@@ -58,6 +58,7 @@ def test_compile_is_decided_from_the_run_and_the_machine(monkeypatch):
     assert not decide_compile("auto", "cpu", "fp64", 1e9)[0]
     assert decide_compile("auto", "cpu", "bf16", 1e9, widest=64)[0]  # ResNet-20
     assert not decide_compile("auto", "cpu", "bf16", 1e9, widest=2048)[0]  # ResNet-50
+    assert not decide_compile("auto", "cuda", "bf16", float("inf"))[0]  # a GPU of unknown peak
     monkeypatch.setattr(compiling, "can_compile", lambda device: False)
     assert decide_compile("auto", "cpu", "bf16", 1e9) == (False, "no C++ compiler for torch.compile")
     with pytest.raises(UserError, match="C\\+\\+ compiler"):

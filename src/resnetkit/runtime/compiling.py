@@ -64,6 +64,8 @@ def decide_compile(choice: Literal["auto"] | bool, device: torch.device | str, p
         return False, "fp64"
     if widest > NARROW_CHANNELS:
         return False, f"a wide network ({widest} channels: its convolutions dominate the step)"
+    if est_seconds == float("inf"):
+        return False, "the device's peak is unknown, so the run's length is too"
     if est_seconds < PAYS_AFTER_S:
         return False, f"a short run (about {est_seconds:.0f} s eager; compiling pays after " \
                       f"{PAYS_AFTER_S:.0f} s)"
