@@ -151,7 +151,8 @@ class Trainer:
         b, d = self.batches, self.dist
         return {"run_dir": str(self.run_dir), "precision": self.precision,
                 "channels_last": self.channels_last, "device": str(self.device),
-                "compile": self.compiled, "compile_why": self.compile_why, "world": d.world, "backend": d.backend, "per_rank": b.per_rank,
+                "compile": self.compiled, "compile_why": self.compile_why,
+                "world": d.world, "backend": d.backend, "per_rank": b.per_rank,
                 "accum": b.accum, "global_batch": b.global_, "lr": b.lr}
 
     def _run_config(self) -> dict[str, Any]:
