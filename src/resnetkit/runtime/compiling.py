@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Literal
+import types
+from typing import Callable, Literal
 
 import torch
 
@@ -27,11 +28,29 @@ NARROW_CHANNELS = 256
 
 
 def can_compile(device: torch.device | str) -> bool:
-    """Whether torch.compile can build kernels for `device`: CUDA, or a CPU with a C++
-    compiler (TorchInductor writes C++ and compiles it)."""
+    """Whether torch.compile can build kernels for `device`: on CUDA, Triton and a C compiler
+    for its launcher; on the CPU, the C++ compiler TorchInductor calls (its config's
+    cpp.cxx: $CXX, else g++ on Linux)."""
     if torch.device(device).type == "cuda":
-        return True
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
+        from torch.utils._triton import has_triton
+        return has_triton() and any(
+            shutil.which(c) for c in (os.environ.get("CC", ""), "gcc", "cc", "clang") if c)
+    from torch._inductor import config
+    names = [os.environ.get("CXX", "")] + [c for c in config.cpp.cxx if isinstance(c, str)]
+    return any(shutil.which(c) for c in names if c)
+
+
+def own_code(fn: Callable) -> Callable:
+    """`fn` with a code object of its own. torch.compile keeps its compiled graphs, and its
+    limit of 8 of them, per code object: without a copy every model (or training step) of
+    the process would share one cache, and past 8 models or shapes in all, new ones would
+    silently run uncompiled."""
+    if not isinstance(fn, types.MethodType):
+        return fn  # a GraphModule: its forward is generated for it alone
+    f = fn.__func__
+    copy_ = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__,
+                               f.__defaults__, f.__closure__)
+    return types.MethodType(copy_, fn.__self__)
 
 
 def estimated_train_s(flop: float, precision: str, peak_fp32_gflops: float | None) -> float:
@@ -77,12 +96,13 @@ def forward_flop(model: torch.nn.Module, in_chans: int, image_size: int) -> int:
     torch.utils.flop_counter on a forward pass in eval mode (BN statistics untouched)."""
     from torch.utils.flop_counter import FlopCounterMode
     p = next(model.parameters())
-    was = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, in_chans, image_size, image_size, device=p.device,
                               dtype=p.dtype))
     finally:
-        model.train(was)
+        for m, mode in modes.items():
+            m.training = mode
     return counter.get_total_flops()

@@ -148,6 +148,8 @@ class TrainConfig:
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (self.bn_weight_decay >= 0, "bn_weight_decay", ">= 0"),
             (self.bn_lr_mult > 0, "bn_lr_mult", "> 0"),
+            (self.hflip or not self.alternate_flip, "alternate_flip", "needs hflip=true"),
+            (0 <= self.seed < 2 ** 31, "seed", "from 0 to 2**31 - 1"),
             (self.grad_clip >= 0, "grad_clip", ">= 0 (0: no clipping)"),
             (isinstance(self.model_overrides, dict) and "num_classes" not in self.model_overrides,
              "model_overrides", "ResNetConfig fields except num_classes, which comes from the "

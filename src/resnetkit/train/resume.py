@@ -119,8 +119,12 @@ def resume(make: Callable[..., Any], run_dir: str | Path, device=None, quiet: bo
     if bad:
         raise UserError(f"a resumed run keeps its config; only {' and '.join(RESUMABLE)} "
                         f"can change, not {', '.join(sorted(bad))}")
+    # a run saved before the step could be compiled ran eagerly: it continues so (an "auto"
+    # decided again could compile it, and the result would no longer equal an uninterrupted run)
+    train = {"compile": False, **info["train"]} if isinstance(info.get("train"), dict) \
+        else info.get("train")
     try:
-        cfg = TrainConfig(**{**info["train"], **changes})
+        cfg = TrainConfig(**{**train, **changes})
     except TypeError as e:  # an unknown or missing field in config.json
         raise UserError(f"{run_dir / 'config.json'} does not describe a run ({e})") from None
     state_file = last_state(run_dir)

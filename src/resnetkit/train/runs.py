@@ -109,7 +109,9 @@ class RunFolder:
             raise UserError(f"cannot write to run folder {self.path}: {e.strerror or e}") from None
         self._tb = None
         if writer is not None:
-            self._tb = writer(str(self.path / "tb"), purge_step=step or None)
+            # TensorBoard drops the events at steps >= purge_step: everything logged after
+            # the checkpoint at `step` (its own step and epoch rows stay)
+            self._tb = writer(str(self.path / "tb"), purge_step=step + 1)
 
     def _claim(self) -> None:
         """Make the folder this process's: refuse one that holds another run (unless this is
@@ -174,16 +176,16 @@ class RunFolder:
             self._tb.add_scalar("step/train_loss", loss, step)
             self._tb.add_scalar("step/lr", lr, step)
 
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """The run's hyperparameters and final metrics, for TensorBoard's HPARAMS tab (written
-        into the run's own log, not a folder of its own)."""
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        """The run's hyperparameters and final metrics (at optimizer step `step`), for
+        TensorBoard's HPARAMS tab (written into the run's own log, not a folder of its own)."""
         if self._tb is None:
             return
         from torch.utils.tensorboard.summary import hparams as summaries
         for summary in summaries(hparams, metrics):
             self._tb.file_writer.add_summary(summary)
         for k, v in metrics.items():
-            self._tb.add_scalar(k, v)
+            self._tb.add_scalar(k, v, step)
         self._tb.flush()
 
     def log_epoch(self, row: dict[str, Any], step: int) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime import autocast
+from ..runtime.compiling import own_code
 
 
 class TrainStep:
@@ -36,7 +37,9 @@ class TrainStep:
         self.compile_s = 0.0
         self._first = compile
         # dynamic=False: one graph per input shape (an uneven last batch compiles once more)
-        self._loss = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        # its own code object: torch.compile's cache (and limit of 8 graphs) is per code object
+        self._loss = (torch.compile(own_code(self._forward), dynamic=False) if compile
+                      else self._forward)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.precision):

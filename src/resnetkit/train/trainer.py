@@ -262,7 +262,8 @@ class Trainer:
             step_samples = min(self.batches.global_, len(perm) - s * self.batches.global_)
             micro = [self._batch(next(images), idx, self.epoch, s, i)
                      for i, idx in enumerate(parts)]
-            lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves
+            # this step's base lr (the schedule's, before it moves; groups may scale it)
+            lr = self.batches.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
             step_loss, ok = self.train_step(micro, step_samples)
             mean_loss, bad, stop_now = self._check_step(step_loss, step_samples)
             if bad is not None:
@@ -363,9 +364,10 @@ class Trainer:
         """The run's settings as TensorBoard's hparams take them (numbers, text, booleans):
         the training config (lists and tables as JSON text) and what was resolved."""
         out: dict[str, Any] = {}
-        for k, v in dataclasses.asdict(self.cfg).items():
-            out[k] = v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
-        out.update(precision=self.precision, channels_last=self.channels_last,
+        for k, v in dataclasses.asdict(self.cfg).items():  # booleans as text, as "auto" is
+            out[k] = str(v).lower() if isinstance(v, bool) else \
+                v if isinstance(v, (int, float, str)) else json.dumps(v)
+        out.update(precision=self.precision, channels_last=str(self.channels_last).lower(),
                    world_size=self.dist.world, global_batch=self.batches.global_,
                    lr_scaled=self.batches.lr)
         return out
@@ -391,7 +393,8 @@ class Trainer:
             self.folder.write_results(result)
             self.folder.log_hparams(self._hparams(), {
                 "hparam/test_top1": ev["top1"], "hparam/test_loss": ev["loss"],
-                "hparam/best_top1": self.best_acc, "hparam/wall_s": result["wall_s"]})
+                "hparam/best_top1": self.best_acc, "hparam/wall_s": result["wall_s"]},
+                self.global_step)
             if self.cfg.plots and self.history:
                 from .plots import plot_run
                 plot_run(self.history, ev["confusion"], self.test_data.classes, self.run_dir)

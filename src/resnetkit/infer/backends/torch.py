@@ -4,7 +4,6 @@ once per input shape, for the fp32/bf16 model and the int8 (PT2E) graph alike.""
 from __future__ import annotations
 
 import copy
-import types
 from typing import Callable
 
 import torch
@@ -14,7 +13,7 @@ from ...errors import UserError
 from ...layers import FrozenBatchNorm2d
 from ...model import ResNet
 from ...runtime import decide_channels_last, decide_precision
-from ...runtime.compiling import can_compile
+from ...runtime.compiling import can_compile, own_code
 
 BN_LIKE = (nn.BatchNorm2d, FrozenBatchNorm2d)  # what folds into a conv (GroupNorm does not)
 
@@ -79,19 +78,6 @@ def compile_pays(device: torch.device) -> bool:
     return can_compile(device)
 
 
-def _own_code(fn: Callable) -> Callable:
-    """`fn` with a code object of its own. torch.compile keeps its compiled graphs, and its
-    limit of 8 of them, per code object: without a copy every model of the process would
-    share one cache, and past 8 models or shapes in all, new ones would silently run
-    uncompiled."""
-    if not isinstance(fn, types.MethodType):
-        return fn  # a GraphModule: its forward is generated for it alone
-    f = fn.__func__
-    copy_ = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__,
-                               f.__defaults__, f.__closure__)
-    return types.MethodType(copy_, fn.__self__)
-
-
 class PerShape(nn.Module):
     """A forward function compiled by inductor once per input shape. Frozen (compiled on the
     CPU), the weights are constants of the graph: oneDNN's blocked weights are prepacked at
@@ -106,7 +92,7 @@ class PerShape(nn.Module):
         self._eager, self.compiled, self.frozen = eager, compiled, frozen
         # frozen graphs are compiled per input shape: inductor's fused conv lowering fails on
         # a dynamic batch dimension (stride assertion, torch 2.13)
-        self._run = (torch.compile(_own_code(eager), dynamic=False if frozen else None)
+        self._run = (torch.compile(own_code(eager), dynamic=False if frozen else None)
                      if compiled else eager)
         self._shapes: set[tuple[int, ...]] = set()
 
