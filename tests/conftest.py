@@ -28,6 +28,9 @@ def pytest_collection_modifyitems(config, items):
                  for m in item.iter_markers("xdist_group")}
         if names and "@" not in item.nodeid:
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(names))}")
+    # the groups first: the scheduler hands out work in this order, and a long group dealt
+    # last would leave the other process idle at the end
+    items.sort(key=lambda item: "@" not in item.nodeid)
 
 
 # The one tiny training config of the suite (a ResNet-20 of widths 4, 8, 8 on 512 real
