@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from resnetkit.runtime import autocast, decide_channels_last, decide_precision, hardware
+from resnetkit.runtime import decide_channels_last, decide_precision, hardware
 from resnetkit.runtime.compiling import can_compile
 from resnetkit.train.config import TrainConfig
 from resnetkit.train.feed import Feed
@@ -140,8 +140,7 @@ def main() -> None:
         run()
         out["step_ms"][name] = median_s(run) * 1e3
         out["kinds"][name] = by_kind(run)
-    with autocast(dev, prec):
-        model = create_model(a.model, **build).to(memory_format=fmt)
+    model = create_model(a.model, **build).to(memory_format=fmt)
     out["convs"] = conv_table(model, x, dtype, fmt, peak)
     # BN forward reads its input twice (statistics, then normalise) and writes once; backward
     # reads the output's gradient and the input twice and writes once; ReLU and additions

@@ -48,21 +48,21 @@ def test_the_compiled_step_trains_like_the_eager_one():
 
 
 def test_compile_is_decided_from_the_run_and_the_machine(monkeypatch):
-    assert decide_compile(False, "cpu", "bf16", 1e9) == (False, "asked for")
+    assert decide_compile(False, "cpu", "bf16", lambda: 1e9) == (False, "asked for")
     with pytest.raises(UserError, match="auto, true or false"):
-        decide_compile("yes", "cpu", "bf16", 1.0)
+        decide_compile("yes", "cpu", "bf16", lambda: 1.0)
     monkeypatch.setattr(compiling, "can_compile", lambda device: True)
-    assert decide_compile("auto", "cpu", "bf16", PAYS_AFTER_S)[0]
-    assert not decide_compile("auto", "cpu", "bf16", PAYS_AFTER_S - 1)[0]  # the quick demo
-    assert not decide_compile("auto", "cpu", "bf16", 1e9, world=2)[0]
-    assert not decide_compile("auto", "cpu", "fp64", 1e9)[0]
-    assert decide_compile("auto", "cpu", "bf16", 1e9, widest=64)[0]  # ResNet-20
-    assert not decide_compile("auto", "cpu", "bf16", 1e9, widest=2048)[0]  # ResNet-50
-    assert not decide_compile("auto", "cuda", "bf16", float("inf"))[0]  # a GPU of unknown peak
+    assert decide_compile("auto", "cpu", "bf16", lambda: PAYS_AFTER_S)[0]
+    assert not decide_compile("auto", "cpu", "bf16", lambda: PAYS_AFTER_S - 1)[0]  # the quick demo
+    assert not decide_compile("auto", "cpu", "bf16", lambda: 1e9, world=2)[0]
+    assert not decide_compile("auto", "cpu", "fp64", lambda: 1e9)[0]
+    assert decide_compile("auto", "cpu", "bf16", lambda: 1e9, widest=64)[0]  # ResNet-20
+    assert not decide_compile("auto", "cpu", "bf16", lambda: 1e9, widest=2048)[0]  # ResNet-50
+    assert not decide_compile("auto", "cuda", "bf16", lambda: float("inf"))[0]  # a GPU of unknown peak
     monkeypatch.setattr(compiling, "can_compile", lambda device: False)
-    assert decide_compile("auto", "cpu", "bf16", 1e9) == (False, "no C++ compiler for torch.compile")
+    assert decide_compile("auto", "cpu", "bf16", lambda: 1e9) == (False, "no C++ compiler for torch.compile")
     with pytest.raises(UserError, match="C\\+\\+ compiler"):
-        decide_compile(True, "cpu", "fp32", 1.0)
+        decide_compile(True, "cpu", "fp32", lambda: 1.0)
 
 
 def test_a_run_length_estimate_from_counted_flop():

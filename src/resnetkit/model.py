@@ -92,8 +92,8 @@ class ResNet(nn.Module):
             self.conv1 = conv3x3(cfg.in_chans, w)
         self.bn1 = make_norm(norm, w) if cfg.stem_norm else nn.Identity()
         self.relu = nn.ReLU(inplace=True) if cfg.stem_norm else nn.Identity()
-        self.maxpool = (nn.Identity() if cfg.stem == "cifar" else nn.MaxPool2d(2, 2)
-                        if cfg.stem == "cifar_pool" else nn.MaxPool2d(3, 2, cfg.maxpool_padding))
+        pools = {"cifar": nn.Identity, "cifar_pool": lambda: nn.MaxPool2d(2, 2)}
+        self.maxpool = pools.get(cfg.stem, lambda: nn.MaxPool2d(3, 2, cfg.maxpool_padding))()
         info = [dict(num_chs=w, reduction=1 if cfg.stem.startswith("cifar") else 2,
                      module="relu" if cfg.stem_norm else "conv1")]
         return info

@@ -61,18 +61,21 @@ def estimated_train_s(flop: float, precision: str, peak_fp32_gflops: float | Non
 
 
 def decide_compile(choice: Literal["auto"] | bool, device: torch.device | str, precision: str,
-                   est_seconds: float, world: int = 1, widest: int = 0) -> tuple[bool, str]:
+                   run_seconds: Callable[[], float], world: int = 1, widest: int = 0
+                   ) -> tuple[bool, str]:
     """(compile the training step?, why). "auto": where torch.compile can build kernels, for
     one process (DDP with a compiled step is not measured here), in fp32/bf16/fp16, for a
     network whose widest stage (`widest` channels) has at most NARROW_CHANNELS, when the
-    run's estimated eager length reaches PAYS_AFTER_S, so short runs (the quick demo) do not
-    wait for a compiler. True where it cannot compile is a UserError."""
+    run's estimated eager length (`run_seconds()`, asked only once every other rule holds)
+    reaches PAYS_AFTER_S, so short runs (the quick demo) do not wait for a compiler. True
+    where it cannot compile is a UserError."""
     if choice not in ("auto", True, False):
         raise UserError(f"compile must be auto, true or false, got {choice!r}")
     able = can_compile(device)
     if choice is True and not able:
-        raise UserError("compile=true needs a C++ compiler (g++ or clang++) for torch.compile "
-                        "on the CPU; install one or set compile=false")
+        raise UserError("compile=true needs what torch.compile builds kernels with: a C++ "
+                        "compiler ($CXX or g++) on the CPU, Triton on CUDA; install it or set "
+                        "compile=false")
     if choice != "auto":
         return bool(choice), "asked for"
     if not able:
@@ -83,6 +86,7 @@ def decide_compile(choice: Literal["auto"] | bool, device: torch.device | str, p
         return False, "fp64"
     if widest > NARROW_CHANNELS:
         return False, f"a wide network ({widest} channels: its convolutions dominate the step)"
+    est_seconds = run_seconds()
     if est_seconds == float("inf"):
         return False, "the device's peak is unknown, so the run's length is too"
     if est_seconds < PAYS_AFTER_S:

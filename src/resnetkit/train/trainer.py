@@ -99,13 +99,12 @@ class Trainer:
     def _decide_compile(self, cfg: TrainConfig, model: torch.nn.Module) -> tuple[bool, str]:
         """Whether the training step is compiled (runtime.compiling.decide_compile), from
         the run's estimated eager length: its training FLOP at the device's usual rate."""
-        est = float("inf")
-        if cfg.compile == "auto":
+        def run_seconds() -> float:
             flop = 3 * forward_flop(model, self.feed.train.shape[0], self.image_size)
-            est = estimated_train_s(flop * len(self.train_data) * cfg.epochs, self.precision,
-                                    hardware(self.device)["peak_fp32_gflops"])
-        return decide_compile(cfg.compile, self.device, self.precision, est, self.dist.world,
-                              max(model.cfg.channels))
+            return estimated_train_s(flop * len(self.train_data) * cfg.epochs, self.precision,
+                                     hardware(self.device)["peak_fp32_gflops"])
+        return decide_compile(cfg.compile, self.device, self.precision, run_seconds,
+                              self.dist.world, max(model.cfg.channels))
 
     @classmethod
     def resume(cls, run_dir: str | Path, device=None, quiet: bool = False,
