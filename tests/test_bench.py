@@ -22,15 +22,20 @@ def test_bench_small_model_reports_every_path(monkeypatch):
     # the int8 paths (compiled per shape, tens of seconds) are in the slow test above;
     # `bench --check` in CI covers them on a trained model. The compiled training step (tens
     # of seconds more) is left out here: test_train_step covers it.
+    # the peers in their defaults: the configuration search is tested in test_peers
     monkeypatch.setattr("resnetkit.bench.can_compile", lambda device: False)
     r = bench("resnet20", batch=4, image_size=32, rounds=2, warmup=1, in_chans=3, num_classes=10,
-              int8=False)
+              int8=False, peer_search="defaults")
     res = r["results"]
     assert {"baseline_fp32_nchw", "resnetkit_infer", "onnxruntime_fp32",
             "train_baseline_fp32_nchw", "train_resnetkit"} <= set(res)
     engines = {f"openvino_{p}" for p in openvino_precisions()}
     assert engines and engines <= set(res)  # OpenVINO is part of the [all] install
     assert all(res[k]["precision"] == k.split("_")[1] for k in engines)
+    assert set(r["peers"]) == engines | {"onnxruntime_fp32"} and r["peer_search"] == "defaults"
+    assert all(p["config"]["exporter"] == "dynamo" and p["config"]["shape"] == "static"
+               and p["tried"] == [] for p in r["peers"].values())
+    assert r["peers"]["onnxruntime_fp32"]["config"]["level"] == "all"
     hw = r["hardware"]
     assert hw["peak_source"] and hw["peak_int8_gops"] >= hw["peak_fp32_gflops"]
     assert all(v["fraction_of_peak"] <= 1 for v in res.values())  # a true peak
@@ -73,7 +78,8 @@ def test_train_targets_follow_the_cpu():
 
 @pytest.mark.parametrize("kw,msg", [({"batch": 0}, "batch size must be >= 1"),
                                     ({"threads": -1}, "thread count"),
-                                    ({"image_size": 0, "model": "resnet50"}, "too small")])
+                                    ({"image_size": 0, "model": "resnet50"}, "too small"),
+                                    ({"peer_search": "all"}, "peer_search must be one of")])
 def test_bench_bad_input(kw, msg):
     args = {"model": "resnet20", "batch": 2, "image_size": 32, "rounds": 1, **kw}
     if args["model"] == "resnet20":
@@ -184,11 +190,12 @@ def test_a_failing_peer_engine_is_dropped_with_a_note(monkeypatch):
     def no_build(*a, **k):
         raise RuntimeError("Check failed:\nSupported primitive descriptors list is empty")
     monkeypatch.setattr(openvino, "compiled", no_build)
-    from resnetkit.bench import _engines
+    from resnetkit.bench import _peers
     notes = []
     from resnetkit import create_model
-    runners = _engines(create_model("resnet20", num_classes=3).eval(), 32, notes)
-    assert set(runners) == {"onnxruntime_fp32"} and all(
+    runners, table = _peers(create_model("resnet20", num_classes=3).eval(), (2, 3, 32, 32),
+                            None, notes, mode="defaults")
+    assert set(runners) == set(table) == {"onnxruntime_fp32"} and all(
         n.endswith("(Supported primitive descriptors list is empty)") for n in notes) and notes
 
 

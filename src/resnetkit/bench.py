@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import statistics
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,10 +16,11 @@ from .evaluate import eval_data, guard
 from .geometry import check_input_size
 from .infer import RunConfig, Runner, Source, open_runner, open_source
 from .infer.backends.openvino import precisions as ov_precisions
+from .infer.peers import MODES, Files, best_peer
 from .infer.backends.torch import compile_pays
 from .infer.calibrate import calibration_set
-from .infer.export import export
 from .infer.runner import installed
+from .infer.timing import SETTLE_S, interleaved
 from .runtime import allocator_state, decide_channels_last, decide_precision, hardware
 from .runtime.compiling import can_compile
 from .train.config import TrainConfig
@@ -33,13 +31,7 @@ from .zoo import create_model
 
 __all__ = ["bench", "check", "hardware", "training_step"]
 
-
-def _time(fn: Callable[[], Any], cuda: bool) -> float:
-    t = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
+PEER_ROUNDS = 5  # timed calls of each peer configuration while searching
 
 
 def training_step(m: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
@@ -54,37 +46,45 @@ def training_step(m: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
     return run
 
 
-def _engines(model: torch.nn.Module, image_size: int, notes: list[str],
-             shape: tuple[int, ...] | None = None) -> dict[str, tuple[str, Runner]]:
-    """{name: (precision, runner)} for ONNX Runtime and OpenVINO (each precision its CPU
-    plugin offers) on one exported file. shape fixes OpenVINO's input shape (None: dynamic
-    batch). Absent engines are skipped with a note."""
-    work = Path(tempfile.mkdtemp())
-    try:
-        export(model, work / "model.onnx", "onnx", image_size, dynamic_size=False)
-        exported = open_source(work / "model.onnx")
-    except ImportError as e:
-        notes.append(f"ONNX export needs pip install 'resnetkit[export]' ({e}): "
-                     "ONNX Runtime and OpenVINO skipped")
-        return {}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def _peers(model: torch.nn.Module, shape: tuple[int, ...], batches: list[torch.Tensor] | None,
+           notes: list[str], mode: str = "search", static: bool = True,
+           rounds: int = PEER_ROUNDS) -> tuple[dict[str, tuple[str, Runner]], dict[str, Any]]:
+    """ONNX Runtime and OpenVINO at each precision they offer here (int8 where `batches`, its
+    calibration images, are given), each in its fastest configuration for inputs of `shape`
+    (mode "search", see infer.peers) or in its defaults on a `static` (else dynamic-batch)
+    file (mode "defaults"). Returns ({name: (precision, runner)}, {name: {"config",
+    "tried"}}). Engines that are not installed, or fail in every configuration, are left
+    out with a note."""
+    wanted = [("onnxruntime", "fp32"), *(("openvino", p) for p in ov_precisions())]
+    if batches is not None:
+        wanted += [("onnxruntime", "int8"), ("openvino", "int8")]
+    for engine in ("onnxruntime", "openvino"):
+        why = installed(engine, "fp32")
+        if why:
+            notes.append(f"{why}: {engine} skipped")
+            wanted = [w for w in wanted if w[0] != engine]
     runners: dict[str, tuple[str, Runner]] = {}
+    table: dict[str, Any] = {}
+    files = Files(model, shape)
     try:
-        runners["onnxruntime_fp32"] = ("fp32", open_runner(exported, RunConfig(
-            engine="onnxruntime", precision="fp32")))
-    except UserError as e:
-        notes.append(f"{e}: skipped")
-    precs = ov_precisions()
-    if not precs:
-        notes.append("openvino not installed: skipped (pip install 'resnetkit[openvino]')")
-    for p in precs:
-        try:
-            runners[f"openvino_{p}"] = (p, open_runner(exported, RunConfig(
-                engine="openvino", precision=p, shape=shape, static=shape is not None)))
-        except Exception as e:  # OpenVINO's own exception types
-            _peer_failed(f"openvino_{p}", e, notes)
-    return runners
+        for engine, prec in wanted:
+            why = installed(engine, prec)
+            if why:
+                notes.append(f"{why}: {engine}_{prec} skipped")
+                continue
+            try:
+                peer = best_peer(engine, prec, files, batches, mode=mode, rounds=rounds,
+                                 static=static)
+            except UserError:
+                raise
+            except Exception as e:  # every configuration failed: the engine's own error
+                _peer_failed(f"{engine}_{prec}", e, notes)
+                continue
+            runners[peer.config.name] = (prec, Runner(engine, prec, peer.run))
+            table[peer.config.name] = {"config": peer.config.describe(), "tried": peer.tried}
+    finally:
+        files.close()
+    return runners, table
 
 
 def _working(paths: dict[str, tuple[str, Callable]], probe: Any, notes: list[str]
@@ -114,47 +114,29 @@ def _peer_failed(name: str, e: Exception, notes: list[str]) -> None:
                  f"({(lines[-1] if lines else type(e).__name__)[:200]})")
 
 
-def _int8_paths(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
-                shape: tuple[int, ...] | None = None, onnx: bool = True,
-                compiled: bool = True, source: Any = "the model"
-                ) -> dict[str, tuple[str, Runner]]:
-    """{name: ("int8", runner)}: resnetkit's PT2E int8 model (compiled with frozen weights
-    where the torch engine compiles), and where installed ONNX Runtime on its QDQ export and
-    OpenVINO on NNCF's quantization, all calibrated on `batches`. Engines that are not
-    installed are skipped with a note. A model whose outputs on the calibration images are
-    not finite is a UserError naming `source`."""
-    paths: dict[str, tuple[str, Runner]] = {}
+def _int8_path(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
+               compiled: bool = True, source: Any = "the model") -> dict[str, tuple[str, Runner]]:
+    """{"resnetkit_int8": ("int8", runner)}: resnetkit's PT2E int8 model calibrated on
+    `batches` (compiled with frozen weights where the torch engine compiles); empty, with a
+    note, where torchao is not installed. A model whose outputs on the calibration images
+    are not finite is a UserError naming `source`."""
     why = installed("torch", "int8")
     if why:
         notes.append(f"{why}: int8 paths skipped")
-        return paths
-    src = Source.of_model(base, name=source)
-    paths["resnetkit_int8"] = ("int8", open_runner(src, RunConfig(
-        engine="torch", precision="int8", calibration=batches, compile=compiled)))
-    for engine in ("onnxruntime", "openvino") if onnx else ():
-        why = installed(engine, "int8")
-        if why:
-            notes.append(f"{why}: {engine}_int8 skipped")
-            continue
-        try:
-            paths[f"{engine}_int8"] = ("int8", open_runner(src, RunConfig(
-                engine=engine, precision="int8", calibration=batches, shape=shape,
-                static=shape is not None)))
-        except UserError:
-            raise
-        except Exception as e:  # the engine's (or its quantizer's) own exception types
-            _peer_failed(f"{engine}_int8", e, notes)
-    return paths
+        return {}
+    return {"resnetkit_int8": ("int8", open_runner(Source.of_model(base, name=source), RunConfig(
+        engine="torch", precision="int8", calibration=batches, compile=compiled)))}
 
 
-def _runners(src: Source, image_size: int, probe: torch.Tensor, compiled: bool, onnx: bool,
-             batches: list[torch.Tensor] | None, notes: list[str],
-             shape: tuple[int, ...] | None = None) -> dict[str, tuple[str, Runner]]:
+def _runners(src: Source, probe: torch.Tensor, compiled: bool, onnx: bool,
+             batches: list[torch.Tensor] | None, notes: list[str], peers: dict[str, Any],
+             static: bool = True, mode: str = "search") -> dict[str, tuple[str, Runner]]:
     """{name: (precision, runner)} of every inference path of `src`'s model, the eager fp32
-    model first: resnetkit's torch engine (eager, and compiled when `compiled`), ONNX
-    Runtime and OpenVINO (`onnx`; input fixed to `shape` where given) and the int8 paths
-    calibrated on `batches` (None: none). The peer engines are those that run on `probe`
-    (see _working); ONNX Runtime, OpenVINO and int8 run on the CPU only."""
+    model first: resnetkit's torch engine (eager, and compiled when `compiled`), its int8
+    path calibrated on `batches` (None: no int8), and where `onnx` the peer engines (see
+    _peers: inputs of probe's shape, configurations searched or defaults by `mode`, their
+    table put in `peers`) that run on `probe` (see _working). ONNX Runtime, OpenVINO and
+    int8 run on the CPU only."""
     fast = open_runner(src, RunConfig(engine="torch", compile=False))
     out = {"baseline_fp32_nchw": ("fp32", open_runner(src, RunConfig(reference=True))),
            "resnetkit_infer": (fast.precision, fast)}
@@ -162,32 +144,35 @@ def _runners(src: Source, image_size: int, probe: torch.Tensor, compiled: bool, 
         out["resnetkit_infer_compiled"] = (fast.precision, open_runner(
             src, RunConfig(engine="torch", compile=True)))
     cpu = next(src.model.parameters()).device.type == "cpu"
-    if onnx and cpu:
-        out.update(_working(_engines(src.model, image_size, notes, shape), probe, notes))
-    elif onnx:
-        notes.append("ONNX Runtime and OpenVINO are timed on the CPU only (use --device cpu)")
     if batches is not None and cpu:
-        out.update(_working(_int8_paths(src.model, batches, notes, shape, onnx, compiled,
-                                        src.name), probe, notes))
+        out.update(_int8_path(src.model, batches, notes, compiled, src.name))
     elif batches is not None:
         notes.append("int8 is timed on the CPU only (use --device cpu)")
+    if onnx and cpu:
+        runners, table = _peers(src.model, tuple(probe.shape), batches, notes, mode, static)
+        peers.update(table)
+        out.update(_working(runners, probe, notes))
+    elif onnx:
+        notes.append("ONNX Runtime and OpenVINO are timed on the CPU only (use --device cpu)")
     return out
 
 
 def _paths(model: str, x: torch.Tensor, y: torch.Tensor, image_size: int, train: bool,
            onnx: bool, compile: bool, notes: list[str], int8: bool = True,
-           steps: dict[str, TrainStep] | None = None, **build: Any
+           steps: dict[str, TrainStep] | None = None, peers: dict[str, Any] | None = None,
+           peer_search: str = "search", **build: Any
            ) -> tuple[dict[str, Callable[[], Any]], dict[str, str], bool]:
     """Every timed path ({name: run}), its precision, and whether the torch engine compiles
-    by default here. `build` holds create_model's in_chans and num_classes."""
+    by default here; the peer engines' configurations go into `peers` (see _runners).
+    `build` holds create_model's in_chans and num_classes."""
     dev = x.device
     base = create_model(model, **build).to(dev).eval()
     auto_compiles = compile_pays(dev)
     # random weights, so random calibration images: the speed does not depend on them
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(x.shape, generator=gen) for _ in range(2)] if int8 else None
-    runners = _runners(Source.of_model(base), image_size, x, compile or auto_compiles, onnx,
-                       batches, notes, tuple(x.shape))
+    runners = _runners(Source.of_model(base), x, compile or auto_compiles, onnx, batches,
+                       notes, {} if peers is None else peers, mode=peer_search)
 
     def infer(run):
         def timed():
@@ -274,7 +259,8 @@ def _train_targets(results: dict[str, dict[str, Any]], hw: dict[str, Any]) -> di
 def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
           rounds: int = 7, warmup: int = 2, in_chans: int = 3, num_classes: int = 1000,
           train: bool = True, onnx: bool = True, compile: bool = False,
-          device: str = "auto", int8: bool = True) -> dict[str, Any]:
+          device: str = "auto", int8: bool = True, peer_search: str = "search"
+          ) -> dict[str, Any]:
     """Median images/s and ms per batch of each path, their spread, speed-ups against the
     eager fp32 NCHW baseline (ratio of medians, and the median of the per-round ratios) and
     achieved FLOP/s as a fraction of peak. device: "auto" (CUDA when there is one), "cpu" or
@@ -282,7 +268,12 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     int8: also time the int8 paths (CPU only; calibrated on random images, as the weights
     are random). An int8 path's "gflops" counts int8 operations, its fraction is of the
     int8 peak. The peak's clock is measured where the OS does not report it (see
-    runtime.hardware)."""
+    runtime.hardware). peer_search: "search" times each peer engine's configurations first
+    and keeps the fastest, "defaults" takes their defaults (see infer.peers); "peers" in
+    the result names each one's configuration and, when searched, the table of what was
+    tried. Every timed call waits SETTLE_S first (see infer.timing)."""
+    if peer_search not in MODES:
+        raise UserError(f"peer_search must be one of {', '.join(MODES)}, got {peer_search!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not str(device).split(":")[0] in ("cpu", "cuda"):
@@ -310,15 +301,11 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     y = torch.randint(0, num_classes, (batch,), device=dev)
     notes: list[str] = []
     steps: dict[str, TrainStep] = {}
+    peers: dict[str, Any] = {}
     paths, precision, auto_compiles = _paths(model, x, y, image_size, train, onnx, compile,
-                                             notes, int8, steps, **build)
-    for fn in paths.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds):
-        for k, fn in paths.items():
-            times[k].append(_time(fn, dev.type == "cuda"))
+                                             notes, int8, steps, peers, peer_search, **build)
+    times = interleaved(paths, rounds, warmup, sync=torch.cuda.synchronize
+                        if dev.type == "cuda" else None)
     hw = hardware(dev, measure=True)
     results = _summarise(times, precision, batch, macs, hw)
     compiled = steps.get("train_resnetkit_compiled")
@@ -326,7 +313,8 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
              "train_targets": _train_targets(results, hw)} if steps else {}
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw,
-            "results": results, **extra,
+            "results": results, **extra, "peers": peers, "peer_search": peer_search,
+            "settle_s": SETTLE_S,
             "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
             "allocator": allocator_state(),
             "notes": notes, "pid": os.getpid()}
@@ -359,8 +347,9 @@ def check(checkpoint: str | Path, dataset: str = "fashion-mnist", data_dir: str 
         notes.append(f"int8 calibrated on {calibration_images} images of the {dataset} "
                      f"training split")
     probe = torch.zeros(2, cfg.in_chans, size, size)
-    paths = _runners(src, size, probe, compile or compile_pays(torch.device("cpu")), onnx,
-                     batches, notes)
+    peers: dict[str, Any] = {}
+    paths = _runners(src, probe, compile or compile_pays(torch.device("cpu")), onnx, batches,
+                     notes, peers, static=False, mode="defaults")
     r = guard(checkpoint, cfg, dataset, "test", data, paths, pre, batch, left_out)
-    r["notes"] = notes
+    r["notes"], r["peers"] = notes, peers
     return r

@@ -192,7 +192,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return _show(a, bench(a.model, a.batch, a.image_size, a.threads, a.rounds,
                           in_chans=a.in_chans, num_classes=a.num_classes, train=not a.no_train,
                           onnx=not a.no_onnx, compile=a.compile, device=a.device,
-                          int8=not a.no_int8), render.bench)
+                          int8=not a.no_int8, peer_search=a.peer_search), render.bench)
 
 
 @command(runs_networks=True)

@@ -115,6 +115,10 @@ def _runtime_args(sub) -> None:
                    help="also time torch.compile of the fast path (always timed where "
                         "optimize() compiles by default: CUDA, or a CPU with a C++ compiler)")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda[:N]")
+    s.add_argument("--peer-search", default="search", choices=["search", "defaults"],
+                   help="search: time each peer engine's configurations first (ONNX exporter, "
+                        "static or dynamic batch, engine and quantizer options) and race the "
+                        "fastest (default); defaults: their default configuration, untimed")
     s.add_argument("--check", metavar="CHECKPOINT", default=None,
                    help="instead of timing: compare every fast path's logits with fp32 on a "
                         "real test set for this trained checkpoint or run folder")

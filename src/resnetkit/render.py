@@ -183,6 +183,9 @@ def bench(r: dict[str, Any]) -> None:
     if hw.get("peak_source"):
         c.print(f"peak: {hw.get('peak_fp32_gflops') or 0:.0f} GFLOP/s fp32 at "
                 f"{hw.get('ghz') or 0:.2f} GHz ({hw['peak_source']})")
+    for name, p in r.get("peers", {}).items():
+        tried = f", fastest of {len(p['tried'])} timed" if p["tried"] else ""
+        c.print(f"{name}: " + " ".join(f"{k}={v}" for k, v in p["config"].items()) + tried)
     for n in r["notes"]:
         c.print(n)
 

@@ -2,10 +2,10 @@
 precision, timed once and remembered in a cache file per CPU model."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +14,7 @@ import torch
 
 from ..model import ResNet
 from ..runtime import cpu_info
+from .timing import interleaved, per_second
 
 ROUNDS = 5
 WARMUP = 3
@@ -60,18 +61,10 @@ def measure(candidates: dict[str, Callable[[torch.Tensor], Any]], shape: tuple[i
             rounds: int = ROUNDS) -> dict[str, float]:
     """img/s of each engine on a random batch: WARMUP calls each (the first compiles; the
     next few still run slower while caches and allocators settle), then `rounds`
-    interleaved rounds; medians."""
+    interleaved rounds (see timing.interleaved); medians."""
     x = torch.randn(shape)
-    times: dict[str, list[float]] = {k: [] for k in candidates}
-    for e in candidates.values():
-        for _ in range(WARMUP):
-            e(x)
-    for _ in range(rounds):
-        for k, e in candidates.items():
-            t = time.perf_counter()
-            e(x)
-            times[k].append(time.perf_counter() - t)
-    return {k: shape[0] / statistics.median(v) for k, v in times.items()}
+    calls = {k: functools.partial(e, x) for k, e in candidates.items()}
+    return per_second(interleaved(calls, rounds, WARMUP), shape[0])
 
 
 def fastest(key: str, engines: list[str], build: Callable[[str], Any],

@@ -22,6 +22,8 @@ from .source import open_source
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 FORMATS = tuple(SUFFIX)
+# ONNX exporters: torch.export's (the default), or the TorchScript tracer it replaced
+EXPORTERS = ("dynamo", "torchscript")
 
 
 MIN_OPSET = 18  # the lowest the torch.export-based ONNX exporter writes (torch 2.13)
@@ -39,14 +41,21 @@ def check_opset(opset: int | None) -> None:
 
 def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int = 224,
            fold: bool = True, meta: dict[str, Any] | None = None, dynamic_size: bool = True,
-           opset: int | None = None) -> Path:
+           opset: int | None = None, batch: int = 0, exporter: str = "dynamo") -> Path:
     """Write `model` (fp32, eval, BN folded unless fold=False) to `path` in `fmt`, traced at
     `image_size`. dynamic_size: the file takes any height and width (ONNX, ExportedProgram;
     a TorchScript file is scripted and takes any size either way); otherwise only
-    image_size. opset: the ONNX opset (default: the exporter's). For ONNX, `meta` (classes,
-    preprocess) is stored in the file's metadata_props, so `predict` can use the file alone."""
+    image_size. batch: 0 for any batch size, else the file takes only that many images
+    (ONNX). opset: the ONNX opset (default: the exporter's). exporter: for ONNX, "dynamo"
+    (torch.export's) or "torchscript" (the tracing exporter before it). For ONNX, `meta`
+    (classes, preprocess) is stored in the file's metadata_props, so `predict` can use the
+    file alone."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if batch and (fmt != "onnx" or dynamic_size):
+        raise UserError("a fixed batch size is for ONNX files of a fixed image size")
     if opset is not None and fmt != "onnx":
         raise UserError(f"--opset applies to ONNX files, not to {fmt}")
     check_opset(opset)
@@ -61,11 +70,12 @@ def export(model: ResNet, path: str | Path, fmt: str = "onnx", image_size: int =
     m = copy.deepcopy(model).eval()
     if fold:
         fold_model(m)
-    x = torch.randn(2, m.cfg.in_chans, image_size, image_size)
+    x = torch.randn(batch or 2, m.cfg.in_chans, image_size, image_size)
     # a failed write (full or read-only disk) leaves no truncated file, and an existing
     # file stays as it was
     try:
-        atomic_write(path, lambda tmp: _write(m, x, fmt, tmp, meta, dynamic_size, opset))
+        atomic_write(path, lambda tmp: _write(m, x, fmt, tmp, meta, dynamic_size, opset,
+                                              batch == 0, exporter))
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not isinstance(e.__cause__, OSError) \
                 and "write" not in str(e).lower():
@@ -87,21 +97,30 @@ def _name_dims(proto, names: dict[int, str]) -> None:
 
 
 def _write(m: ResNet, x: torch.Tensor, fmt: str, path: str, meta: dict[str, Any] | None,
-           dynamic_size: bool, opset: int | None) -> None:
+           dynamic_size: bool, opset: int | None, dynamic_batch: bool = True,
+           exporter: str = "dynamo") -> None:
     # Dim.DYNAMIC: the exporter refines the range itself (an intermediate map of size 1
     # broadcasts differently, so sizes are guarded, not fixed)
     dyn = torch.export.Dim.DYNAMIC
-    shapes = {"x": {0: dyn, 2: dyn, 3: dyn} if dynamic_size else {0: dyn}}
+    dims = ({0: dyn} if dynamic_batch else {}) | ({2: dyn, 3: dyn} if dynamic_size else {})
+    shapes = {"x": dims}
     if fmt == "onnx":
         import onnx
-        prog = torch.onnx.export(m, (x,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                                 input_names=["input"], output_names=["logits"], verbose=False)
-        prog.save(path)
+        if exporter == "torchscript":
+            names = {0: "batch", 2: "height", 3: "width"}
+            torch.onnx.export(m, (x,), path, dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {i: names[i] for i in dims}} if dims else None)
+        else:
+            prog = torch.onnx.export(m, (x,), dynamo=True, dynamic_shapes=shapes or None,
+                                     opset_version=opset, input_names=["input"],
+                                     output_names=["logits"], verbose=False)
+            prog.save(path)
         proto = onnx.load(path)
         written = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         if opset is not None and written != opset:
             raise UserError(f"the exporter wrote opset {written}, not the {opset} asked for")
-        _name_dims(proto, {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"})
+        _name_dims(proto, {i: {0: "batch", 2: "height", 3: "width"}[i] for i in dims})
         for k, v in (meta or {}).items():
             proto.metadata_props.add(key=k, value=json.dumps(v))
         onnx.save(proto, path)

@@ -54,20 +54,28 @@ def read(model: str | Path | bytes, source: Any = None):
         raise UserError(f"cannot load {shown(source or model)} in OpenVINO ({e})") from None
 
 
+HINTS = ("LATENCY", "THROUGHPUT")
+PRESETS = ("performance", "mixed")
+
+
 def compiled(model, precision: str = "fp32", threads: int = 0,
-             shape: tuple[int, ...] | None = None) -> Callable[[np.ndarray], np.ndarray]:
+             shape: tuple[int, ...] | None = None,
+             hint: str = "LATENCY") -> Callable[[np.ndarray], np.ndarray]:
     """`model` (an openvino.Model, left as it is) compiled for the CPU, as a function of a
     float NCHW array. precision is the plugin's inference precision ("fp32" or "bf16");
     shape fixes the input shape (static shapes let the plugin plan its memory; None keeps
-    the model's own, a dynamic batch). The function's output is OpenVINO's own buffer,
-    reused by the next call."""
+    the model's own, a dynamic batch); hint: the plugin's PERFORMANCE_HINT (one of HINTS).
+    The function's output is OpenVINO's own buffer, reused by the next call."""
     if precision not in ("fp32", "bf16"):
         raise UserError(f"OpenVINO precision must be fp32 or bf16, got {precision!r}")
+    if hint not in HINTS:
+        raise UserError(f"OpenVINO's performance hint is one of {', '.join(HINTS)}, got "
+                        f"{hint!r}")
     if shape is not None:
         model = model.clone()
         model.reshape(list(shape))
     config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
-              "PERFORMANCE_HINT": "LATENCY"}
+              "PERFORMANCE_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     request = core().compile_model(model, "CPU", config).create_infer_request()
@@ -78,20 +86,43 @@ def compiled(model, precision: str = "fp32", threads: int = 0,
     return run
 
 
-def nncf_quantize(model, batches: list[torch.Tensor]):
+def nncf_quantize(model, batches: list[torch.Tensor], preset: str = "performance",
+                  subset_size: int = 0, fast_bias_correction: bool = True):
     """`model` (an fp32 openvino.Model) quantized by NNCF's post-training quantization
-    (per-channel weights, per-tensor activations, its fast bias correction) on the
-    calibration batches. Returns an openvino.Model."""
+    (per-channel weights, per-tensor activations) on the calibration batches. preset:
+    NNCF's "performance" (symmetric activations) or "mixed" (asymmetric activations);
+    subset_size: how many of the batches it reads (0: all); fast_bias_correction: NNCF's
+    quick bias correction, else its full one. Returns an openvino.Model."""
+    if preset not in PRESETS:
+        raise UserError(f"NNCF's preset is one of {', '.join(PRESETS)}, got {preset!r}")
     try:
         import nncf
     except ImportError:
         raise UserError("int8 with OpenVINO needs openvino and nncf: pip install "
                         "'resnetkit[openvino,int8]'") from None
     data = nncf.Dataset([b.numpy() for b in batches])
-    # NNCF draws progress bars on stdout, which --json keeps for the result
-    with contextlib.redirect_stdout(sys.stderr):
-        return nncf.quantize(model, data, subset_size=len(batches),  # items: batches
-                             preset=nncf.QuantizationPreset.PERFORMANCE)
+    # NNCF draws progress bars and logs on stdout, which --json keeps for the result
+    with contextlib.redirect_stdout(sys.stderr), nncf_to_stderr():
+        return nncf.quantize(model, data, subset_size=subset_size or len(batches),  # batches
+                             preset=nncf.QuantizationPreset(preset),
+                             fast_bias_correction=fast_bias_correction)
+
+
+@contextlib.contextmanager
+def nncf_to_stderr():
+    """NNCF's log handlers (bound to stdout when it was imported) write to stderr meanwhile."""
+    import logging
+
+    from nncf.common.logging.logger import nncf_logger
+    moved = [h for h in nncf_logger.handlers
+             if isinstance(h, logging.StreamHandler) and h.stream is sys.__stdout__]
+    for h in moved:
+        h.setStream(sys.stderr)
+    try:
+        yield
+    finally:
+        for h in moved:
+            h.setStream(sys.__stdout__)
 
 
 def save(model, path: str | Path) -> None:
