@@ -224,3 +224,27 @@ def test_check_refuses_weights_whose_outputs_overflow(tmp_path, capsys, own_rng)
     err = capsys.readouterr().err
     assert "huge.safetensors produced NaN or infinite outputs on calibration image 0" in err
     assert err.count("\n") == 1
+
+
+def test_inference_targets_pair_resnetkit_with_the_fastest_peer_of_its_precision():
+    from resnetkit.bench import _inference_targets
+
+    def row(prec, ms, frac=0.5):
+        return {"precision": prec, "round_ms": ms, "img_s": 1e3 / ms[0],
+                "fraction_of_peak": frac}
+    res = {"resnetkit_infer": row("bf16", [10, 10, 10]),
+           "resnetkit_infer_compiled": row("bf16", [8, 9, 10], 0.95),
+           "openvino_bf16": row("bf16", [9, 9, 9]), "openvino_fp32": row("fp32", [1, 1, 1]),
+           "resnetkit_int8": row("int8", [4, 4, 4]), "openvino_int8": row("int8", [5, 5, 5]),
+           "onnxruntime_int8": row("int8", [2, 8, 8])}  # faster by its median only
+    t = _inference_targets(res, {"peak_int8_gops": 1.0, "amx_bf16": False})
+    d = t["default"]
+    assert (d["path"], d["best_peer"]) == ("resnetkit_infer_compiled", "openvino_bf16")
+    assert d["ratio_paired"] == pytest.approx(1.0) and d["ratio_met"]  # 9/8, 9/9, 9/10
+    assert d["fraction_of_peak_met"] and d["fraction_of_peak_target"] == 0.9
+    i = t["int8"]
+    assert i["best_peer"] == "onnxruntime_int8" and i["ratio_paired"] == 2.0
+    assert not i["fraction_of_peak_met"]
+    t = _inference_targets({"resnetkit_infer": row("fp32", [1])}, {"amx_bf16": True})
+    assert t["default"]["best_peer"] is None and t["default"]["ratio_met"] is None
+    assert t["default"]["fraction_of_peak_target"] is None and "int8" not in t

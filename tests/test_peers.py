@@ -148,3 +148,27 @@ def test_onnxruntimes_own_int8_follows_the_model(fmt, files, model):
         want = model(x).numpy()
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95
     assert not np.array_equal(got, want)  # it is quantized
+
+
+def test_interleaved_pauses_before_every_timed_call(monkeypatch):
+    from resnetkit.infer import timing
+    monkeypatch.setattr(timing, "SETTLE_S", 0.25)
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append(("sleep", s)))
+    calls = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    t = timing.interleaved(calls, rounds=2, warmup=1)
+    assert events == ["a", "b"] + [("sleep", 0.25), "a", ("sleep", 0.25), "b"] * 2
+    assert {k: len(v) for k, v in t.items()} == {"a": 2, "b": 2}
+    assert timing.per_second({"a": [0.5, 1.0, 2.0]}, 4) == {"a": 4.0}
+    events.clear()
+    timing.interleaved(calls, rounds=1, warmup=0, settle=0)
+    assert events == ["a", "b"]
+
+
+def test_onnxruntime_sessions_stop_spinning_after_a_run(files):
+    from resnetkit.infer.backends.onnxruntime import session
+    s = session(files.onnx("dynamo", "static"), 2, level="basic")
+    cfg = s.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    assert cfg == "1"
+    with pytest.raises(UserError, match="optimisation level is one of"):
+        session(files.onnx("dynamo", "static"), level="max")

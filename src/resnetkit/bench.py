@@ -256,6 +256,35 @@ def _train_targets(results: dict[str, dict[str, Any]], hw: dict[str, Any]) -> di
             else r["fraction_of_peak"] >= peak}
 
 
+def _inference_targets(results: dict[str, dict[str, Any]], hw: dict[str, Any]
+                       ) -> dict[str, Any]:
+    """resnetkit's default inference path (compiled where timed) and its int8 path against
+    the fastest peer engine at the same precision: the median of the per-round ratios
+    (target >= 1.0), and the fraction of the peak at that precision (target >= 0.9 on CPUs
+    without AMX; AMX's tile peak is reported, with no target, as for training)."""
+    default = "resnetkit_infer_compiled" if "resnetkit_infer_compiled" in results \
+        else "resnetkit_infer"
+    out = {}
+    for kind, ours in (("default", default), ("int8", "resnetkit_int8")):
+        if ours not in results:
+            continue
+        prec = results[ours]["precision"]
+        peers = [k for k, r in results.items() if r["precision"] == prec
+                 and k.split("_")[0] in ("onnxruntime", "openvino")]
+        best = max(peers, key=lambda k: results[k]["img_s"], default=None)
+        ratio = None if best is None else statistics.median(
+            b / a for a, b in zip(results[ours]["round_ms"], results[best]["round_ms"]))
+        frac = results[ours]["fraction_of_peak"]
+        peak_target = 0.9 if "peak_int8_gops" in hw and not hw.get("amx_bf16") else None
+        out[kind] = {"path": ours, "precision": prec, "best_peer": best,
+                     "ratio_paired": ratio, "ratio_target": 1.0,
+                     "ratio_met": None if ratio is None else ratio >= 1.0,
+                     "fraction_of_peak": frac, "fraction_of_peak_target": peak_target,
+                     "fraction_of_peak_met": None if peak_target is None or frac is None
+                     else frac >= peak_target}
+    return out
+
+
 def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threads: int = 0,
           rounds: int = 7, warmup: int = 2, in_chans: int = 3, num_classes: int = 1000,
           train: bool = True, onnx: bool = True, compile: bool = False,
@@ -313,7 +342,8 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
              "train_targets": _train_targets(results, hw)} if steps else {}
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw,
-            "results": results, **extra, "peers": peers, "peer_search": peer_search,
+            "results": results, **extra,
+            "inference_targets": _inference_targets(results, hw), "peers": peers, "peer_search": peer_search,
             "settle_s": SETTLE_S,
             "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
             "allocator": allocator_state(),

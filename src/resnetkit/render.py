@@ -183,6 +183,10 @@ def bench(r: dict[str, Any]) -> None:
     if hw.get("peak_source"):
         c.print(f"peak: {hw.get('peak_fp32_gflops') or 0:.0f} GFLOP/s fp32 at "
                 f"{hw.get('ghz') or 0:.2f} GHz ({hw['peak_source']})")
+    for kind, t in r.get("inference_targets", {}).items():
+        if t["best_peer"]:
+            c.print(f"{t['path']} / {t['best_peer']} (the fastest {t['precision']} peer): "
+                    f"{t['ratio_paired']:.2f}x paired (target 1.0x)")
     for name, p in r.get("peers", {}).items():
         tried = f", fastest of {len(p['tried'])} timed" if p["tried"] else ""
         c.print(f"{name}: " + " ".join(f"{k}={v}" for k, v in p["config"].items()) + tried)

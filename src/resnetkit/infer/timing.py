@@ -15,11 +15,12 @@ SETTLE_S = 0.1
 
 
 def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-                settle: float = SETTLE_S, sync: Callable[[], None] | None = None
+                settle: float | None = None, sync: Callable[[], None] | None = None
                 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate over `rounds` interleaved rounds, after `warmup`
-    untimed calls each; `settle` seconds of sleep before every timed call; `sync` (e.g.
-    torch.cuda.synchronize) is called before the clock stops."""
+    untimed calls each; `settle` seconds of sleep before every timed call (None:
+    SETTLE_S); `sync` (e.g. torch.cuda.synchronize) is called before the clock stops."""
+    settle = SETTLE_S if settle is None else settle
     for fn in candidates.values():
         for _ in range(warmup):
             fn()

@@ -1,0 +1,165 @@
+"""Which convolutions hold a path back: resnetkit's compiled torch path (oneDNN's own timing of
+every primitive it runs, ONEDNN_VERBOSE) beside OpenVINO's (its per-node performance counters)
+on the same model, precision and batch. Convolutions are grouped by kind (the stem, 1x1,
+3x3); each group's time per batch, GFLOP/s and fraction of the measured peak at that
+precision, and the time outside convolutions. Prints JSON.
+
+    python benchmarks/profile_convs.py [--model resnet50] [--batch 16] [--image-size 224]
+                                       [--precision int8|bf16|fp32] [--iters 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+import resnetkit as rk
+from resnetkit.infer import RunConfig, Source, open_runner
+from resnetkit.infer.backends import openvino as ov_backend
+from resnetkit.infer.peers import Files, best_peer
+from resnetkit.runtime import hardware
+
+WARMUP = 5  # the first calls compile, and the next few still run slow
+PEAK_KEY = {"fp32": "peak_fp32_gflops", "bf16": "peak_bf16_gflops", "int8": "peak_int8_gops"}
+SHAPE = re.compile(r"mb(\d+)(?:_g\d+)?_ic(\d+)oc(\d+)_ih\d+oh(\d+)kh(\d+)\S*?_iw\d+ow(\d+)kw(\d+)")
+
+
+def kind(ic: int, kh: int, kw: int) -> str:
+    return "stem" if ic <= 4 else "1x1" if kh == kw == 1 else f"{kh}x{kw}"
+
+
+def torch_side(runner, x: torch.Tensor, iters: int) -> tuple[float, dict, dict]:
+    """(median ms per batch, {kind: ms per batch}, {kind: MACs per batch}) of the runner."""
+    with torch.inference_mode():
+        for _ in range(WARMUP):
+            runner(x)
+        ts = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            runner(x)
+            ts.append(time.perf_counter() - t)
+    ms, macs = defaultdict(float), defaultdict(float)
+    import io
+    import os
+    # oneDNN writes its verbose lines to the process's stdout (fd 1): caught in a pipe file
+    r, w = os.pipe()
+    saved = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(w, 1)
+    try:
+        with torch.inference_mode(), torch.backends.mkldnn.verbose(
+                torch.backends.mkldnn.VERBOSE_ON):
+            runner(x)
+            runner(x)
+        sys.stdout.flush()
+    finally:
+        os.dup2(saved, 1)
+        os.close(w)
+    text = io.open(r, encoding="utf-8", errors="replace").read()
+    for line in text.splitlines():
+        f = line.split(",")
+        if len(f) < 10 or f[2] != "primitive" or f[3] != "exec" or f[5] != "convolution":
+            continue
+        m = SHAPE.search(line)
+        if not m:
+            continue
+        mb, ic, oc, oh, kh, ow, kw = map(int, m.groups())
+        k = kind(ic, kh, kw)
+        ms[k] += float(f[-1]) / 2
+        macs[k] += mb * ic * oc * oh * ow * kh * kw / 2
+    return statistics.median(ts) * 1e3, dict(ms), dict(macs)
+
+
+def openvino_side(run, request_of, x: np.ndarray, iters: int) -> tuple[float, dict]:
+    for _ in range(WARMUP):
+        run(x)
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        run(x)
+        ts.append(time.perf_counter() - t)
+    ms = defaultdict(float)
+    for p in request_of().profiling_info:
+        t = p.real_time.total_seconds() * 1e3
+        if p.node_type != "Convolution" or t <= 0:
+            continue
+        ms["stem" if p.exec_type.endswith("_i8") or p.exec_type.endswith("_f32_stem")
+           else "1x1" if "_1x1_" in p.exec_type else "other"] += t
+    return statistics.median(ts) * 1e3, dict(ms)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--precision", default="int8", choices=["int8", "bf16", "fp32"])
+    p.add_argument("--iters", type=int, default=11)
+    a = p.parse_args()
+    rk.tune_allocator()
+    torch.manual_seed(0)
+    model = rk.create_model(a.model, num_classes=a.num_classes).eval()
+    shape = (a.batch, 3, a.image_size, a.image_size)
+    x = torch.randn(shape)
+    cal = [torch.randn(shape) for _ in range(2)] if a.precision == "int8" else None
+    runner = open_runner(Source.of_model(model), RunConfig(
+        engine="torch", precision=a.precision, calibration=cal, compile=True))
+    total, ms, macs = torch_side(runner, x, a.iters)
+    peak = hardware(measure=True)[PEAK_KEY[a.precision]]
+
+    def rows(times):
+        return {k: {"ms": t, "gflops": 2 * macs.get(k, 0) / t / 1e6 if t else None,
+                    "fraction_of_peak": 2 * macs.get(k, 0) / t / 1e6 / peak if t else None}
+                for k, t in sorted(times.items())}
+    out = {"model": a.model, "batch": a.batch, "image_size": a.image_size,
+           "precision": a.precision, "peak_gflops": peak,
+           "resnetkit": {"ms_per_batch": total, "convolutions": rows(ms),
+                         "outside_convolutions_ms": total - sum(ms.values())}}
+    # OpenVINO in bench's default configuration, its counters on
+    original = ov_backend.compiled
+    holder = {}
+
+    def counted(graph, precision="fp32", threads=0, fixed=None, hint="LATENCY"):
+        if fixed is not None:
+            graph = graph.clone()
+            graph.reshape(list(fixed))
+        config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
+                  "PERFORMANCE_HINT": hint, "PERF_COUNT": True}
+        req = ov_backend.core().compile_model(graph, "CPU", config).create_infer_request()
+        holder["req"] = req
+
+        def run(arr):
+            req.infer({0: arr}, share_inputs=True)
+            return req.get_output_tensor(0).data
+        return run
+    ov_backend.compiled = counted
+    files = Files(model, shape)
+    try:
+        peer = best_peer("openvino", a.precision, files, cal, mode="defaults")
+    finally:
+        ov_backend.compiled = original
+        files.close()
+    total, ov_ms = openvino_side(peer.run, lambda: holder["req"], x.numpy(), a.iters)
+    # OpenVINO names 3x3 kernels and strided 1x1s alike; the 1x1 kernels' FLOPs are those
+    # of every 1x1 conv in torch's count
+    ov_rows = {}
+    for k, t in ov_ms.items():
+        flop = 2 * (macs.get(k, 0) if k != "other" else
+                    sum(v for kk, v in macs.items() if kk not in ("stem", "1x1")))
+        ov_rows[k] = {"ms": t, "gflops": flop / t / 1e6, "fraction_of_peak": flop / t / 1e6 / peak}
+    out["openvino"] = {"ms_per_batch": total, "config": peer.config.describe(),
+                       "convolutions": ov_rows,
+                       "outside_convolutions_ms": total - sum(ov_ms.values())}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
