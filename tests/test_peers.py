@@ -102,15 +102,11 @@ def test_rebatch_gives_whole_batches_of_the_files_size():
     assert [len(x) for x in rebatch(b, 16)] == [12]
 
 
-def test_exporters_and_fixed_batches(tmp_path, model):
-    for exporter in ("dynamo", "torchscript"):
-        path = export(model, tmp_path / f"{exporter}.onnx", "onnx", 16, dynamic_size=False,
-                      batch=4, exporter=exporter)
-        dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
-        assert [d.dim_value for d in dims] == [4, 3, 16, 16]
-        path = export(model, tmp_path / f"{exporter}-any.onnx", "onnx", 16, dynamic_size=False,
-                      exporter=exporter)
-        dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+def test_exporters_and_fixed_batches(tmp_path, model, files):
+    for exporter in ("dynamo", "torchscript"):  # the files the tests here share
+        dims = onnx.load(files.onnx(exporter, "static")).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_value for d in dims] == list(SHAPE)
+        dims = onnx.load(files.onnx(exporter, "dynamic")).graph.input[0].type.tensor_type.shape.dim
         assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 16, 16]
     with pytest.raises(UserError, match="unknown ONNX exporter"):
         export(model, tmp_path / "x.onnx", "onnx", 16, exporter="jit")
