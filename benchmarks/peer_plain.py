@@ -11,7 +11,6 @@ both img/s (medians), their ratio, bench's configuration and its search table.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 import resnetkit as rk
+from common import model_parser
 from resnetkit.infer.backends.openvino import nncf_to_stderr
 from resnetkit.infer.peers import Files, best_peer
 from resnetkit.infer.timing import interleaved
@@ -48,12 +48,7 @@ def plain(model: torch.nn.Module, shape: tuple[int, ...], precision: str,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--precision", default="int8", choices=["int8", "fp32", "bf16"])
+    p = model_parser(__doc__)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--calibration-batches", type=int, default=4)
     a = p.parse_args()

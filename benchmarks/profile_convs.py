@@ -9,26 +9,31 @@ precision, and the time outside convolutions. Prints JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
 import sys
-import time
 from collections import defaultdict
 
 import numpy as np
 import torch
 
 import resnetkit as rk
+from common import model_parser
 from resnetkit.infer import RunConfig, Source, open_runner
 from resnetkit.infer.backends import openvino as ov_backend
 from resnetkit.infer.peers import Files, best_peer
+from resnetkit.infer.timing import interleaved
 from resnetkit.runtime import hardware
 
 WARMUP = 5  # the first calls compile, and the next few still run slow
 PEAK_KEY = {"fp32": "peak_fp32_gflops", "bf16": "peak_bf16_gflops", "int8": "peak_int8_gops"}
 SHAPE = re.compile(r"mb(\d+)(?:_g\d+)?_ic(\d+)oc(\d+)_ih\d+oh(\d+)kh(\d+)\S*?_iw\d+ow(\d+)kw(\d+)")
+
+
+def median_ms(fn, iters: int) -> float:
+    """The median ms of `iters` calls of fn, after WARMUP calls."""
+    return statistics.median(interleaved({"fn": fn}, iters, WARMUP, settle=0)["fn"]) * 1e3
 
 
 def kind(ic: int, kh: int, kw: int) -> str:
@@ -38,13 +43,7 @@ def kind(ic: int, kh: int, kw: int) -> str:
 def torch_side(runner, x: torch.Tensor, iters: int) -> tuple[float, dict, dict]:
     """(median ms per batch, {kind: ms per batch}, {kind: MACs per batch}) of the runner."""
     with torch.inference_mode():
-        for _ in range(WARMUP):
-            runner(x)
-        ts = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            runner(x)
-            ts.append(time.perf_counter() - t)
+        total = median_ms(lambda: runner(x), iters)
     ms, macs = defaultdict(float), defaultdict(float)
     import io
     import os
@@ -74,17 +73,11 @@ def torch_side(runner, x: torch.Tensor, iters: int) -> tuple[float, dict, dict]:
         k = kind(ic, kh, kw)
         ms[k] += float(f[-1]) / 2
         macs[k] += mb * ic * oc * oh * ow * kh * kw / 2
-    return statistics.median(ts) * 1e3, dict(ms), dict(macs)
+    return total, dict(ms), dict(macs)
 
 
 def openvino_side(run, request_of, x: np.ndarray, iters: int) -> tuple[float, dict]:
-    for _ in range(WARMUP):
-        run(x)
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        run(x)
-        ts.append(time.perf_counter() - t)
+    total = median_ms(lambda: run(x), iters)
     ms = defaultdict(float)
     for p in request_of().profiling_info:
         t = p.real_time.total_seconds() * 1e3
@@ -92,16 +85,11 @@ def openvino_side(run, request_of, x: np.ndarray, iters: int) -> tuple[float, di
             continue
         ms["stem" if p.exec_type.endswith("_i8") or p.exec_type.endswith("_f32_stem")
            else "1x1" if "_1x1_" in p.exec_type else "other"] += t
-    return statistics.median(ts) * 1e3, dict(ms)
+    return total, dict(ms)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--precision", default="int8", choices=["int8", "bf16", "fp32"])
+    p = model_parser(__doc__)
     p.add_argument("--iters", type=int, default=11)
     a = p.parse_args()
     rk.tune_allocator()
