@@ -104,6 +104,27 @@ def test_pt2e_quantizes_every_conv_and_the_fc_per_channel():
     assert (ref - out).abs().max() < 0.1 * ref.abs().max()
 
 
+def test_option_a_shortcuts_read_the_next_convs_quantized_input():
+    # ResNet-20 (option A) has two subsampling shortcuts; ResNet-18-style projections none
+    m = small()
+    graph = quantize_graph(m, list(cal().split(32)))
+    q, dq = (torch.ops.quantized_decomposed.quantize_per_tensor.default,
+             torch.ops.quantized_decomposed.dequantize_per_tensor.default)
+    heads = [n for n in graph.graph.nodes if n.target is torch.ops.aten.slice.Tensor
+             and n.args[0].target is not n.target]
+    assert len(heads) == 2
+    for head in heads:
+        # slice <- dequantize <- one quantize, whose other dequantize feeds a conv
+        assert head.args[0].target is dq and head.args[0].args[0].target is q
+        users = [u for u in head.args[0].args[0].users if u is not head.args[0]]
+        assert users and all(u.target is dq for u in users)
+        assert any(str(c.target) == "aten.conv2d.default" for u in users for c in u.users)
+    from resnetkit.infer.quantize import share_into_shortcuts
+    b = rk.create_model("resnet20", num_classes=10, shortcut="B").eval()
+    g = torch.export.export(b, (cal(2),)).module()
+    assert share_into_shortcuts(g) == 0  # no slices, nothing to share
+
+
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime", "openvino"])
 def test_int8_on_every_engine_follows_fp32(engine):
     m = small()
