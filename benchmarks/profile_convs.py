@@ -33,7 +33,7 @@ SHAPE = re.compile(r"mb(\d+)(?:_g\d+)?_ic(\d+)oc(\d+)_ih\d+oh(\d+)kh(\d+)\S*?_iw
 
 def median_ms(fn, iters: int) -> float:
     """The median ms of `iters` calls of fn, after WARMUP calls."""
-    return statistics.median(interleaved({"fn": fn}, iters, WARMUP, settle=0)["fn"]) * 1e3
+    return statistics.median(interleaved({"fn": fn}, iters, WARMUP, lead_in=0)["fn"]) * 1e3
 
 
 def kind(ic: int, kh: int, kw: int) -> str:

@@ -89,10 +89,3 @@ def with_bn_stats(m, seed=0):
     return m.eval()
 
 
-
-@pytest.fixture(autouse=True)
-def _no_settling(monkeypatch):
-    """Timed comparisons (bench, engine "auto") pause before each call so that one engine's
-    spinning threads do not slow the next (infer.timing.SETTLE_S); the tests time nothing
-    that matters, so they do not wait. test_peers checks the pause itself."""
-    monkeypatch.setattr("resnetkit.infer.timing.SETTLE_S", 0.0)

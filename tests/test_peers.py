@@ -40,7 +40,7 @@ def fake_speeds(monkeypatch, speed, fail=()):
             raise RuntimeError("Exception from the plugin:\n[CPU] cannot build it")
         return lambda x: np.zeros((len(x), 10), np.float32)
 
-    def interleaved(calls, rounds, warmup=1, settle=0):
+    def interleaved(calls, rounds, warmup=1, lead_in=None):
         return {label: label for label in calls}  # the label, for per_second below
 
     by_label = {}
@@ -146,19 +146,19 @@ def test_onnxruntimes_own_int8_follows_the_model(fmt, files, model):
     assert not np.array_equal(got, want)  # it is quantized
 
 
-def test_interleaved_pauses_before_every_timed_call(monkeypatch):
+def test_interleaved_leads_every_timed_call_with_an_untimed_one(monkeypatch):
     from resnetkit.infer import timing
-    monkeypatch.setattr(timing, "SETTLE_S", 0.25)
-    events = []
-    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append(("sleep", s)))
+    events, clock = [], iter(range(100))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: events.append("t") or next(clock))
     calls = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
     t = timing.interleaved(calls, rounds=2, warmup=1)
-    assert events == ["a", "b"] + [("sleep", 0.25), "a", ("sleep", 0.25), "b"] * 2
-    assert {k: len(v) for k, v in t.items()} == {"a": 2, "b": 2}
+    # warm-up, then per round and candidate: a lead-in call, the clock, the timed call, the clock
+    assert events == ["a", "b"] + ["a", "t", "a", "t", "b", "t", "b", "t"] * 2
+    assert t == {"a": [1, 1], "b": [1, 1]}
     assert timing.per_second({"a": [0.5, 1.0, 2.0]}, 4) == {"a": 4.0}
     events.clear()
-    timing.interleaved(calls, rounds=1, warmup=0, settle=0)
-    assert events == ["a", "b"]
+    timing.interleaved(calls, rounds=1, warmup=0, lead_in=0)
+    assert events == ["t", "a", "t", "t", "b", "t"]
 
 
 def test_onnxruntime_sessions_stop_spinning_after_a_run(files):

@@ -20,7 +20,7 @@ from .infer.peers import MODES, Files, best_peer
 from .infer.backends.torch import compile_pays
 from .infer.calibrate import calibration_set
 from .infer.runner import installed
-from .infer.timing import SETTLE_S, interleaved
+from .infer.timing import LEAD_IN, interleaved
 from .runtime import allocator_state, decide_channels_last, decide_precision, hardware
 from .runtime.compiling import can_compile
 from .train.config import TrainConfig
@@ -300,7 +300,8 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     runtime.hardware). peer_search: "search" times each peer engine's configurations first
     and keeps the fastest, "defaults" takes their defaults (see infer.peers); "peers" in
     the result names each one's configuration and, when searched, the table of what was
-    tried. Every timed call waits SETTLE_S first (see infer.timing)."""
+    tried. Every timed call follows LEAD_IN untimed calls of the same path (see
+    infer.timing)."""
     if peer_search not in MODES:
         raise UserError(f"peer_search must be one of {', '.join(MODES)}, got {peer_search!r}")
     if device == "auto":
@@ -344,7 +345,7 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
             "rounds": rounds, "macs_per_image": macs, "hardware": hw,
             "results": results, **extra,
             "inference_targets": _inference_targets(results, hw), "peers": peers, "peer_search": peer_search,
-            "settle_s": SETTLE_S,
+            "lead_in_calls": LEAD_IN,
             "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
             "allocator": allocator_state(),
             "notes": notes, "pid": os.getpid()}

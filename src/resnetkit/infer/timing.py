@@ -1,34 +1,40 @@
 """Timing several ways of doing one thing, fairly: interleaved round by round (a slow phase
-of the machine hits every candidate alike), with a pause before each timed call so that one
-engine's worker threads, still spinning or waking from its last call, do not take the CPU
-from the next engine's."""
+of the machine hits every candidate alike), each timed call right after an untimed call of
+the same candidate. That lead-in call absorbs what the previous candidate left behind:
+worker threads of another engine (or of PyTorch's OpenMP pool) still spinning on the
+cores, caches full of another model. Pausing instead does not work: the first call after
+an idle spell is itself slow (measured on 2 cores, ResNet-20 bf16 batch 256 timed alone:
+22,182 img/s back to back, 18,669 with 0.1 s of sleep before each call, 13,095 with 0.5 s)."""
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Any, Callable
 
-# Measured on 2 cores, ResNet-50 batch 16 int8 in OpenVINO right after ONNX Runtime and
-# torch paths: no pause 267-274 img/s, 20 ms 310-336, 200 ms 347-372 (372 timed alone).
-# ORT's own threads are also stopped from spinning (backends.onnxruntime.session).
-SETTLE_S = 0.1
+# Measured on 2 cores, ResNet-20 batch 256 at 28x28, resnetkit's compiled bf16 path and
+# OpenVINO bf16 interleaved: without a lead-in OpenVINO ran at 19,665 img/s (22,726 alone),
+# with one 22,910-23,097 and resnetkit at 21,386-21,490 (21,706-21,888 alone).
+LEAD_IN = 1
 
 
 def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-                settle: float | None = None, sync: Callable[[], None] | None = None
+                sync: Callable[[], None] | None = None, lead_in: int | None = None
                 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate over `rounds` interleaved rounds, after `warmup`
-    untimed calls each; `settle` seconds of sleep before every timed call (None:
-    SETTLE_S); `sync` (e.g. torch.cuda.synchronize) is called before the clock stops."""
-    settle = SETTLE_S if settle is None else settle
+    untimed calls each; `lead_in` untimed calls (None: LEAD_IN) of the same candidate right
+    before each timed one; `sync` (e.g. torch.cuda.synchronize) is called before the clock
+    starts and before it stops."""
+    lead_in = LEAD_IN if lead_in is None else lead_in
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(rounds):
         for k, fn in candidates.items():
-            if settle:
-                time.sleep(settle)
+            for _ in range(lead_in):
+                fn()
+            if sync is not None:
+                sync()
             t = time.perf_counter()
             fn()
             if sync is not None:
