@@ -86,6 +86,13 @@ def test_failed_configurations_are_rows_and_all_failing_raises(monkeypatch, file
     assert q == [("pt2e", "dynamic"), ("ort", "static"), ("ort", "dynamic"), ("ort", "static"),
                  ("ort", "dynamic")]
     assert p.config.get("format") == "qoperator"
+    # OpenVINO int8's variants: the float ops at bf16 only where the CPU offers bf16
+    from resnetkit.infer.backends.openvino import precisions
+    fake_speeds(monkeypatch, lambda c: 1.0)
+    p = best_peer("openvino", "int8", files, [torch.randn(SHAPE)])
+    variants = [r["config"] for r in p.tried[5:]]
+    assert [v["float_ops"] for v in variants].count("bf16") == ("bf16" in precisions())
+    assert {v["hint"] for v in variants} == {"LATENCY", "THROUGHPUT"}
     everything = default_config("openvino", "int8", True)
     monkeypatch.setattr(peers, "build", lambda *a: (_ for _ in ()).throw(RuntimeError("no\nAMX")))
     with pytest.raises(RuntimeError, match="^AMX$"):

@@ -330,6 +330,11 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     x = torch.randn(batch, in_chans, image_size, image_size, device=dev)
     y = torch.randint(0, num_classes, (batch,), device=dev)
     notes: list[str] = []
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if cap and onnx:
+        notes.append(f"ONEDNN_MAX_CPU_ISA={cap} caps PyTorch's and OpenVINO's oneDNN; ONNX "
+                     f"Runtime's own kernels do not follow it, so its figures are this CPU's "
+                     f"full instruction set")
     steps: dict[str, TrainStep] = {}
     peers: dict[str, Any] = {}
     paths, precision, auto_compiles = _paths(model, x, y, image_size, train, onnx, compile,

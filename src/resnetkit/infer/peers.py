@@ -40,7 +40,8 @@ DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("openvino", "fp32"): {"hint": "LATENCY"},
     ("openvino", "bf16"): {"hint": "LATENCY"},
     ("openvino", "int8"): {"preset": "performance", "subset": "all",
-                           "fast_bias_correction": True, "hint": "LATENCY"},
+                           "fast_bias_correction": True, "hint": "LATENCY",
+                           "float_ops": "fp32"},
 }
 # the second stage: each entry changes one option of the first stage's fastest
 VARIANTS: dict[tuple[str, str], list[dict[str, Any]]] = {
@@ -50,7 +51,8 @@ VARIANTS: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("openvino", "fp32"): [{"hint": "THROUGHPUT"}],
     ("openvino", "bf16"): [{"hint": "THROUGHPUT"}],
     ("openvino", "int8"): [{"preset": "mixed"}, {"fast_bias_correction": False},
-                           {"subset": "half"}, {"hint": "THROUGHPUT"}],
+                           {"subset": "half"}, {"hint": "THROUGHPUT"},
+                           {"float_ops": "bf16"}],  # where the CPU has bf16
 }
 
 
@@ -112,6 +114,7 @@ class Files:
         self.model, self.shape = model, shape
         self.work = Path(tempfile.mkdtemp(prefix="resnetkit-peers-"))
         self._paths: dict[tuple[str, str], Path] = {}
+        self.quantized: dict[tuple[Any, ...], Any] = {}  # NNCF's models, by what made them
 
     def onnx(self, exporter: str, shape: str) -> Path:
         if (exporter, shape) not in self._paths:
@@ -122,6 +125,7 @@ class Files:
         return self._paths[exporter, shape]
 
     def close(self) -> None:
+        self.quantized.clear()
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -156,12 +160,19 @@ def build(cfg: PeerConfig, files: Files, batches: list[torch.Tensor] | None,
             path = files.onnx(cfg.exporter, cfg.shape)
         return ort_backend.runs(ort_backend.session(path, threads, level=opts["level"]))
     graph = ov_backend.read(files.onnx(cfg.exporter, cfg.shape))
+    precision = cfg.precision
     if cfg.precision == "int8":
-        subset = len(calib) if opts["subset"] == "all" else max(1, len(calib) // 2)
-        graph = ov_backend.nncf_quantize(graph, calib, opts["preset"], subset,
-                                         opts["fast_bias_correction"])
-    return ov_backend.compiled(graph, "fp32" if cfg.precision == "int8" else cfg.precision,
-                               threads, tuple(files.shape) if static else None, opts["hint"])
+        # the ops NNCF leaves in float run at `float_ops` (OpenVINO's inference precision)
+        precision = opts["float_ops"]
+        made_by = (cfg.exporter, cfg.shape, opts["preset"], opts["subset"],
+                   opts["fast_bias_correction"])
+        if made_by not in files.quantized:
+            subset = len(calib) if opts["subset"] == "all" else max(1, len(calib) // 2)
+            files.quantized[made_by] = ov_backend.nncf_quantize(
+                graph, calib, opts["preset"], subset, opts["fast_bias_correction"])
+        graph = files.quantized[made_by]
+    return ov_backend.compiled(graph, precision, threads,
+                               tuple(files.shape) if static else None, opts["hint"])
 
 
 def _error(e: Exception) -> str:
@@ -227,7 +238,8 @@ def best_peer(engine: str, precision: str, files: Files, batches: list[torch.Ten
     if not done:
         raise RuntimeError(tried[-1]["error"] if tried else "nothing to try")
     lead = max(done.items(), key=lambda kv: kv[1][0])[0]
-    stage2 = [lead.changed(**v) for v in VARIANTS[engine, precision]]
+    stage2 = [lead.changed(**v) for v in VARIANTS[engine, precision]
+              if v.get("float_ops") != "bf16" or "bf16" in ov_backend.precisions()]
     stage2 = [c for c in dict.fromkeys(stage2) if c != lead and c not in done]
     lead_run = done[lead][1]
     del done  # the other files' engines let go before the next stage builds
