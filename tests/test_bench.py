@@ -248,3 +248,32 @@ def test_inference_targets_pair_resnetkit_with_the_fastest_peer_of_its_precision
     t = _inference_targets({"resnetkit_infer": row("fp32", [1])}, {"amx_bf16": True})
     assert t["default"]["best_peer"] is None and t["default"]["ratio_met"] is None
     assert t["default"]["fraction_of_peak_target"] is None and "int8" not in t
+
+
+def test_without_torchao_the_peers_skip_only_what_needs_it(monkeypatch):
+    import resnetkit.bench as b
+    from resnetkit.infer.peers import PeerConfig, Peer
+
+    def installed(engine, precision):
+        return "int8 with torch needs torchao" if (engine, precision) == ("torch", "int8") \
+            else None
+    asked = []
+
+    def best_peer(engine, prec, files, batches, mode, rounds, static):
+        asked.append((engine, prec, mode))
+        return Peer(PeerConfig(engine, prec), lambda a: a)
+    monkeypatch.setattr(b, "installed", installed)
+    monkeypatch.setattr(b, "best_peer", best_peer)
+    model = b.create_model("resnet20", num_classes=3).eval()
+    batches = [torch.randn(4, 3, 32, 32)]
+    notes = []
+    assert b._int8_path(model, batches, notes) == {}
+    assert notes == ["int8 with torch needs torchao: resnetkit_int8 skipped"]
+    notes = []
+    runners, _ = b._peers(model, (4, 3, 32, 32), batches, notes, mode="defaults")
+    # the check's default ORT int8 is resnetkit's PT2E file: skipped; OpenVINO's is NNCF's
+    assert ("onnxruntime", "int8", "defaults") not in asked and "openvino_int8" in runners
+    assert notes == ["int8 with torch needs torchao: onnxruntime_int8 skipped"]
+    asked.clear()
+    runners, _ = b._peers(model, (4, 3, 32, 32), batches, [], mode="search")
+    assert ("onnxruntime", "int8", "search") in asked  # ORT's own quantizer needs no torchao

@@ -69,6 +69,8 @@ def _peers(model: torch.nn.Module, shape: tuple[int, ...], batches: list[torch.T
     try:
         for engine, prec in wanted:
             why = installed(engine, prec)
+            if not why and (engine, prec) == ("onnxruntime", "int8") and mode == "defaults":
+                why = installed("torch", "int8")  # its default is resnetkit's PT2E file
             if why:
                 notes.append(f"{why}: {engine}_{prec} skipped")
                 continue
@@ -122,7 +124,7 @@ def _int8_path(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[s
     are not finite is a UserError naming `source`."""
     why = installed("torch", "int8")
     if why:
-        notes.append(f"{why}: int8 paths skipped")
+        notes.append(f"{why}: resnetkit_int8 skipped")
         return {}
     return {"resnetkit_int8": ("int8", open_runner(Source.of_model(base, name=source), RunConfig(
         engine="torch", precision="int8", calibration=batches, compile=compiled)))}

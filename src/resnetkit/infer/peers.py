@@ -195,9 +195,8 @@ def _stage(configs: list[PeerConfig], files: Files, batches: list[torch.Tensor] 
             if out.shape[0] != len(x) or not np.isfinite(out).all():
                 raise RuntimeError(f"it gave {out.shape} outputs, or ones that are not finite")
             runs[cfg] = run
-        except UserError:
-            raise
-        except Exception as e:  # the engine's or its quantizer's own exception types
+        except Exception as e:  # the engine's or its quantizer's own exception types, or a
+            # UserError for what this configuration needs (torchao for the PT2E file)
             tried.append({"config": cfg.describe(), "error": _error(e)})
     if not runs:
         return {}
