@@ -6,8 +6,8 @@ The search goes in two stages, so that its cost grows with the number of choices
 with their product: first the exported file (torch.export's ONNX exporter or the TorchScript
 one; the batch fixed in the file or left dynamic) with each engine's defaults, then, on the
 fastest file, one engine option changed at a time (ONNX Runtime: graph optimisation level,
-int8 quantizer and format; OpenVINO: performance hint, NNCF preset, calibration subset and
-bias correction). A configuration that fails to build or run is a row with its error."""
+int8 quantizer and format; OpenVINO: performance hint, NNCF preset, calibration subset, bias
+correction, and the precision of the ops NNCF leaves in float). A configuration that fails to build or run is a row with its error."""
 from __future__ import annotations
 
 import shutil
