@@ -16,7 +16,7 @@ from .evaluate import eval_data, guard
 from .geometry import check_input_size
 from .infer import RunConfig, Runner, Source, open_runner, open_source
 from .infer.backends.openvino import precisions as ov_precisions
-from .infer.peers import MODES, Files, best_peer
+from .infer.peers import MODES, Files, best_peer, last_line
 from .infer.backends.torch import compile_pays
 from .infer.calibrate import calibration_set
 from .infer.runner import installed
@@ -109,11 +109,9 @@ def _working(paths: dict[str, tuple[str, Callable]], probe: Any, notes: list[str
 
 def _peer_failed(name: str, e: Exception, notes: list[str]) -> None:
     """The note for a peer engine that failed to build or run here."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     notes.append(f"{name} skipped: it failed on this machine"
-                 f"{f' with ONEDNN_MAX_CPU_ISA={cap}' if cap else ''} "
-                 f"({(lines[-1] if lines else type(e).__name__)[:200]})")
+                 f"{f' with ONEDNN_MAX_CPU_ISA={cap}' if cap else ''} ({last_line(e)})")
 
 
 def _int8_path(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
@@ -351,8 +349,8 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
     return {"model": model, "batch": batch, "image_size": image_size, "in_chans": in_chans,
             "rounds": rounds, "macs_per_image": macs, "hardware": hw,
             "results": results, **extra,
-            "inference_targets": _inference_targets(results, hw), "peers": peers, "peer_search": peer_search,
-            "lead_in_calls": LEAD_IN,
+            "inference_targets": _inference_targets(results, hw), "peers": peers,
+            "peer_search": peer_search, "lead_in_calls": LEAD_IN,
             "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
             "allocator": allocator_state(),
             "notes": notes, "pid": os.getpid()}

@@ -175,7 +175,7 @@ def build(cfg: PeerConfig, files: Files, batches: list[torch.Tensor] | None,
                                tuple(files.shape) if static else None, opts["hint"])
 
 
-def _error(e: Exception) -> str:
+def last_line(e: Exception) -> str:
     """The last line of an engine's error (its own exception types say the most there)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return (lines[-1] if lines else type(e).__name__)[:200]
@@ -197,7 +197,7 @@ def _stage(configs: list[PeerConfig], files: Files, batches: list[torch.Tensor] 
             runs[cfg] = run
         except Exception as e:  # the engine's or its quantizer's own exception types, or a
             # UserError for what this configuration needs (torchao for the PT2E file)
-            tried.append({"config": cfg.describe(), "error": _error(e)})
+            tried.append({"config": cfg.describe(), "error": last_line(e)})
     if not runs:
         return {}
     labels = {cfg.label(): cfg for cfg in runs}
@@ -225,7 +225,7 @@ def best_peer(engine: str, precision: str, files: Files, batches: list[torch.Ten
         except UserError:
             raise
         except Exception as e:
-            raise RuntimeError(_error(e)) from e
+            raise RuntimeError(last_line(e)) from e
     if mode not in MODES:
         raise UserError(f"the peer search is one of {', '.join(MODES)}, not {mode!r}")
     shapes = SHAPES if static else ("dynamic",)
