@@ -35,11 +35,15 @@ m = resnetkit.create_model("resnet18").eval()
 x = torch.randn(4, 3, 160, 160)  # activations of 1.6 to 6.5 MB
 with torch.inference_mode():
     m(x); m(x)
-    a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    per_pass = []
+    for _ in range(5):
+        a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         m(x)
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a) / 3
-print(json.dumps({"state": state, "block": block, "faults": faults}))
+        per_pass.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a)
+# the median pass: a burst of the kernel's own (page migration or compaction while other
+# processes run) lands in one pass, an allocator that hands back its pages faults in every one
+faults = sorted(per_pass)[len(per_pass) // 2]
+print(json.dumps({"state": state, "block": block, "faults": faults, "per_pass": per_pass}))
 """
 
 
@@ -66,7 +70,7 @@ def test_tuned_allocator_removes_the_page_faults_of_each_pass():
     assert tuned["block"]["free_in_heap_after"] >= 30 << 20
     # a warm network's forward passes then fault in (next to) no new page: one pass of this
     # one writes ~100 MB of activations, 25,000 pages if every one were fresh
-    assert tuned["faults"] < 200
+    assert tuned["faults"] < 200, tuned["per_pass"]
 
 
 def test_bad_allocator_choice_is_one_clear_error():
