@@ -24,7 +24,7 @@ pytestmark = pytest.mark.xdist_group("test_train")
 # the target for the speedrun recipe: 94.0% test top-1 (flip TTA allowed)
 SPEEDRUN_TARGET = 0.94
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-SPEEDRUN_FLOOR = 0.92  # below the lowest of 3 seeds measured (92.14%)
+SPEEDRUN_FLOOR = 0.93  # below the lowest of 3 seeds measured (93.31% with flip TTA)
 
 # conftest's tiny config with 16 steps an epoch (2,048 images), 2 epochs and augmentation
 # (alternating flips: the exact resumes below cover them)
@@ -358,7 +358,7 @@ def test_the_speedrun_recipe_within_its_time(tmp_path):
                 quiet=True).fit()
     budget = 180 if has_native_bf16() else 360  # seconds of training (issue's targets)
     assert r["wall_s"] <= budget
-    # The target is 94.0% (SPEEDRUN_TARGET), not reached yet: 3 seeds gave 92.14-92.25%
+    # The target is 94.0% (SPEEDRUN_TARGET), not reached yet: 3 seeds gave 93.31-93.50%
     # with flip TTA (docs/training.md). What holds today is asserted; the target is reported.
     assert r["test"]["top1"] >= SPEEDRUN_FLOOR
 
