@@ -329,6 +329,33 @@ def test_bad_train_options():
         build_config(None, {"seed": str(2 ** 40)})
 
 
+def test_a_whitened_stem_decorrelates_the_patches_and_stays_fixed(tiny_config):
+    # widths 16: the first conv has 16 filters for the 9 dimensions of a 3x3 grey patch, so
+    # 8 leading eigen-directions and their negatives
+    cfg = tiny_config("white", whiten_stem=True, epochs=1,
+                      model_overrides={"widths": (16, 16, 16), "stem_width": 16})
+    t = Trainer(cfg, quiet=True)
+    conv = t.model.conv1
+    w = conv.weight.detach().clone()
+    assert not conv.weight.requires_grad
+    assert torch.equal(w[8:], -w[:8])
+    # checked independently of the eigen-decomposition: the 8 channels' responses to the
+    # training images (normalised here by hand) have unit variance and no correlation
+    images = t.train_data.images.float() / 255
+    mean, std = t.feed.mean[0], t.feed.std[0]
+    out = torch.nn.functional.conv2d((images - mean) / std, w[:8].float())
+    r = out.transpose(0, 1).reshape(8, -1).double()
+    cov = torch.cov(r)
+    assert torch.allclose(cov.diagonal(), torch.ones(8, dtype=torch.float64), atol=0.06)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-3
+    layer1 = t.model.layer1[0].conv1.weight.detach().clone()
+    t.fit()
+    assert torch.equal(t.model.conv1.weight, w)  # fixed: no gradient, no weight decay
+    assert not torch.equal(t.model.layer1[0].conv1.weight, layer1)
+    with pytest.raises(UserError, match="whiten_stem.*cannot start from --init"):
+        build_config(None, {"whiten_stem": "true", "init": "resnet18.tv_in1k"})
+
+
 def test_recipes_load():
     for name in ("fashion-mnist-quick", "fashion-mnist-speedrun", "fashion-mnist-15min",
                  "fashion-mnist-best", "cifar10-paper"):

@@ -47,6 +47,8 @@ class TrainConfig:
                         "folder (a head of another size, or for other classes, starts fresh)")
     freeze: list[str] = opt([], "parts that do not learn: stem, layer1..layer4 or backbone")
     freeze_bn: bool = opt(False, "BatchNorm with fixed statistics and affine (FrozenBatchNorm2d)")
+    whiten_stem: bool = opt(False, "the first conv fixed at a whitening of the training "
+                                   "images' patches (airbench's first layer)")
     head_lr_mult: float = opt(1.0, "learning-rate multiplier of the classifier")
     epochs: int = opt(2, "passes over the training set")
     batch_size: int = opt(256, "samples per process and forward pass (unless global_batch)")
@@ -149,6 +151,8 @@ class TrainConfig:
             (self.bn_weight_decay >= 0, "bn_weight_decay", ">= 0"),
             (self.bn_lr_mult > 0, "bn_lr_mult", "> 0"),
             (self.hflip or not self.alternate_flip, "alternate_flip", "needs hflip=true"),
+            (not (self.whiten_stem and self.init), "whiten_stem",
+             "replaces the first conv, so it cannot start from --init weights"),
             (0 <= self.seed < 2 ** 31, "seed", "from 0 to 2**31 - 1"),
             (self.grad_clip >= 0, "grad_clip", ">= 0 (0: no clipping)"),
             (isinstance(self.model_overrides, dict) and "num_classes" not in self.model_overrides,

@@ -6,8 +6,11 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..data import transforms as T
+from ..errors import UserError
 from ..geometry import check_input_size, size_walk
 from ..runtime import check_memory
 from ..zoo import create_model, get_config
@@ -43,6 +46,8 @@ def build_model(cfg: TrainConfig, feed: Feed, load_init: bool) -> nn.Module:
     model = create_model(cfg.model, **shape)
     check_input_size(model, feed.image_size)
     _warn_if_collapsed(model, cfg.model, feed.image_size)
+    if cfg.whiten_stem:
+        whiten_stem(model, feed)
     if cfg.init and load_init:
         pre = start_from(model, cfg.init, list(feed.train.classes)).get("preprocess", {})
         if len(pre.get("mean", ())) == len(feed.mean):  # the weights' own normalisation
@@ -52,6 +57,60 @@ def build_model(cfg: TrainConfig, feed: Feed, load_init: bool) -> nn.Module:
     if cfg.freeze:
         freeze(model, cfg.freeze)
     return model
+
+
+# the whitening's statistics: patches of at most this many training images (the first ones,
+# so a resumed run or another rank computes the same filters), at most WHITEN_PATCHES patches
+WHITEN_IMAGES = 5_000
+WHITEN_PATCHES = 4_000_000
+WHITEN_EPS = 5e-4  # added to each eigenvalue (airbench's value, for inputs of unit variance)
+
+
+def whiten_stem(model: nn.Module, feed: Feed) -> int:
+    """airbench's first layer: the network's first conv becomes a whitening of the training
+    images' patches, and stays fixed. Its filters are the leading eigenvectors v_i of the
+    covariance of the (normalised) k x k patches, each scaled by 1/sqrt(lambda_i + eps), and
+    their negatives, so that the ReLU after it passes both signs: each of the first n output
+    channels then has unit variance over the data and no two are correlated. n = min(out / 2,
+    in x k x k); channels beyond 2n keep their random start. Returns n. Raises UserError for
+    a dataset not held in memory or a first conv that is grouped or dilated."""
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    if conv.groups != 1 or conv.dilation != (1, 1):
+        raise UserError("whiten_stem needs a first conv without groups or dilation")
+    images = getattr(feed.train, "images", None)
+    if images is None:
+        raise UserError("whiten_stem needs a dataset held in memory (fashion-mnist, idx:, "
+                        "cifar:), not image files read while training")
+    k = conv.kernel_size
+    d = conv.in_channels * k[0] * k[1]
+    per_image = max(1, (feed.image_size - k[0] + 1) * (feed.image_size - k[1] + 1))
+    count = min(len(images), WHITEN_IMAGES, max(1, WHITEN_PATCHES // per_image))
+    total = torch.zeros(d, dtype=torch.float64)
+    outer = torch.zeros(d, d, dtype=torch.float64)
+    n_patches = 0
+    for start in range(0, count, 256):
+        x = images[start:min(start + 256, count)].float() / 255
+        if x.shape[-1] != feed.image_size:
+            x = T.resize_center_crop(x, feed.image_size)
+        x = T.normalize(x, feed.mean, feed.std)
+        p = F.unfold(x, k).transpose(1, 2).reshape(-1, d).double()  # one patch a row
+        total += p.sum(0)
+        outer += p.T @ p
+        n_patches += len(p)
+    mean = total / n_patches
+    cov = outer / n_patches - torch.outer(mean, mean)
+    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+    n = min(conv.out_channels // 2, d)
+    eigval, eigvec = eigval[-n:].flip(0).clamp(min=0), eigvec[:, -n:].flip(1)  # the n largest
+    lead = eigvec.T / torch.sqrt(eigval + WHITEN_EPS)[:, None]
+    filters = torch.cat([lead, -lead]).reshape(2 * n, conv.in_channels, *k)
+    with torch.no_grad():
+        conv.weight[:2 * n] = filters.to(conv.weight.dtype)
+        if conv.bias is not None:
+            conv.bias.zero_()
+    for p in conv.parameters():
+        p.requires_grad_(False)
+    return n
 
 
 def place(model: nn.Module, sync_bn: bool, info: D.DistInfo, device: torch.device,
