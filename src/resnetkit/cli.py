@@ -126,7 +126,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .infer import evaluate_source
     r = evaluate_source(a.checkpoint, a.dataset, a.split, a.data_dir, a.engine, a.precision,
-                        a.calibration, tta_flip=a.tta_flip)
+                        a.calibration, tta_flip=a.tta_flip, tta_shift=a.tta_shift)
     return _show(a, r, lambda r: render.evaluation(r, f"{a.checkpoint} on {a.dataset} {a.split}"))
 
 

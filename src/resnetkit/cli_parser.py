@@ -80,6 +80,9 @@ def _verb_args(sub) -> None:
     s.add_argument("--split", default="test", choices=["train", "test"], help="which split")
     s.add_argument("--tta-flip", action="store_true",
                    help="average the probabilities of each image and its mirror image")
+    s.add_argument("--tta-shift", type=int, default=0, metavar="N",
+                   help="also average each view shifted N pixels up, down, left and right, "
+                        "at half weight (0: off; at most 4)")
     _engine_args(s)
 
 

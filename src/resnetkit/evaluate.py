@@ -53,14 +53,16 @@ def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
              data: ArrayDataset | StreamedFolder, mean, std, image_size: int = 0,
              batch_size: int = 1024, precision: str = "fp32", channels_last: bool = False,
              device: torch.device | str = "cpu", shard: tuple[int, int] = (0, 1),
-             reduce: Reduce | None = None, tta_flip: bool = False,
+             reduce: Reduce | None = None, tta_flip: bool = False, tta_shift: int = 0,
              keep_logits: bool = False, source: Any = None,
              where: str = "the dataset") -> dict[str, Any]:
     """Top-1, top-5, loss, per-class accuracy and the confusion matrix on a dataset.
 
     model: a module or any callable from a float batch to logits. Under DDP each process
     evaluates its `shard` (rank, world) and `reduce` sums the counts over processes. With
-    `tta_flip`, the class probabilities of each image and its mirror image are averaged.
+    `tta_flip`, the class probabilities of each image and its mirror image are averaged;
+    with `tta_shift` N, also those of each view shifted by N pixels up, down, left and right
+    (edges repeated), at half weight (airbench's test-time augmentation).
     keep_logits adds "logits" (N, classes) in fp32, in dataset order (one process only).
     source: the model's name (a file, a tag): its outputs are then checked (check_outputs),
     and NaN or infinite logits on any image are a UserError naming it ("image 3 of `where`").
@@ -81,12 +83,14 @@ def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
             y = data.labels[idx]
             x = x.to(device, dtype, memory_format=fmt)
             with autocast(device, precision):
-                out = _checked(model(x).float().cpu(), n_cls, source, where, idx)
-                if tta_flip:  # log of the mean probability, so loss and top-k stay meaningful
-                    flipped = _checked(model(x.flip(-1)).float().cpu(), n_cls, source,
-                                       f"{where} (mirrored)", idx)
-                    out = torch.logsumexp(torch.stack([out.log_softmax(1), flipped.log_softmax(1)]),
-                                          0) - math.log(2)
+                if tta_flip or tta_shift:  # log of the mean probability: loss, top-k meaningful
+                    views = _tta_views(x, tta_flip, tta_shift, fmt)
+                    logp = [_checked(model(v).float().cpu(), n_cls, source, f"{where}{how}",
+                                     idx).log_softmax(1) + math.log(w) for v, w, how in views]
+                    total = sum(w for _, w, _ in views)
+                    out = torch.logsumexp(torch.stack(logp), 0) - math.log(total)
+                else:
+                    out = _checked(model(x).float().cpu(), n_cls, source, where, idx)
             if keep_logits:
                 kept.append(out)
             sums[0] += F.cross_entropy(out, y, reduction="sum").item()
@@ -104,6 +108,23 @@ def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     if keep_logits:
         result["logits"] = torch.cat(kept) if kept else torch.zeros(0, n_cls)
     return result
+
+
+def _tta_views(x: torch.Tensor, flip: bool, shift: int,
+               fmt: torch.memory_format) -> list[tuple[torch.Tensor, float, str]]:
+    """(view, weight, how) of a batch for test-time augmentation: the batch and, with `flip`,
+    its mirror image at weight 1; with `shift`, each of those moved by `shift` pixels in the
+    four directions at weight 1/2, the edge pixels repeated into the gap."""
+    base = [(x, "")] + ([(x.flip(-1), " (mirrored)")] if flip else [])
+    views = [(v, 1.0, how) for v, how in base]
+    if shift:
+        h, w = x.shape[-2:]
+        for v, how in base:
+            padded = F.pad(v, (shift,) * 4, mode="replicate")
+            for dy, dx in ((0, shift), (0, -shift), (shift, 0), (-shift, 0)):
+                moved = padded[..., shift + dy:shift + dy + h, shift + dx:shift + dx + w]
+                views.append((moved.contiguous(memory_format=fmt), 0.5, f"{how} (shifted)"))
+    return views
 
 
 def _checked(out: torch.Tensor, n_cls: int, source: Any, where: str,

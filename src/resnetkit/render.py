@@ -136,7 +136,9 @@ def train_result(r: dict[str, Any]) -> str:
     without test-time flips), best, time, memory, folder."""
     lines = []
     if "test_top1_without_tta" in r:
-        lines.append(f"test top-1 without test-time flips {100 * r['test_top1_without_tta']:.2f}%")
+        what = "flips and shifts" if r.get("tta_shift") and r.get("tta_flip") else \
+            "shifts" if r.get("tta_shift") else "flips"
+        lines.append(f"test top-1 without test-time {what} {100 * r['test_top1_without_tta']:.2f}%")
     lines.append(f"test top-1 {100 * r['test']['top1']:.2f}%  top-5 {100 * r['test']['top5']:.2f}%  "
                  f"best {100 * r['best_top1']:.2f}%  train time {r['wall_s']:.0f} s  "
                  f"peak memory {r['peak_mem_mb']:.0f} MB  -> {r['run_dir']}")

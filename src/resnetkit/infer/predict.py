@@ -92,7 +92,8 @@ def predict(checkpoint: str | Path, images: list[str | Path], top_k: int = 5,
 def evaluate_source(source: str | Path, dataset: str = "fashion-mnist", split: str = "test",
                     data_dir: str | None = None, engine: str | None = None,
                     precision: str = "auto", calibration: str | None = None,
-                    tta_flip: bool = False, batch_size: int = 0) -> dict[str, Any]:
+                    tta_flip: bool = False, batch_size: int = 0,
+                    tta_shift: int = 0) -> dict[str, Any]:
     """`resnetkit eval`: the result of evaluate.evaluate (top-1, top-5, loss, per-class
     accuracy, confusion) plus "engine" and "precision", for any source on a dataset split.
     The split is read at the model's input size and channels, in its preprocessing and
@@ -101,6 +102,8 @@ def evaluate_source(source: str | Path, dataset: str = "fashion-mnist", split: s
     (engine None: the checkpoint's model as it is, unless a precision or calibration asks
     for an engine, "auto" then). batch_size: 0 for 1,024 images a batch with the model as
     it is, 256 on an engine."""
+    if not 0 <= tta_shift <= 4:
+        raise UserError(f"--tta-shift must be from 0 to 4 pixels, got {tta_shift}")
     kind = kind_of(source)
     plain = engine is None and precision == "auto" and not calibration and not kind
     config = RunConfig(engine=engine or "auto", precision=precision,
@@ -113,6 +116,7 @@ def evaluate_source(source: str | Path, dataset: str = "fashion-mnist", split: s
                                len(classes) if classes is not None else src.outputs)
     run = open_runner(src, config)
     r = evaluate(run, data, pre["mean"], pre["std"], pre["image_size"],
-                 batch_size or (1024 if plain else 256), tta_flip=tta_flip, source=source,
+                 batch_size or (1024 if plain else 256), tta_flip=tta_flip, tta_shift=tta_shift,
+                 source=source,
                  where=f"{dataset} {split}")
     return {**r, "engine": run.engine, "precision": run.precision, **left_out_note(left_out)}

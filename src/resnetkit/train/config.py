@@ -80,6 +80,8 @@ class TrainConfig:
     random_resized_crop: bool = opt(False, "random resized crops (Inception-style)")
     random_erasing: float = opt(0.0, "probability of erasing a random rectangle")
     tta_flip: bool = opt(False, "final test: average each image and its mirror image")
+    tta_shift: int = opt(0, "final test: also each view shifted N pixels up, down, left and "
+                            "right, at half weight (0: off)")
     precision: str = opt("auto", "auto (bf16 where native, fp16 on other GPUs, else fp32), "
                                  "bf16, fp16, fp32 or fp64")
     channels_last: Auto | bool = opt("auto", "channels_last memory format: auto, true or false")
@@ -151,6 +153,7 @@ class TrainConfig:
             (self.bn_weight_decay >= 0, "bn_weight_decay", ">= 0"),
             (self.bn_lr_mult > 0, "bn_lr_mult", "> 0"),
             (self.hflip or not self.alternate_flip, "alternate_flip", "needs hflip=true"),
+            (0 <= self.tta_shift <= 4, "tta_shift", "from 0 to 4 pixels"),
             (not (self.whiten_stem and self.init), "whiten_stem",
              "replaces the first conv, so it cannot start from --init weights"),
             (0 <= self.seed < 2 ** 31, "seed", "from 0 to 2**31 - 1"),

@@ -350,14 +350,16 @@ class Trainer:
         if new_best:
             self._save_all("best")
 
-    def _evaluate(self, tta_flip: bool = False) -> dict[str, Any]:
+    def _evaluate(self, tta: bool = False) -> dict[str, Any]:
         if not self.cfg.sync_bn:  # with SyncBN the running statistics are already equal
             D.broadcast_buffers([self.model] + ([self.ema] if self.ema is not None else []),
                                 self.dist)
         return evaluate(self.eval_model, self.test_data, self.mean, self.std, 0, 1024,
                         self.precision, self.channels_last, self.device,
                         shard=(self.dist.rank, self.dist.world),
-                        reduce=lambda *t: D.all_sum(*t, info=self.dist), tta_flip=tta_flip)
+                        reduce=lambda *t: D.all_sum(*t, info=self.dist),
+                        tta_flip=tta and self.cfg.tta_flip,
+                        tta_shift=self.cfg.tta_shift if tta else 0)
 
     def _hparams(self) -> dict[str, Any]:
         """The run's settings as TensorBoard's hparams take them (numbers, text, booleans):
@@ -378,15 +380,16 @@ class Trainer:
         if step != self.global_step:  # the weights changed since the last epoch's evaluation
             ev = self._evaluate()
         plain = ev["top1"]
-        if self.cfg.tta_flip:  # only the final evaluation; epochs are compared without it
-            ev = self._evaluate(tta_flip=True)
+        tta = self.cfg.tta_flip or self.cfg.tta_shift > 0
+        if tta:  # only the final evaluation; epochs are compared without it
+            ev = self._evaluate(tta=True)
         result = {"test": ev, "best_top1": self.best_acc, "epochs": self.epoch,
-                  "tta_flip": self.cfg.tta_flip,
+                  "tta_flip": self.cfg.tta_flip, "tta_shift": self.cfg.tta_shift,
                   "wall_s": sum(h["epoch_s"] for h in self.history),
                   "compiled": self.compiled, "compile_s": self.step.compile_s,
                   "peak_mem_mb": peak_memory_mb(self.device), "run_dir": str(self.run_dir),
                   "world_size": self.dist.world, "global_batch": self.batches.global_}
-        if self.cfg.tta_flip:
+        if tta:
             result["test_top1_without_tta"] = plain
         if self.dist.main:
             self.folder.write_results(result)
