@@ -417,16 +417,22 @@ def test_dataset_statistics_are_exact():
     assert np.allclose(d.std, ref.std((0, 2, 3), ddof=1), rtol=0, atol=1e-13)
 
 
-def test_tta_flip_averages_the_probabilities_of_both_views():
+def _tta_case():
+    """A tiny model, 40 random 12x12 images with labels, their dataset, and the images
+    normalised by hand (mean 0.5, std 0.25)."""
     from resnetkit.data import ArrayDataset
-    from resnetkit.evaluate import evaluate
     torch.manual_seed(0)
     model = rk.create_model("resnet20", widths=(4, 8, 8), stem_width=4, in_chans=1, num_classes=3).eval()
     imgs = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)
     labels = torch.randint(0, 3, (40,))
     d = ArrayDataset(imgs, labels, ["a", "b", "c"], (0.5,), (0.25,))
+    return model, labels, d, (imgs.float() / 255 - 0.5) / 0.25
+
+
+def test_tta_flip_averages_the_probabilities_of_both_views():
+    from resnetkit.evaluate import evaluate
+    model, labels, d, x = _tta_case()
     r = evaluate(model, d, d.mean, d.std, tta_flip=True, batch_size=16)
-    x = (imgs.float() / 255 - 0.5) / 0.25
     with torch.no_grad():
         p = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
     assert r["top1"] == (p.argmax(1) == labels).sum().item() / 40
@@ -436,15 +442,9 @@ def test_tta_flip_averages_the_probabilities_of_both_views():
 
 
 def test_tta_shift_adds_four_moved_views_at_half_weight():
-    from resnetkit.data import ArrayDataset
     from resnetkit.evaluate import evaluate
-    torch.manual_seed(0)
-    model = rk.create_model("resnet20", widths=(4, 8, 8), stem_width=4, in_chans=1, num_classes=3).eval()
-    imgs = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)
-    labels = torch.randint(0, 3, (40,))
-    d = ArrayDataset(imgs, labels, ["a", "b", "c"], (0.5,), (0.25,))
+    model, labels, d, x = _tta_case()
     r = evaluate(model, d, d.mean, d.std, tta_flip=True, tta_shift=2, batch_size=16)
-    x = (imgs.float() / 255 - 0.5) / 0.25
 
     def moved(v, dy, dx):  # by indexing: pixel (i, j) of the view is (i + dy, j + dx), clamped
         rows = (torch.arange(12) + dy).clamp(0, 11)
