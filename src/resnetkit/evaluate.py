@@ -49,6 +49,9 @@ def _shard(n: int, batch_size: int, shard: tuple[int, int]) -> list[torch.Tensor
     return [torch.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
 
 
+TTA_MAX_SHIFT = 4  # pixels a test-time view may move (tta_shift)
+
+
 def evaluate(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
              data: ArrayDataset | StreamedFolder, mean, std, image_size: int = 0,
              batch_size: int = 1024, precision: str = "fp32", channels_last: bool = False,

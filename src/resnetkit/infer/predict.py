@@ -11,7 +11,7 @@ import torch
 from ..data.preprocess import load_images, model_input
 from ..data.readers import IMAGE_SUFFIXES
 from ..errors import UserError
-from ..evaluate import check_outputs, eval_data, evaluate, left_out_note
+from ..evaluate import TTA_MAX_SHIFT, check_outputs, eval_data, evaluate, left_out_note
 from ..untrusted import regular_file, shown
 from .runner import RunConfig, open_runner
 from .source import kind_of, open_source
@@ -102,8 +102,8 @@ def evaluate_source(source: str | Path, dataset: str = "fashion-mnist", split: s
     (engine None: the checkpoint's model as it is, unless a precision or calibration asks
     for an engine, "auto" then). batch_size: 0 for 1,024 images a batch with the model as
     it is, 256 on an engine."""
-    if not 0 <= tta_shift <= 4:
-        raise UserError(f"--tta-shift must be from 0 to 4 pixels, got {tta_shift}")
+    if not 0 <= tta_shift <= TTA_MAX_SHIFT:
+        raise UserError(f"--tta-shift must be from 0 to {TTA_MAX_SHIFT} pixels, got {tta_shift}")
     kind = kind_of(source)
     plain = engine is None and precision == "auto" and not calibration and not kind
     config = RunConfig(engine=engine or "auto", precision=precision,
@@ -117,6 +117,5 @@ def evaluate_source(source: str | Path, dataset: str = "fashion-mnist", split: s
     run = open_runner(src, config)
     r = evaluate(run, data, pre["mean"], pre["std"], pre["image_size"],
                  batch_size or (1024 if plain else 256), tta_flip=tta_flip, tta_shift=tta_shift,
-                 source=source,
-                 where=f"{dataset} {split}")
+                 source=source, where=f"{dataset} {split}")
     return {**r, "engine": run.engine, "precision": run.precision, **left_out_note(left_out)}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UserError
+from ..evaluate import TTA_MAX_SHIFT
 from ..options import convert, field_types, fits, kind_name, parse_fields
 from ..untrusted import path_component, regular_file, shown
 
@@ -153,7 +154,8 @@ class TrainConfig:
             (self.bn_weight_decay >= 0, "bn_weight_decay", ">= 0"),
             (self.bn_lr_mult > 0, "bn_lr_mult", "> 0"),
             (self.hflip or not self.alternate_flip, "alternate_flip", "needs hflip=true"),
-            (0 <= self.tta_shift <= 4, "tta_shift", "from 0 to 4 pixels"),
+            (0 <= self.tta_shift <= TTA_MAX_SHIFT, "tta_shift",
+             f"from 0 to {TTA_MAX_SHIFT} pixels"),
             (not (self.whiten_stem and self.init), "whiten_stem",
              "replaces the first conv, so it cannot start from --init weights"),
             (0 <= self.seed < 2 ** 31, "seed", "from 0 to 2**31 - 1"),

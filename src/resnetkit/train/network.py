@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import transforms as T
+from ..data.preprocess import preprocess
 from ..errors import UserError
 from ..geometry import check_input_size, size_walk
 from ..runtime import check_memory
@@ -89,10 +89,8 @@ def whiten_stem(model: nn.Module, feed: Feed) -> int:
     outer = torch.zeros(d, d, dtype=torch.float64)
     n_patches = 0
     for start in range(0, count, 256):
-        x = images[start:min(start + 256, count)].float() / 255
-        if x.shape[-1] != feed.image_size:
-            x = T.resize_center_crop(x, feed.image_size)
-        x = T.normalize(x, feed.mean, feed.std)
+        x = preprocess(images[start:min(start + 256, count)], feed.mean, feed.std,
+                       feed.image_size)
         p = F.unfold(x, k).transpose(1, 2).reshape(-1, d).double()  # one patch a row
         total += p.sum(0)
         outer += p.T @ p
