@@ -24,7 +24,7 @@ pytestmark = pytest.mark.xdist_group("test_train")
 # the target for the speedrun recipe: 94.0% test top-1 (flip TTA allowed)
 SPEEDRUN_TARGET = 0.94
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-SPEEDRUN_FLOOR = 0.935  # below the lowest of 3 seeds measured (93.88% with flip + shift TTA)
+SPEEDRUN_FLOOR = 0.935  # below the lowest of 3 seeds measured (93.80% with flip + shift TTA)
 
 # conftest's tiny config with 16 steps an epoch (2,048 images), 2 epochs and augmentation
 # (alternating flips: the exact resumes below cover them)
@@ -375,7 +375,7 @@ def test_the_speedrun_recipe_shortened(tmp_path):
     # (the full run is the slow test below)
     cfg = build_config("fashion-mnist-speedrun", train_subset=1024, test_subset=500, epochs=1,
                        out_dir=str(tmp_path), name="short", plots=False)
-    assert cfg.alternate_flip and cfg.ema_decay and cfg.label_smoothing and cfg.tta_flip
+    assert cfg.alternate_flip and cfg.ema_decay and cfg.tta_flip and cfg.label_smoothing == 0
     assert cfg.whiten_stem and cfg.tta_shift == 1
     r = Trainer(cfg, quiet=True).fit()
     assert r["tta_flip"] and r["tta_shift"] == 1 and r["test"]["samples"] == 500 and 0 < r["wall_s"]
@@ -389,7 +389,7 @@ def test_the_speedrun_recipe_within_its_time(tmp_path):
                 quiet=True).fit()
     budget = 180 if has_native_bf16() else 360  # seconds of training (issue's targets)
     assert r["wall_s"] <= budget
-    # The target is 94.0% (SPEEDRUN_TARGET), not reached yet: 3 seeds gave 93.88-93.99%
+    # The target is 94.0% (SPEEDRUN_TARGET), not reached yet: 3 seeds gave 93.80-93.97%
     # with flip + shift TTA (docs/training.md). What holds today is asserted; the target is reported.
     assert r["test"]["top1"] >= SPEEDRUN_FLOOR
 
