@@ -385,8 +385,9 @@ def test_the_speedrun_recipe_shortened(tmp_path):
 @pytest.mark.slow
 def test_the_speedrun_recipe_within_its_time(tmp_path):
     from resnetkit.runtime import has_native_bf16
-    r = Trainer(build_config("fashion-mnist-speedrun", out_dir=str(tmp_path), name="full"),
-                quiet=True).fit()
+    # the suite computes on one thread a process (conftest); the recipe's time is on all cores
+    r = Trainer(build_config("fashion-mnist-speedrun", out_dir=str(tmp_path), name="full",
+                             threads=os.cpu_count() or 1), quiet=True).fit()
     budget = 180 if has_native_bf16() else 360  # seconds of training (issue's targets)
     assert r["wall_s"] <= budget
     # The target is 94.0% (SPEEDRUN_TARGET), not reached yet: 3 seeds gave 93.80-93.97%
