@@ -292,6 +292,23 @@ def test_no_weight_decay_on_bn_and_bias(tmp_path):
     assert (no_decay2["weight_decay"], decay2["weight_decay"]) == (1e-5, decay["weight_decay"])
 
 
+def test_bn_scales_fixed_at_one_while_the_shifts_learn(tiny_config):
+    # airbench's BN: gamma stays 1 (no gradient, not in the optimizer), beta learns
+    t = Trainer(tiny_config("bsf", bn_scale_fixed=True, epochs=1), quiet=True)
+    bns = [m for m in t.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.weight.requires_grad for m in bns)
+    in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert not any(id(m.weight) in in_opt for m in bns)
+    assert all(id(m.bias) in in_opt for m in bns)
+    shifts = [m.bias.detach().clone() for m in bns]
+    t.fit()
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+    assert any(not torch.equal(m.bias, b) for m, b in zip(bns, shifts))
+    with pytest.raises(UserError, match="bn_scale_fixed=True is invalid.*zero_init_residual"):
+        build_config(None, {"bn_scale_fixed": "true",
+                            "model_overrides": "zero_init_residual=true"})
+
+
 def test_the_fused_optimizer_step_equals_the_plain_one(tmp_path):
     # build_optimizer's fused SGD (Nesterov, decay on the 2-D weights only) against
     # torch.optim.SGD's loop over the same groups: the same update to rounding

@@ -66,6 +66,8 @@ class TrainConfig:
     weight_decay: float = opt(5e-4, "L2 weight decay (not on BN parameters and biases)")
     bn_lr_mult: float = opt(1.0, "learning-rate multiplier of BN parameters and biases")
     bn_weight_decay: float = opt(0.0, "L2 weight decay of BN parameters and biases")
+    bn_scale_fixed: bool = opt(False, "BN scales (gamma) fixed at 1, only the shifts learn "
+                                      "(airbench)")
     schedule: str = opt("onecycle", f"learning-rate schedule: one of {', '.join(SCHEDULES)}")
     warmup_epochs: float = opt(0.0, "linear warm-up, in epochs")
     milestones: list[float] = opt([0.5, 0.75], "step schedule: where lr drops, as fractions "
@@ -154,6 +156,9 @@ class TrainConfig:
             (self.bn_weight_decay >= 0, "bn_weight_decay", ">= 0"),
             (self.bn_lr_mult > 0, "bn_lr_mult", "> 0"),
             (self.hflip or not self.alternate_flip, "alternate_flip", "needs hflip=true"),
+            (not (self.bn_scale_fixed and isinstance(self.model_overrides, dict)
+                  and self.model_overrides.get("zero_init_residual") not in (None, False)),
+             "bn_scale_fixed", "would keep zero_init_residual's zeroed BN scales at zero"),
             (0 <= self.tta_shift <= TTA_MAX_SHIFT, "tta_shift",
              f"from 0 to {TTA_MAX_SHIFT} pixels"),
             (not (self.whiten_stem and self.init), "whiten_stem",
