@@ -66,8 +66,8 @@ class TrainConfig:
     weight_decay: float = opt(5e-4, "L2 weight decay (not on BN parameters and biases)")
     bn_lr_mult: float = opt(1.0, "learning-rate multiplier of BN parameters and biases")
     bn_weight_decay: float = opt(0.0, "L2 weight decay of BN parameters and biases")
-    bn_scale_fixed: bool = opt(False, "BN scales (gamma) fixed at 1, only the shifts learn "
-                                      "(airbench)")
+    bn_scale_fixed: bool = opt(False, "BN scales (gamma) kept at their start (1, or --init's), "
+                                      "only the shifts learn (airbench)")
     schedule: str = opt("onecycle", f"learning-rate schedule: one of {', '.join(SCHEDULES)}")
     warmup_epochs: float = opt(0.0, "linear warm-up, in epochs")
     milestones: list[float] = opt([0.5, 0.75], "step schedule: where lr drops, as fractions "
