@@ -52,9 +52,9 @@ def build_model(cfg: TrainConfig, feed: Feed, load_init: bool) -> nn.Module:
         pre = start_from(model, cfg.init, list(feed.train.classes)).get("preprocess", {})
         if len(pre.get("mean", ())) == len(feed.mean):  # the weights' own normalisation
             feed.mean, feed.std = tuple(pre["mean"]), tuple(pre["std"])
-    if cfg.bn_scale_fixed:  # airbench's BN: a shift that learns after a fixed unit scale
+    if cfg.bn_scale_fixed:  # airbench's BN: the scales keep their start, the shifts learn
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            if isinstance(m, nn.BatchNorm2d) and m.weight is not None:
                 m.weight.requires_grad_(False)
     if cfg.freeze_bn:
         freeze_batchnorm(model)
