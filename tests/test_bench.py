@@ -5,6 +5,7 @@ import torch
 from resnetkit.bench import bench, hardware
 from resnetkit.errors import UserError
 from resnetkit.infer.backends.openvino import precisions as openvino_precisions
+from resnetkit.infer.backends.onednn import unavailable as direct_unavailable
 from resnetkit.infer.optimize import compile_pays
 
 
@@ -125,6 +126,8 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     if compile_pays(torch.device("cpu")):  # optimize() compiles by default here
         engines.add("resnetkit_infer_compiled")
     engines |= {"resnetkit_int8", "onnxruntime_int8", "openvino_int8"}
+    if direct_unavailable() is None:  # the direct oneDNN path, and PT2E's int8 beside it
+        engines |= {"resnetkit_direct", "resnetkit_int8_pt2e"}
     assert r["samples"] == 2000 and set(res) == {"baseline_fp32_nchw", "resnetkit_infer",
                                                  "onnxruntime_fp32"} | engines
     base = res["baseline_fp32_nchw"]
@@ -144,10 +147,14 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     if "openvino_bf16" in res:
         ov = res["openvino_bf16"]
         assert ov["agreement_with_fp32"] >= 0.99 and abs(ov["top1"] - base["top1"]) <= 0.01
-    if "resnetkit_infer_compiled" in res:
-        comp = res["resnetkit_infer_compiled"]
-        assert comp["agreement_with_fp32"] >= 0.99 and abs(comp["top1"] - base["top1"]) <= 0.01
-    for k in ("resnetkit_int8", "onnxruntime_int8", "openvino_int8"):  # calibrated on train
+    for k in ("resnetkit_infer_compiled", "resnetkit_direct"):
+        if k in res:
+            comp = res[k]
+            assert comp["agreement_with_fp32"] >= 0.99 and abs(comp["top1"] - base["top1"]) <= 0.01
+    # calibrated on train
+    for k in ("resnetkit_int8", "resnetkit_int8_pt2e", "onnxruntime_int8", "openvino_int8"):
+        if k not in res and k == "resnetkit_int8_pt2e":
+            continue
         q = res[k]
         assert q["precision"] == "int8" and q["agreement_with_fp32"] >= 0.97, (k, q)
         assert abs(q["top1"] - base["top1"]) <= 0.02 and q["max_abs_diff"] < 0.25 * r["logit_scale"]
@@ -157,7 +164,8 @@ def test_check_compares_every_fast_path_with_fp32(trained, capsys):
     assert main(["bench", "--check", str(trained), "--limit", "300", "--no-onnx", "--no-int8",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["samples"] == 300 and set(out["results"]) - {"resnetkit_infer_compiled"} == {
+    assert out["samples"] == 300 and set(out["results"]) - {"resnetkit_infer_compiled",
+                                                             "resnetkit_direct"} == {
         "baseline_fp32_nchw", "resnetkit_infer"}
 
 

@@ -70,8 +70,8 @@ def test_optimize_bf16_and_fp32():
     x = torch.randn(8, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = m(x)
-        fp32 = optimize(m, precision="fp32", channels_last=True, compile=False)(x)
-        bf16 = optimize(m, precision="bf16", compile=False)(x)
+        fp32 = optimize(m, precision="fp32", channels_last=True, compile=False, direct=False)(x)
+        bf16 = optimize(m, precision="bf16", compile=False, direct=False)(x)
     assert fp32.dtype == bf16.dtype == torch.float32
     assert torch.allclose(fp32, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
     # bf16 keeps 8 bits of mantissa: bounds on the logits' error. (The first class is not
@@ -81,7 +81,7 @@ def test_optimize_bf16_and_fp32():
     err = (bf16 - ref).abs()
     assert err.max() < 0.1 * ref.abs().max() and err.mean() < 0.02 * ref.abs().mean()
     # bf16 weights stored once instead of cast by autocast on each call: the same rounding
-    auto = optimize(m, precision="bf16", bf16_weights=False, compile=False)
+    auto = optimize(m, precision="bf16", bf16_weights=False, compile=False, direct=False)
     stored = optimize(m, precision="bf16", bf16_weights=True, compile=False)
     assert stored.bf16_weights and not auto.bf16_weights
     assert stored.model.fc.weight.dtype == torch.float32
@@ -97,7 +97,7 @@ def test_optimize_bf16_and_fp32():
 def test_optimize_compiled_equals_eager_and_auto_follows_the_hardware():
     m = trained_like("resnet20", num_classes=10)
     x = torch.randn(3, 3, 32, 32)
-    eager = optimize(m, precision="fp32", compile=False)
+    eager = optimize(m, precision="fp32", compile=False, direct=False)
     comp = optimize(m, precision="fp32", compile=True)
     assert comp.compiled and not eager.compiled
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_optimize_compiled_equals_eager_and_auto_follows_the_hardware():
     import shutil
     has_cxx = any(shutil.which(c) for c in ("g++", "clang++", "c++"))
     assert compile_pays(torch.device("cpu")) == has_cxx
-    assert optimize(m).compiled == has_cxx and not optimize(m, compile=False).compiled
+    assert optimize(m, direct=False).compiled == has_cxx and not optimize(m, compile=False).compiled
     with pytest.raises(UserError, match="compile must be"):
         optimize(m, compile="yes")
 
@@ -223,7 +223,7 @@ def test_compiled_cpu_path_prepacks_the_weights(capfd):
     convs = sum(isinstance(mod, torch.nn.Conv2d) for mod in m1.modules())
     with dynamo_config.patch(recompile_limit=1):
         for m, compiled in ((m1, False), (m1, True), (m2, True)):
-            out, calls = onednn_calls(optimize(m, precision="bf16", compile=compiled), x, capfd)
+            out, calls = onednn_calls(optimize(m, precision="bf16", compile=compiled, direct=False), x, capfd)
             with torch.no_grad():
                 ref = m(x)
             assert torch.equal(out.argmax(1), ref.argmax(1))

@@ -17,6 +17,9 @@ from .geometry import check_input_size
 from .infer import RunConfig, Runner, Source, open_runner, open_source
 from .infer.backends.openvino import precisions as ov_precisions
 from .infer.peers import MODES, Files, best_peer, last_line
+from .infer.backends.onednn import OneDnnResNet
+from .infer.backends.onednn import unavailable as direct_unavailable
+from .infer.backends.onednn import unsupported as direct_unsupported
 from .infer.backends.torch import compile_pays
 from .infer.calibrate import calibration_set
 from .infer.runner import installed
@@ -116,33 +119,47 @@ def _peer_failed(name: str, e: Exception, notes: list[str]) -> None:
 
 def _int8_path(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[str],
                compiled: bool = True, source: Any = "the model") -> dict[str, tuple[str, Runner]]:
-    """{"resnetkit_int8": ("int8", runner)}: resnetkit's PT2E int8 model calibrated on
-    `batches` (compiled with frozen weights where the torch engine compiles); empty, with a
-    note, where torchao is not installed. A model whose outputs on the calibration images
-    are not finite is a UserError naming `source`."""
+    """{"resnetkit_int8": ("int8", runner)}: resnetkit's int8 model calibrated on `batches`,
+    as open_runner builds it by default (the direct oneDNN path where it runs, else the PT2E
+    graph, compiled with frozen weights where the torch engine compiles); with the direct
+    path, the PT2E graph beside it as "resnetkit_int8_pt2e". Empty, with a note, where
+    torchao is not installed. A model whose outputs on the calibration images are not
+    finite is a UserError naming `source`."""
     why = installed("torch", "int8")
     if why:
         notes.append(f"{why}: resnetkit_int8 skipped")
         return {}
-    return {"resnetkit_int8": ("int8", open_runner(Source.of_model(base, name=source), RunConfig(
+    src = Source.of_model(base, name=source)
+    out = {"resnetkit_int8": ("int8", open_runner(src, RunConfig(
         engine="torch", precision="int8", calibration=batches, compile=compiled)))}
+    if isinstance(out["resnetkit_int8"][1].module, OneDnnResNet):
+        out["resnetkit_int8_pt2e"] = ("int8", open_runner(src, RunConfig(
+            engine="torch", precision="int8", calibration=batches, compile=compiled,
+            direct=False)))
+    return out
 
 
 def _runners(src: Source, probe: torch.Tensor, compiled: bool, onnx: bool,
              batches: list[torch.Tensor] | None, notes: list[str], peers: dict[str, Any],
              static: bool = True, mode: str = "search") -> dict[str, tuple[str, Runner]]:
     """{name: (precision, runner)} of every inference path of `src`'s model, the eager fp32
-    model first: resnetkit's torch engine (eager, and compiled when `compiled`), its int8
+    model first: resnetkit's torch engine (eager, compiled when `compiled`, and its direct
+    oneDNN path, the default where it runs: "resnetkit_direct"), its int8
     path calibrated on `batches` (None: no int8), and where `onnx` the peer engines (see
     _peers: inputs of probe's shape, configurations searched or defaults by `mode`, their
     table put in `peers`) that run on `probe` (see _working). ONNX Runtime, OpenVINO and
     int8 run on the CPU only."""
-    fast = open_runner(src, RunConfig(engine="torch", compile=False))
+    fast = open_runner(src, RunConfig(engine="torch", compile=False, direct=False))
     out = {"baseline_fp32_nchw": ("fp32", open_runner(src, RunConfig(reference=True))),
            "resnetkit_infer": (fast.precision, fast)}
     if compiled:
         out["resnetkit_infer_compiled"] = (fast.precision, open_runner(
             src, RunConfig(engine="torch", compile=True)))
+    default = open_runner(src, RunConfig(engine="torch"))
+    if isinstance(default.module, OneDnnResNet):
+        out["resnetkit_direct"] = (default.precision, default)
+    elif next(src.model.parameters()).device.type == "cpu":
+        notes.append(f"resnetkit_direct skipped: {direct_unavailable() or direct_unsupported(src.model)}")
     cpu = next(src.model.parameters()).device.type == "cpu"
     if batches is not None and cpu:
         out.update(_int8_path(src.model, batches, notes, compiled, src.name))
@@ -258,12 +275,13 @@ def _train_targets(results: dict[str, dict[str, Any]], hw: dict[str, Any]) -> di
 
 def _inference_targets(results: dict[str, dict[str, Any]], hw: dict[str, Any]
                        ) -> dict[str, Any]:
-    """resnetkit's default inference path (compiled where timed) and its int8 path against
+    """resnetkit's default inference path (the direct oneDNN path where it runs, else compiled
+    where timed) and its int8 path against
     the fastest peer engine at the same precision: the median of the per-round ratios
     (target >= 1.0), and the fraction of the peak at that precision (target >= 0.9 on CPUs
     without AMX; AMX's tile peak is reported, with no target, as for training)."""
-    default = "resnetkit_infer_compiled" if "resnetkit_infer_compiled" in results \
-        else "resnetkit_infer"
+    default = next(k for k in ("resnetkit_direct", "resnetkit_infer_compiled", "resnetkit_infer")
+                   if k in results)
     out = {}
     for kind, ours in (("default", default), ("int8", "resnetkit_int8")):
         if ours not in results:
@@ -351,7 +369,8 @@ def bench(model: str = "resnet50", batch: int = 16, image_size: int = 224, threa
             "results": results, **extra,
             "inference_targets": _inference_targets(results, hw), "peers": peers,
             "peer_search": peer_search, "lead_in_calls": LEAD_IN,
-            "optimize_default": "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
+            "optimize_default": "resnetkit_direct" if "resnetkit_direct" in results else
+            "resnetkit_infer_compiled" if auto_compiles else "resnetkit_infer",
             "allocator": allocator_state(),
             "notes": notes, "pid": os.getpid()}
 

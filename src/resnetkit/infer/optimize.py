@@ -17,7 +17,8 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
              bf16_weights: bool = False, engine: str = "torch", calibration: Any = None,
              calibration_batches: int = 0, preprocess: dict[str, Any] | None = None,
              input_shape: tuple[int, ...] | None = None, data_dir: str | None = None,
-             classes: list[str] | None = None, source: Any = "the model"):
+             classes: list[str] | None = None, source: Any = "the model",
+             direct: str | bool = "auto"):
     """A fast inference copy of `model` (the original is untouched).
 
     precision: "auto" (bf16 where the hardware has native bf16 and the engine runs bf16,
@@ -27,6 +28,12 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
     then compiles, so use it for long-running inference, not for a handful of images. On
     the CPU the compiled graph freezes the weights (prepacked once for oneDNN, residual add
     and ReLU fused into the convs; see backends.torch.PerShape).
+    direct: the torch engine's direct oneDNN path (no framework between the convs, NHWC
+    throughout, nothing to compile: a plan per input shape in well under a second), taken
+    by "auto" on the CPU where `pip install 'resnetkit[onednn]'` put oneDNN and the model
+    is one it runs, for int8 always and for fp32/bf16 unless compile=True, fold=False,
+    channels_last=False or bf16_weights ask for the PyTorch path (see
+    infer.runner.RunConfig); True requires it, False keeps to PyTorch.
     bf16_weights: with bf16, store the feature weights in bf16 once instead of letting
     autocast cast them on every call (the fc stays fp32 either way): half the weight
     memory; no measurable speed difference on AVX512-BF16 (+1.7% ResNet-50 at 224, -0.6%
@@ -44,12 +51,14 @@ def optimize(model: ResNet, precision: str = "auto", channels_last: str | bool =
     messages (a model whose outputs on the calibration images are NaN or infinite is a
     UserError naming it).
 
-    Returns the torch engine's InferenceModel for torch at fp32 or bf16, else an
+    Returns the torch engine's module for torch at fp32 or bf16 (an InferenceModel, or a
+    backends.onednn.OneDnnResNet on the direct path), else an
     infer.runner.Runner: called on a float NCHW tensor, it gives fp32 logits; `.engine` and
     `.precision` say what runs. Raises UserError for what cannot run here."""
     config = RunConfig(engine=engine, precision=precision, calibration=calibration,
                        calibration_batches=calibration_batches, data_dir=data_dir,
                        shape=tuple(input_shape) if input_shape else None, compile=compile,
-                       channels_last=channels_last, fold=fold, bf16_weights=bf16_weights)
+                       channels_last=channels_last, fold=fold, bf16_weights=bf16_weights,
+                       direct=direct)
     runner = open_runner(Source.of_model(model, preprocess, classes, source), config)
     return runner.module if engine == "torch" and runner.precision != "int8" else runner

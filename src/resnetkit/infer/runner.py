@@ -19,6 +19,7 @@ from ..model import ResNet
 from ..runtime import decide_precision
 from ..untrusted import shown
 from . import auto
+from .backends import onednn as direct_backend
 from .backends import onnxruntime as ort_backend
 from .backends import openvino as ov_backend
 from .backends.torch import Int8Model, compile_pays, optimized
@@ -50,7 +51,11 @@ class RunConfig:
     CPU); False takes the first installed (int8: OpenVINO, ONNX Runtime, torch; else torch)
     and starts at once, as a server should. reference: the model as it is, eager fp32 with
     its BNs: what every fast path is judged against. compile, channels_last, fold,
-    bf16_weights: the torch engine's (see infer.optimize.optimize)."""
+    bf16_weights: the torch engine's (see infer.optimize.optimize). direct: the torch
+    engine's direct oneDNN path (backends.onednn: no framework between the convs, no
+    compiling): "auto" takes it on the CPU where it is installed and runs the model, for
+    int8 always, for fp32 and bf16 unless compile is True or fold, channels_last or
+    bf16_weights ask for the PyTorch path; True requires it; False never takes it."""
 
     engine: str = "auto"
     precision: str = "auto"
@@ -66,11 +71,16 @@ class RunConfig:
     channels_last: bool | str = "auto"
     fold: bool = True
     bf16_weights: bool = False
+    direct: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.engine not in ("auto", *ENGINES):
             raise UserError(f"engine must be one of auto, {', '.join(ENGINES)}, got "
                             f"{shown(repr(self.engine))}")
+        if self.compile not in ("auto", True, False):
+            raise UserError(f"compile must be auto, True or False, got {shown(repr(self.compile))}")
+        if self.direct not in ("auto", True, False):
+            raise UserError(f"direct must be auto, True or False, got {shown(repr(self.direct))}")
         if self.calibration_batches < 0:
             raise UserError(f"calibration_batches must be >= 0, got {self.calibration_batches}")
         if self.calibration is not None and self.precision != "int8":
@@ -262,6 +272,12 @@ def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor
     images', else 224); config.static fixes OpenVINO's input to it."""
     name = meta.source
     if engine == "torch":
+        why = _not_direct(model, precision, config)
+        if why is None:
+            m = direct_backend.OneDnnResNet(model, precision, batches, name)
+            return Runner("torch", precision, m, meta, numpy_io=False, module=m)
+        if config.direct is True:
+            raise UserError(why)
         if precision == "int8":
             device = next(model.parameters()).device
             compiled = compile_pays(device) if config.compile == "auto" else bool(config.compile)
@@ -291,6 +307,22 @@ def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor
         run = ov_backend.compiled(graph, "fp32" if precision == "int8" else precision,
                                   threads, fixed)
     return Runner(engine, precision, run, meta)
+
+
+def _not_direct(model: ResNet, precision: str, config: RunConfig) -> str | None:
+    """None when the torch engine takes its direct oneDNN path for `model` at `precision`
+    under `config`, else why not (see RunConfig.direct)."""
+    if config.direct is False:
+        return "direct=False"
+    if next(model.parameters()).device.type != "cpu":
+        return "the direct oneDNN path runs on the CPU"
+    if precision == "bf16" and decide_precision("auto", "cpu", choices=("bf16", "fp32")) != "bf16":
+        return "the direct oneDNN path runs bf16 only on CPUs with native bf16"
+    if precision != "int8" and config.direct == "auto" and (
+            config.compile is True or not config.fold or config.channels_last is False
+            or config.bf16_weights):
+        return "compile, fold, channels_last or bf16_weights ask for the PyTorch path"
+    return direct_backend.unavailable() or direct_backend.unsupported(model)
 
 
 class AutoRunner(Runner):

@@ -1,0 +1,461 @@
+"""The torch engine's direct path: a post-activation ResNet run by oneDNN primitives with no
+framework between them (onednn_resnet.cpp, built on first use against the oneDNN of the
+`onednn` extra and loaded with ctypes). Activations stay NHWC at the run's precision from
+the input to the head; every conv has its BN folded in and its ReLU and residual sum fused,
+the sum written in place into the shortcut's buffer; buffers are reused. int8 keeps u8
+activations after each ReLU and s8 where signed (the input, the projections), with the
+ranges calibrated by torchao's observers (those of the x86 PT2E quantizer) and per-channel
+symmetric weights. The classifier runs in torch at fp32.
+
+What it runs: BasicBlock and Bottleneck nets (grouped, dilated, plain, options A/B/C, the
+imagenet/deep/CIFAR stems); `unsupported(model)` names what it does not (pre-activation
+blocks, SE, avg-down projections, pools other than avg), and the caller then takes the
+PT2E/Inductor path. This module is the only one that talks to that library."""
+from __future__ import annotations
+
+import copy
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...errors import UserError
+from ...geometry import check_input
+from ...layers import ZeroPadShortcut
+from ...model import ResNet
+from ..calibrate import check_calibration_outputs
+from .torch import BN_LIKE, fold_model
+
+SOURCE = Path(__file__).resolve().parent.parent.parent / "onednn_resnet.cpp"
+PRECISIONS = ("fp32", "bf16", "int8")
+_CODES = {"fp32": 0, "bf16": 1, "int8": 2}
+_OUT_TYPES = {0: (torch.float32, 4), 1: (torch.bfloat16, 2), 2: (torch.uint8, 1),
+              3: (torch.int8, 1)}
+# input shapes kept built at once (each holds its activation buffers; packed weights are
+# shared where the layout agrees): a server sees every batch size up to its largest
+MAX_PLANS = 32
+
+
+def _dirs() -> tuple[Path, Path]:
+    data = Path(sysconfig.get_paths()["data"])
+    return data / "include", data / "lib"
+
+
+def unavailable() -> str | None:
+    """None when the direct path can be built here, else why not."""
+    include, lib = _dirs()
+    if not (include / "oneapi" / "dnnl" / "dnnl.hpp").is_file() or \
+            not any(lib.glob("libdnnl.so*")):
+        return ("the direct oneDNN path needs oneDNN's library and headers: pip install "
+                "'resnetkit[onednn]'")
+    if not _compiler():
+        return "the direct oneDNN path needs a C++ compiler (g++ or $CXX)"
+    if not SOURCE.is_file():
+        return f"{SOURCE.name} is missing from the installed package"
+    return None
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "resnetkit"
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """onednn_resnet.cpp built (once per source, compiler and oneDNN; cached under
+    ~/.cache/resnetkit, written atomically) and loaded. Raises UserError when it cannot be."""
+    why = unavailable()
+    if why:
+        raise UserError(why)
+    include, lib = _dirs()
+    cxx = _compiler()
+    dnnl = sorted(lib.glob("libdnnl.so*"))[-1].resolve()
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{cxx}|{dnnl}|{dnnl.stat().st_size}".encode())
+    out = _cache_dir() / f"onednn_resnet-{key.hexdigest()[:16]}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".onednn_resnet-", suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+                            str(SOURCE), f"-I{include}", f"-L{lib}", "-ldnnl",
+                            f"-Wl,-rpath,{lib}", "-o", tmp],
+                           check=True, capture_output=True, text=True, timeout=300)
+            os.replace(tmp, out)
+        except subprocess.CalledProcessError as e:
+            raise UserError(f"building the direct oneDNN path failed: "
+                            f"{e.stderr.strip()[-500:]}") from None
+        except (OSError, subprocess.SubprocessError) as e:
+            raise UserError(f"building the direct oneDNN path failed: {e}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    so = ctypes.CDLL(str(out))
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    for name, res, args in (
+            ("rk_error", ctypes.c_char_p, []),
+            ("rk_net_new", p, [i, i, i, f]),
+            ("rk_net_free", None, [p]),
+            ("rk_add_conv", i, [p, i, i, p, p, p, p, p, f, f, f, i, i, i]),
+            ("rk_add_maxpool", i, [p, i, i, i, i, i, i, i, i]),
+            ("rk_set_output", None, [p, i]),
+            ("rk_plan", p, [p, i, i, i]),
+            ("rk_plan_output", p, [p, p, p]),
+            ("rk_plan_free", None, [p]),
+            ("rk_run", i, [p, p, i])):
+        fn = getattr(so, name)
+        fn.restype, fn.argtypes = res, args
+    return so
+
+
+def unsupported(model: ResNet) -> str | None:
+    """None when the direct path runs `model`, else what it lacks."""
+    cfg = model.cfg
+    checks = ((not cfg.preact, "pre-activation blocks"), (not cfg.se_ratio, "SE"),
+              (not cfg.avg_down, "avg-down projections"), (cfg.stem_norm, "a stem without BN"),
+              (getattr(model.avgpool, "pool_type", None) == "avg", "a global pool other than avg"),
+              (not model.features_only, "a features-only backbone"),
+              (isinstance(model.fc, nn.Linear), "a model without a classifier"),
+              (model.maxpool.__class__ in (nn.Identity, nn.MaxPool2d)
+               and not getattr(model.maxpool, "ceil_mode", False), "this max-pool"))
+    for ok, what in checks:
+        if not ok:
+            return f"the direct oneDNN path does not run {what}"
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d,)) and m.padding_mode != "zeros":
+            return "the direct oneDNN path does not run padding modes other than zeros"
+        if isinstance(m, nn.GroupNorm) or (isinstance(m, nn.modules.batchnorm._NormBase)
+                                           and not isinstance(m, BN_LIKE)):
+            return "the direct oneDNN path runs BatchNorm only (folded into the convs)"
+    return None
+
+
+class _Tensor:
+    """A logical activation: its producer's observer key, and whether it may be negative."""
+    def __init__(self, index: int, signed: bool):
+        self.index, self.signed = index, signed
+
+
+class _Graph:
+    """The folded model as a list of ops on logical tensors (shape-free), with the module
+    whose output is each tensor (what calibration observes)."""
+
+    def __init__(self, model: ResNet):
+        self.ops: list[dict[str, Any]] = []
+        self.tensors: list[_Tensor] = []
+        self.observed: dict[int, nn.Module] = {}  # tensor index -> module giving its value
+        self.same_as: dict[int, int] = {}          # tensor index -> tensor sharing its range
+        self.input = self._new(True)
+        x = self._stem(model)
+        for block in model.blocks():
+            x = self._block(block, x)
+        self.output = x
+
+    def _new(self, signed: bool) -> _Tensor:
+        t = _Tensor(len(self.tensors), signed)
+        self.tensors.append(t)
+        return t
+
+    def _conv(self, conv: nn.Conv2d, src: _Tensor, relu: bool, observe: nn.Module | None,
+              residual: _Tensor | None = None, weight: torch.Tensor | None = None) -> _Tensor:
+        out = self._new(not relu)
+        if observe is not None:
+            self.observed[out.index] = observe
+        self.ops.append(dict(kind="conv", conv=conv, src=src, dst=out, relu=relu,
+                             residual=residual, weight=weight))
+        return out
+
+    def _stem(self, model: ResNet) -> _Tensor:
+        x = self.input
+        if isinstance(model.conv1, nn.Sequential):  # the deep stem: conv, ReLU, conv, ReLU, conv
+            mods = [m for m in model.conv1 if not isinstance(m, nn.Identity)]
+            convs = [m for m in mods if isinstance(m, nn.Conv2d)]
+            relus = [m for m in mods if isinstance(m, nn.ReLU)]
+            if len(convs) != len(relus) + 1:
+                raise UserError("the direct oneDNN path does not run this stem")
+            for conv, relu in zip(convs, relus):
+                x = self._conv(conv, x, True, relu)
+            x = self._conv(convs[-1], x, True, model.relu)
+        else:
+            x = self._conv(model.conv1, x, True, model.relu)
+        if isinstance(model.maxpool, nn.MaxPool2d):
+            pool = model.maxpool
+            out = self._new(x.signed)
+            self.same_as[out.index] = x.index  # the max keeps its input's range
+            self.ops.append(dict(kind="maxpool", pool=pool, src=x, dst=out))
+            x = out
+        return x
+
+    def _block(self, block: nn.Module, x: _Tensor) -> _Tensor:
+        if not isinstance(block.se, nn.Identity):
+            raise UserError("the direct oneDNN path does not run SE")
+        last = 3 if hasattr(block, "conv3") else 2
+        out = x
+        for i in range(1, last):
+            out = self._conv(getattr(block, f"conv{i}"), out, True, getattr(block, f"act{i}"))
+        shortcut = block.downsample
+        if shortcut is None:
+            residual = None
+        elif isinstance(shortcut, nn.Identity):
+            residual = x
+        elif isinstance(shortcut, ZeroPadShortcut):
+            # option A (stride, then zero channels) is a 1x1 conv whose weights pick the
+            # channels: exact in every precision (int8: 127 * (1/127) = 1)
+            eye = torch.zeros(shortcut.out_chs, shortcut.in_chs, 1, 1)
+            eye[torch.arange(shortcut.in_chs), torch.arange(shortcut.in_chs)] = 1.0
+            conv = nn.Conv2d(shortcut.in_chs, shortcut.out_chs, 1, shortcut.stride, bias=False)
+            residual = self._conv(conv, x, False, None, weight=eye)
+            residual.signed = x.signed
+            self.same_as[residual.index] = x.index
+        else:
+            convs = [m for m in shortcut if not isinstance(m, nn.Identity)]
+            if len(convs) != 1 or not isinstance(convs[0], nn.Conv2d):
+                raise UserError("the direct oneDNN path does not run this shortcut")
+            residual = self._conv(convs[0], x, False, shortcut)
+        return self._conv(getattr(block, f"conv{last}"), out, True, getattr(block, f"act{last}"),
+                          residual=residual)
+
+
+def _slots(graph: _Graph) -> dict[int, int]:
+    """A buffer slot per logical tensor, reused once the tensor is dead; a residual sum's
+    output takes its shortcut's slot (the sum is written in place). Slot 0 is the input."""
+    last_use: dict[int, int] = {}
+    for i, op in enumerate(graph.ops):
+        last_use[op["src"].index] = i
+        if op.get("residual") is not None:
+            last_use[op["residual"].index] = i
+    last_use[graph.output.index] = len(graph.ops)
+    slot = {graph.input.index: 0}
+    free: list[int] = []
+    count = 1
+    for i, op in enumerate(graph.ops):
+        dst = op["dst"].index
+        if op.get("residual") is not None:
+            slot[dst] = slot[op["residual"].index]
+        elif free:
+            slot[dst] = free.pop()
+        else:
+            slot[dst], count = count, count + 1
+        for t in {op["src"].index} | ({op["residual"].index} if op.get("residual") else set()):
+            if last_use.get(t) == i and slot[t] != slot[dst]:
+                free.append(slot[t])
+    return slot
+
+
+def _calibrate(model: ResNet, graph: _Graph, batches: list[torch.Tensor] | None,
+               source: Any) -> dict[int, float]:
+    """The scale of every logical tensor from torchao's observers (HistogramObserver, as the
+    x86 PT2E quantizer uses): u8 affine for ReLU outputs (zero point 0), s8 symmetric for
+    signed ones. A model whose outputs on the calibration images are not finite is a
+    UserError naming `source`."""
+    if not batches:
+        raise UserError("int8 needs calibration images")
+    try:
+        from torchao.quantization.pt2e.observer import HistogramObserver
+    except ImportError:
+        raise UserError("int8 with the torch engine needs torchao: pip install "
+                        "'resnetkit[int8]'") from None
+    observers: dict[int, Any] = {}
+
+    def make(signed: bool):
+        if signed:
+            return HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        return HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+
+    hooks = []
+    for index, module in graph.observed.items():
+        observers[index] = make(graph.tensors[index].signed)
+        hooks.append(module.register_forward_hook(
+            lambda m, args, out, ob=observers[index]: _observe(ob, out)))
+    observers[graph.input.index] = make(True)
+
+    def observed(b: torch.Tensor) -> torch.Tensor:
+        _observe(observers[graph.input.index], b)
+        return model(b.float())
+    try:
+        check_calibration_outputs(observed, batches, source)
+    finally:
+        for h in hooks:
+            h.remove()
+    scales: dict[int, float] = {}
+    for index, ob in observers.items():
+        scale, zero = ob.calculate_qparams()
+        scales[index] = float(scale)
+        if int(zero) != 0:  # a ReLU output's range starts at 0; keep it exactly there
+            scales[index] = float(ob.max_val) / 255.0
+    for index, other in graph.same_as.items():
+        scales[index] = scales[other]
+    return scales
+
+
+def _observe(observer: Any, x: torch.Tensor) -> None:
+    """Record x's range; a map that overflowed is left to the output check, which names the
+    model (the observer's own error would be a traceback)."""
+    x = x.detach().float()
+    if torch.isfinite(x).all():
+        observer(x)
+
+
+def _quantized_weight(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric int8 weights and their scales (torchao's
+    PerChannelMinMaxObserver, as the x86 PT2E quantizer uses)."""
+    from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
+    ob = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8,
+                                  qscheme=torch.per_channel_symmetric)
+    ob(w)
+    scale, zero = ob.calculate_qparams()
+    q = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8).int_repr()
+    return (np.ascontiguousarray(q.numpy()),
+            np.ascontiguousarray(scale.float().numpy()))
+
+
+class OneDnnResNet(nn.Module):
+    """`model` (a ResNet that `unsupported` accepts) on the direct oneDNN path at
+    `precision` ("fp32", "bf16" or "int8"; int8 needs calibration `batches`). Called on a
+    float NCHW batch, it gives fp32 logits; a plan is built per input shape (the first call
+    of a shape takes about a second for ResNet-50)."""
+
+    engine = "torch"
+
+    compiled = False  # nothing to compile: a plan per input shape, built in well under a second
+    channels_last = True  # every activation is NHWC
+
+    def __init__(self, model: ResNet, precision: str, batches: list[torch.Tensor] | None = None,
+                 source: Any = "the model"):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise UserError(f"the direct oneDNN path runs {', '.join(PRECISIONS)}, not "
+                            f"{precision!r}")
+        why = unsupported(model)
+        if why:
+            raise UserError(why)
+        self.precision = precision
+        self._lib = library()
+        folded = fold_model(copy.deepcopy(model).float().eval())
+        graph = _Graph(folded)
+        scales = _calibrate(folded, graph, batches, source) if precision == "int8" else {}
+        slots = _slots(graph)
+        self.in_chans = model.cfg.in_chans
+        self.cfg, self.min_input_size = model.cfg, model.min_input_size
+        self.fc = copy.deepcopy(folded.fc).float()
+        for p in self.fc.parameters():
+            p.requires_grad_(False)
+        lib = self._lib
+        net = lib.rk_net_new(_CODES[precision], self.in_chans, slots[graph.input.index],
+                             scales.get(graph.input.index, 1.0))
+        if not net:
+            raise UserError(f"the direct oneDNN path: {lib.rk_error().decode()}")
+        self._net = net
+        for op in graph.ops:
+            src, dst = slots[op["src"].index], slots[op["dst"].index]
+            if op["kind"] == "maxpool":
+                pool = op["pool"]
+                k, s, pd = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
+                            _pair(pool.padding))
+                if _pair(pool.dilation) != (1, 1):
+                    raise UserError("the direct oneDNN path does not run a dilated max-pool")
+                self._check(lib.rk_add_maxpool(net, src, dst, *k, *s, *pd))
+                continue
+            conv, res = op["conv"], op["residual"]
+            w = (op["weight"] if op["weight"] is not None else conv.weight).detach().float()
+            bias = (conv.bias.detach().float() if conv.bias is not None
+                    else torch.zeros(conv.out_channels))
+            geometry = np.array([conv.in_channels, conv.out_channels, *conv.kernel_size,
+                                 *conv.stride, *_padding(conv), *conv.dilation, conv.groups],
+                                dtype=np.int32)
+            weight = np.ascontiguousarray(w.numpy())
+            bias = np.ascontiguousarray(bias.numpy())
+            if precision == "int8":
+                qweight, wscale = _quantized_weight(w)
+            else:
+                qweight = wscale = None
+            src_scale = scales.get(op["src"].index, 1.0)
+            dst_scale = scales.get(op["dst"].index, 1.0)
+            sum_scale = scales.get(res.index, 1.0) if res is not None else 0.0
+            self._check(lib.rk_add_conv(
+                net, src, dst, _ptr(geometry), _ptr(weight), _ptr(qweight), _ptr(bias),
+                _ptr(wscale), src_scale, dst_scale, sum_scale, int(op["relu"]),
+                int(res is not None), int(op["dst"].signed)))
+        lib.rk_set_output(net, slots[graph.output.index])
+        self._out_scale = scales.get(graph.output.index, 1.0)
+        self._plans: dict[tuple[int, ...], Any] = {}
+        self._lock = threading.Lock()  # a plan's buffers serve one call at a time
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            raise UserError(f"the direct oneDNN path: {self._lib.rk_error().decode()}")
+
+    def _plan(self, shape: tuple[int, ...]) -> Any:
+        plan = self._plans.get(shape)
+        if plan is None:
+            n, c, h, w = shape
+            plan = self._lib.rk_plan(self._net, n, h, w)
+            if not plan:
+                raise UserError(f"the direct oneDNN path cannot run inputs of shape "
+                                f"{list(shape)}: {self._lib.rk_error().decode()}")
+            if len(self._plans) >= MAX_PLANS:  # the oldest goes
+                self._lib.rk_plan_free(self._plans.pop(next(iter(self._plans))))
+            self._plans[shape] = plan
+        return plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x)  # the model's own checks: channels, and a size every layer takes
+        if x.device.type != "cpu":
+            raise UserError("the direct oneDNN path runs on the CPU")
+        x = x.detach().float().contiguous()
+        with self._lock:
+            plan = self._plan(tuple(x.shape))
+            self._check(self._lib.rk_run(plan, x.data_ptr(), torch.get_num_threads()))
+            dims, kind = (ctypes.c_int * 4)(), ctypes.c_int()
+            ptr = self._lib.rk_plan_output(plan, dims, ctypes.byref(kind))
+            dtype, size = _OUT_TYPES[kind.value]
+            n = dims[0] * dims[1] * dims[2] * dims[3]
+            raw = (ctypes.c_byte * (n * size)).from_address(ptr)
+            out = torch.frombuffer(raw, dtype=dtype).view(*dims)  # NHWC, the plan's buffer
+            feats = out.float().mean((1, 2))  # a new tensor: the buffer is free again
+        if self.precision == "int8":
+            feats.mul_(self._out_scale)
+        with torch.no_grad():
+            return self.fc(feats)
+
+    def __del__(self) -> None:
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        for plan in getattr(self, "_plans", {}).values():
+            lib.rk_plan_free(plan)
+        if getattr(self, "_net", None):
+            lib.rk_net_free(self._net)
+            self._net = None
+
+    def __deepcopy__(self, memo: dict) -> "OneDnnResNet":
+        raise TypeError("the direct oneDNN path's model cannot be copied: build another")
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):
+        raise UserError("the direct oneDNN path runs convs with numeric padding only")
+    return tuple(conv.padding)
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data

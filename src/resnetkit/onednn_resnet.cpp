@@ -1,0 +1,350 @@
+// A post-activation ResNet (BN folded into the convs) run by oneDNN primitives directly, with
+// no framework between them: every activation stays in NHWC at the network's precision
+// (fp32, bf16, or int8: u8 after a ReLU, s8 where signed), each conv has its ReLU and the
+// residual sum fused (the sum written in place into the shortcut's buffer), and buffers are
+// reused by the slots Python assigns. The head (average pool, classifier) runs in torch. Python (infer/backends/onednn.py) describes the network op by
+// op with the add_* calls, then asks for a plan per input shape and runs it. Built on first
+// use against the oneDNN of the onednn-cpu-gomp wheel; called through ctypes.
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <omp.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+using namespace dnnl;
+using dt = memory::data_type;
+using tag = memory::format_tag;
+
+namespace {
+
+thread_local std::string last_error;
+
+enum Precision { F32 = 0, BF16 = 1, INT8 = 2 };
+
+struct Conv {
+  int src, dst, ic, oc, kh, kw, sh, sw, ph, pw, dh, dw, groups;
+  std::vector<float> weight;    // fp32 and bf16: the folded weights, (oc, ic/g, kh, kw)
+  std::vector<int8_t> qweight;  // int8: the quantized weights, same layout
+  std::vector<float> bias, wscale;
+  float src_scale, dst_scale, sum_scale;
+  int relu, sum, dst_signed;
+  // weights reordered for each layout a plan's primitive asked for
+  std::vector<std::pair<memory::desc, memory>> packed;
+};
+
+struct Pool {
+  int src, dst, kh, kw, sh, sw, ph, pw;
+};
+
+struct Op {
+  int kind;  // 0 conv, 1 max pool
+  Conv conv;
+  Pool pool;
+};
+
+struct Net {
+  int precision, in_chans = 0, input = -1, output = -1, slots = 0;
+  float in_scale = 1.f;
+  engine eng{engine::kind::cpu, 0};
+  std::vector<Op> ops;
+};
+
+struct Shape {
+  int c = 0, h = 0, w = 0;
+  dt type = dt::undef;
+};
+
+struct Buffer {
+  void* ptr = nullptr;
+  ~Buffer() { std::free(ptr); }
+};
+
+struct Plan {
+  Net* net;
+  int n, h, w;
+  Shape out_shape;
+  void* out = nullptr;
+  stream st;
+  std::vector<primitive> prims;
+  std::vector<std::unordered_map<int, memory>> args;
+  std::vector<std::unique_ptr<Buffer>> buffers;
+  memory user_in;
+  std::vector<float> scale_values;  // kept alive for the scale memories
+};
+
+dt act_type(const Net& net, bool is_signed) {
+  if (net.precision == INT8) return is_signed ? dt::s8 : dt::u8;
+  return net.precision == BF16 ? dt::bf16 : dt::f32;
+}
+
+memory::desc nhwc(int n, const Shape& s) { return memory::desc({n, s.c, s.h, s.w}, s.type, tag::nhwc); }
+
+memory scalar(Plan& p, const engine& eng, const float* values, int count) {
+  return memory(memory::desc({count}, dt::f32, tag::a), eng, const_cast<float*>(values));
+}
+
+int out_size(int in, int k, int s, int pad, int d) { return (in + 2 * pad - d * (k - 1) - 1) / s + 1; }
+
+bool fail(const std::string& what) {
+  last_error = what;
+  return false;
+}
+
+bool build(Plan& p) {
+  Net& net = *p.net;
+  const engine& eng = net.eng;
+  std::vector<Shape> shape(net.slots);
+  std::vector<size_t> bytes(net.slots, 0);
+  auto grow = [&](int slot, const memory::desc& d) { bytes[slot] = std::max(bytes[slot], d.get_size()); };
+  shape[net.input] = {net.in_chans, p.h, p.w, act_type(net, true)};
+  grow(net.input, nhwc(p.n, shape[net.input]));
+  // first pass: the primitives and every slot's largest size; the memories come after
+  std::vector<std::unordered_map<int, memory::desc>> descs;
+  for (Op& op : net.ops) {
+    std::unordered_map<int, memory::desc> d;
+    if (op.kind == 0) {
+      Conv& c = op.conv;
+      Shape in = shape[c.src];
+      if (in.c != c.ic) return fail("a conv expects " + std::to_string(c.ic) + " channels, has " + std::to_string(in.c));
+      int oh = out_size(in.h, c.kh, c.sh, c.ph, c.dh), ow = out_size(in.w, c.kw, c.sw, c.pw, c.dw);
+      if (oh < 1 || ow < 1) return fail("the input is too small for this network");
+      Shape out{c.oc, oh, ow, act_type(net, c.dst_signed)};
+      if (c.sum) {
+        const Shape& r = shape[c.dst];
+        if (r.c != out.c || r.h != out.h || r.w != out.w)
+          return fail("a residual sum's shapes differ (" + std::to_string(r.c) + "x" + std::to_string(r.h) + "x" +
+                      std::to_string(r.w) + " and " + std::to_string(out.c) + "x" + std::to_string(oh) + "x" +
+                      std::to_string(ow) + ")");
+      }
+      memory::dims wdims = c.groups > 1 ? memory::dims{c.groups, c.oc / c.groups, c.ic / c.groups, c.kh, c.kw}
+                                        : memory::dims{c.oc, c.ic, c.kh, c.kw};
+      dt wtype = net.precision == INT8 ? dt::s8 : act_type(net, false);
+      memory::desc src = nhwc(p.n, in), dst = nhwc(p.n, out);
+      memory::desc wei(wdims, wtype, tag::any), bia({c.oc}, dt::f32, tag::a);
+      primitive_attr attr;
+      post_ops po;
+      if (c.sum) {
+        if (net.precision == INT8) po.append_sum(c.sum_scale, 0, shape[c.dst].type);
+        else po.append_sum(1.f);
+      }
+      if (c.relu) po.append_eltwise(algorithm::eltwise_relu, 0.f, 0.f);
+      attr.set_post_ops(po);
+      if (net.precision == INT8) {
+        attr.set_scales_mask(DNNL_ARG_SRC, 0);
+        attr.set_scales_mask(DNNL_ARG_WEIGHTS, c.groups > 1 ? 3 : 1);
+        attr.set_scales_mask(DNNL_ARG_DST, 0);
+      }
+      auto pd = convolution_forward::primitive_desc(eng, prop_kind::forward_inference, algorithm::convolution_direct,
+                                                    src, wei, bia, dst, {c.sh, c.sw}, {c.dh - 1, c.dw - 1},
+                                                    {c.ph, c.pw}, {c.ph, c.pw}, attr);
+      p.prims.push_back(convolution_forward(pd));
+      memory* packed = nullptr;
+      for (auto& [desc, mem] : c.packed)
+        if (desc == pd.weights_desc()) packed = &mem;
+      if (!packed) {
+        memory::desc plain(wdims, wtype, c.groups > 1 ? tag::goihw : tag::oihw);
+        void* data = net.precision == INT8 ? static_cast<void*>(c.qweight.data()) : static_cast<void*>(c.weight.data());
+        memory from;
+        if (net.precision == INT8 || wtype == dt::f32) {
+          from = memory(plain, eng, data);
+        } else {  // fp32 weights to bf16 in the same reorder
+          from = memory(memory::desc(wdims, dt::f32, c.groups > 1 ? tag::goihw : tag::oihw), eng, data);
+        }
+        memory to(pd.weights_desc(), eng);
+        stream s(eng);
+        reorder(from, to).execute(s, from, to);
+        s.wait();
+        c.packed.emplace_back(pd.weights_desc(), to);
+        packed = &c.packed.back().second;
+      }
+      std::unordered_map<int, memory> a;
+      a[DNNL_ARG_WEIGHTS] = *packed;
+      a[DNNL_ARG_BIAS] = memory(bia, eng, c.bias.data());
+      if (net.precision == INT8) {
+        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC] = scalar(p, eng, &c.src_scale, 1);
+        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS] = scalar(p, eng, c.wscale.data(), c.oc);
+        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(p, eng, &c.dst_scale, 1);
+      }
+      p.args.push_back(std::move(a));
+      d[DNNL_ARG_SRC] = src;
+      d[DNNL_ARG_DST] = dst;
+      shape[c.dst] = out;
+      grow(c.dst, dst);
+    } else {
+      Pool& q = op.pool;
+      Shape in = shape[q.src];
+      int oh = (in.h + 2 * q.ph - q.kh) / q.sh + 1, ow = (in.w + 2 * q.pw - q.kw) / q.sw + 1;
+      if (oh < 1 || ow < 1) return fail("the input is too small for this network");
+      Shape out{in.c, oh, ow, in.type};
+      // the right/bottom padding that gives floor's output size (negative: rows left out)
+      int pr_h = (oh - 1) * q.sh + q.kh - in.h - q.ph, pr_w = (ow - 1) * q.sw + q.kw - in.w - q.pw;
+      memory::desc src = nhwc(p.n, in), dst = nhwc(p.n, out);
+      auto pd = pooling_forward::primitive_desc(eng, prop_kind::forward_inference, algorithm::pooling_max, src, dst,
+                                                {q.sh, q.sw}, {q.kh, q.kw}, {0, 0}, {q.ph, q.pw}, {pr_h, pr_w});
+      p.prims.push_back(pooling_forward(pd));
+      p.args.emplace_back();
+      d[DNNL_ARG_SRC] = src;
+      d[DNNL_ARG_DST] = dst;
+      shape[q.dst] = out;
+      grow(q.dst, dst);
+    }
+    descs.push_back(std::move(d));
+  }
+  // the output: the last map as it is (NHWC at its type); the head's average runs in torch
+  // (oneDNN's pooling keeps the data type, and its reduction primitive has only a reference
+  // implementation: 20 ms a batch for ResNet-50)
+  const Shape& last = shape[net.output];
+  p.out_shape = last;
+  // the input: fp32 NCHW to the first slot's type (int8: quantized by the input's scale)
+  memory::desc user_in({p.n, net.in_chans, p.h, p.w}, dt::f32, tag::nchw);
+  memory::desc first = nhwc(p.n, Shape{net.in_chans, p.h, p.w, act_type(net, true)});
+  primitive_attr iattr;
+  if (net.precision == INT8) iattr.set_scales_mask(DNNL_ARG_DST, 0);
+  auto ipd = reorder::primitive_desc(eng, user_in, eng, first, iattr);
+  // the slots' memory, then every primitive's arguments on it
+  p.buffers.resize(net.slots);
+  for (int i = 0; i < net.slots; ++i) {
+    p.buffers[i] = std::make_unique<Buffer>();
+    if (bytes[i] && posix_memalign(&p.buffers[i]->ptr, 64, bytes[i])) return fail("out of memory");
+  }
+  auto on_slot = [&](int slot, const memory::desc& d) { return memory(d, eng, p.buffers[slot]->ptr); };
+  for (size_t i = 0; i < net.ops.size(); ++i) {
+    const Op& op = net.ops[i];
+    int src = op.kind == 0 ? op.conv.src : op.pool.src, dst = op.kind == 0 ? op.conv.dst : op.pool.dst;
+    p.args[i][DNNL_ARG_SRC] = on_slot(src, descs[i][DNNL_ARG_SRC]);
+    p.args[i][DNNL_ARG_DST] = on_slot(dst, descs[i][DNNL_ARG_DST]);
+  }
+  p.user_in = memory(user_in, eng, DNNL_MEMORY_NONE);
+  std::unordered_map<int, memory> in_args{{DNNL_ARG_FROM, p.user_in}, {DNNL_ARG_TO, on_slot(net.input, first)}};
+  if (net.precision == INT8) in_args[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(p, eng, &net.in_scale, 1);
+  p.prims.insert(p.prims.begin(), reorder(ipd));
+  p.args.insert(p.args.begin(), std::move(in_args));
+  p.out = p.buffers[net.output]->ptr;
+  p.st = stream(eng);
+  return true;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* rk_error() { return last_error.c_str(); }
+
+void* rk_net_new(int precision, int in_chans, int input_slot, float in_scale) {
+  try {
+    auto* net = new Net;
+    net->precision = precision;
+    net->in_chans = in_chans;
+    net->input = input_slot;
+    net->in_scale = in_scale;
+    net->slots = input_slot + 1;
+    return net;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+}
+
+void rk_net_free(void* net) { delete static_cast<Net*>(net); }
+
+// one conv; weight: (oc, ic/groups, kh, kw) fp32 (fp32, bf16) or int8 (int8, with
+// wscale per output channel); sum: dst already holds the residual (scale sum_scale)
+int rk_add_conv(void* handle, int src, int dst, const int* geometry, const float* weight, const int8_t* qweight,
+                const float* bias, const float* wscale, float src_scale, float dst_scale, float sum_scale, int relu,
+                int sum, int dst_signed) {
+  try {
+    Net& net = *static_cast<Net*>(handle);
+    Op op{};
+    Conv& c = op.conv;
+    c.src = src, c.dst = dst;
+    c.ic = geometry[0], c.oc = geometry[1], c.kh = geometry[2], c.kw = geometry[3], c.sh = geometry[4];
+    c.sw = geometry[5], c.ph = geometry[6], c.pw = geometry[7], c.dh = geometry[8], c.dw = geometry[9];
+    c.groups = geometry[10];
+    size_t n = static_cast<size_t>(c.oc) * (c.ic / c.groups) * c.kh * c.kw;
+    if (net.precision == INT8) c.qweight.assign(qweight, qweight + n);
+    else c.weight.assign(weight, weight + n);
+    c.bias.assign(bias, bias + c.oc);
+    if (net.precision == INT8) c.wscale.assign(wscale, wscale + c.oc);
+    c.src_scale = src_scale, c.dst_scale = dst_scale, c.sum_scale = sum_scale;
+    c.relu = relu, c.sum = sum, c.dst_signed = dst_signed;
+    net.slots = std::max({net.slots, src + 1, dst + 1});
+    net.ops.push_back(std::move(op));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+int rk_add_maxpool(void* handle, int src, int dst, int kh, int kw, int sh, int sw, int ph, int pw) {
+  try {
+    Net& net = *static_cast<Net*>(handle);
+    Op op{};
+    op.kind = 1;
+    op.pool = Pool{src, dst, kh, kw, sh, sw, ph, pw};
+    net.slots = std::max({net.slots, src + 1, dst + 1});
+    net.ops.push_back(std::move(op));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+void rk_set_output(void* handle, int slot) {
+  Net& net = *static_cast<Net*>(handle);
+  net.output = slot;
+}
+
+// a plan for inputs of (n, in_chans, h, w); null with rk_error() set where oneDNN has no
+// implementation or the shapes do not fit
+void* rk_plan(void* handle, int n, int h, int w) {
+  auto* p = new Plan;
+  p->net = static_cast<Net*>(handle);
+  p->n = n, p->h = h, p->w = w;
+  try {
+    if (build(*p)) return p;
+  } catch (const dnnl::error& e) {
+    last_error = std::string("oneDNN: ") + e.what();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  }
+  delete p;
+  return nullptr;
+}
+
+// the output map of the last run: its buffer, dims (n, h, w, c: NHWC) and type (0 fp32,
+// 1 bf16, 2 u8, 3 s8); valid until the plan runs again or is freed
+void* rk_plan_output(void* plan, int* dims, int* type) {
+  Plan& p = *static_cast<Plan*>(plan);
+  dims[0] = p.n, dims[1] = p.out_shape.h, dims[2] = p.out_shape.w, dims[3] = p.out_shape.c;
+  dt t = p.out_shape.type;
+  *type = t == dt::f32 ? 0 : t == dt::bf16 ? 1 : t == dt::u8 ? 2 : 3;
+  return p.out;
+}
+
+void rk_plan_free(void* plan) { delete static_cast<Plan*>(plan); }
+
+// runs the plan on `threads` OpenMP threads: input fp32 NCHW (n, in_chans, h, w); the output
+// map is then at rk_plan_output
+int rk_run(void* handle, const float* input, int threads) {
+  Plan& p = *static_cast<Plan*>(handle);
+  try {
+    if (threads > 0) omp_set_num_threads(threads);
+    p.user_in.set_data_handle(const_cast<float*>(input));
+    for (size_t i = 0; i < p.prims.size(); ++i) p.prims[i].execute(p.st, p.args[i]);
+    p.st.wait();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,129 @@
+"""The torch engine's direct oneDNN path (infer.backends.onednn): every structure it runs
+equals the eager model in fp32, bf16 and int8 stay close to it, what it does not run falls
+back to the PyTorch path (or is one sentence when asked for), and bad inputs are one
+sentence. (Its int8 accuracy on a trained model is test_bench's `bench --check`.)"""
+import pytest
+import torch
+
+import resnetkit as rk
+from resnetkit.errors import UserError
+from resnetkit.geometry import MAX_IMAGE_SIZE
+from resnetkit.infer import RunConfig, Source, open_runner
+from resnetkit.infer.backends import onednn
+from resnetkit.runtime import has_native_bf16
+
+from conftest import with_bn_stats
+
+pytestmark = pytest.mark.skipif(onednn.unavailable() is not None,
+                                reason=str(onednn.unavailable()))
+
+# small nets covering each structure the path runs (stems, blocks, shortcuts, groups, dilation)
+VARIANTS = {
+    "basic, option B, imagenet stem": dict(name="resnet18", widths=(8, 16, 16, 16), stem_width=8),
+    "bottleneck, v1 strides, groups": dict(name="resnet50", layers=(1, 2, 1, 1), widths=(8, 8, 16, 16),
+                                           stem_width=16, groups=2, width_per_group=16, stride_in_1x1=True),
+    "deep stem, max-pool padding 0": dict(name="resnet18", layers=(1, 1, 1, 1), widths=(8, 8, 16, 16),
+                                          stem="deep", stem_width=16, maxpool_padding=0),
+    "option A, CIFAR stem": dict(name="resnet20"),
+    "pooled CIFAR stem, option C": dict(name="resnet20", stem="cifar_pool", shortcut="C"),
+    "plain net": dict(name="plain20"),
+    "dilated last stages": dict(name="resnet18", widths=(8, 8, 16, 16), stem_width=8, output_stride=8),
+}
+
+
+def model(spec, **kw):
+    spec = dict(spec, **kw)
+    return with_bn_stats(rk.create_model(spec.pop("name"), num_classes=7, **spec))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fp32_equals_the_eager_model(variant):
+    m = model(VARIANTS[variant])
+    direct = onednn.OneDnnResNet(m, "fp32")
+    for shape in ((3, 3, 40, 40), (1, 3, 33, 47)):  # odd sides: every floor and padding
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = m(x)
+        out = direct(x)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0), variant
+
+
+def test_int8_and_bf16_stay_close_to_fp32():
+    m = model(VARIANTS["bottleneck, v1 strides, groups"])
+    gen = torch.Generator().manual_seed(2)
+    calib = [torch.randn(16, 3, 48, 48, generator=gen) for _ in range(2)]
+    x = torch.randn(8, 3, 48, 48, generator=gen)
+    with torch.no_grad():
+        ref = m(x)
+    int8 = onednn.OneDnnResNet(m, "int8", calib)(x)
+    # 8-bit maps and weights: a few percent of the logits' range (an error in a scale or a
+    # zero point is far larger)
+    assert (int8 - ref).abs().max() < 0.1 * ref.abs().max()
+    assert torch.corrcoef(torch.stack([int8.flatten(), ref.flatten()]))[0, 1] > 0.99
+    if has_native_bf16("cpu"):
+        bf16 = onednn.OneDnnResNet(m, "bf16")(x)
+        assert (bf16 - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_the_default_torch_path_takes_it_and_falls_back_where_it_cannot():
+    m = model(VARIANTS["option A, CIFAR stem"])
+    run = open_runner(Source.of_model(m), RunConfig(engine="torch", precision="fp32"))
+    assert isinstance(run.module, onednn.OneDnnResNet)
+    # compile=True asks for Inductor; direct=False for PyTorch
+    assert not isinstance(open_runner(Source.of_model(m), RunConfig(
+        engine="torch", precision="fp32", direct=False)).module, onednn.OneDnnResNet)
+    preact = with_bn_stats(rk.create_model("resnet18", block="preact_basic", stem_norm=False,
+                                           widths=(8, 8, 8, 8), stem_width=8))
+    assert "pre-activation" in onednn.unsupported(preact)
+    run = open_runner(Source.of_model(preact), RunConfig(engine="torch", precision="fp32"))
+    assert not isinstance(run.module, onednn.OneDnnResNet)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(run(x), preact(x), atol=1e-4 * preact(x).abs().max().item())
+    with pytest.raises(UserError, match="does not run pre-activation blocks"):
+        open_runner(Source.of_model(preact), RunConfig(engine="torch", precision="fp32",
+                                                       direct=True))
+    with pytest.raises(UserError, match="direct must be auto, True or False"):
+        RunConfig(direct="yes")
+
+
+def test_bad_inputs_are_one_sentence():
+    m = model(VARIANTS["basic, option B, imagenet stem"])
+    direct = onednn.OneDnnResNet(m, "fp32")
+    for bad in (torch.randn(2, 1, 32, 32), torch.randn(1, 3, 8, MAX_IMAGE_SIZE + 1),
+                torch.randn(3, 32, 32)):
+        with torch.no_grad(), pytest.raises(UserError) as eager:
+            m(bad)
+        with pytest.raises(UserError) as ours:  # the model's own sentence
+            direct(bad)
+        assert str(ours.value) == str(eager.value)
+    with pytest.raises(UserError, match="int8 needs calibration images"):
+        onednn.OneDnnResNet(m, "int8")
+    with pytest.raises(UserError, match="runs fp32, bf16, int8"):
+        onednn.OneDnnResNet(m, "fp16")
+    huge = model(VARIANTS["option A, CIFAR stem"])
+    with torch.no_grad():
+        huge.fc.weight.fill_(float("inf"))
+    with pytest.raises(UserError, match="produced NaN or infinite"):
+        onednn.OneDnnResNet(huge, "int8", [torch.randn(4, 3, 32, 32)])
+
+
+def test_plans_per_shape_are_kept_up_to_the_limit(monkeypatch):
+    m = model(VARIANTS["option A, CIFAR stem"])
+    direct = onednn.OneDnnResNet(m, "fp32")
+    monkeypatch.setattr(onednn, "MAX_PLANS", 2)
+    for n in (1, 2, 3, 1):  # the first plan is dropped by the third shape, then rebuilt
+        x = torch.randn(n, 3, 32, 32)
+        with torch.no_grad():
+            ref = m(x)
+        assert torch.allclose(direct(x), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    assert list(direct._plans) == [(3, 3, 32, 32), (1, 3, 32, 32)]
+
+
+def test_without_the_library_it_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(onednn, "_dirs", lambda: (tmp_path / "include", tmp_path / "lib"))
+    assert "pip install 'resnetkit[onednn]'" in onednn.unavailable()
+    m = model(VARIANTS["option A, CIFAR stem"])
+    run = open_runner(Source.of_model(m), RunConfig(engine="torch", precision="fp32"))
+    assert not isinstance(run.module, onednn.OneDnnResNet)
