@@ -1,5 +1,6 @@
-"""Which convolutions hold a path back: resnetkit's compiled torch path (oneDNN's own timing of
-every primitive it runs, ONEDNN_VERBOSE) beside OpenVINO's (its per-node performance counters)
+"""Which convolutions hold a path back: resnetkit's torch path as open_runner builds it (the
+direct oneDNN path where it runs, else compiled; `--pytorch` for the compiled PyTorch path),
+oneDNN's own timing of every primitive it runs (its verbose mode), beside OpenVINO's (its per-node performance counters)
 on the same model, precision and batch. Convolutions are grouped by kind (the stem, 1x1,
 3x3); each group's time per batch, GFLOP/s and fraction of the measured peak at that
 precision, and the time outside convolutions. Prints JSON.
@@ -21,6 +22,7 @@ import torch
 import resnetkit as rk
 from common import model_parser
 from resnetkit.infer import RunConfig, Source, open_runner
+from resnetkit.infer.backends import onednn
 from resnetkit.infer.backends import openvino as ov_backend
 from resnetkit.infer.peers import Files, best_peer
 from resnetkit.infer.timing import interleaved
@@ -53,18 +55,26 @@ def torch_side(runner, x: torch.Tensor, iters: int) -> tuple[float, dict, dict]:
     sys.stdout.flush()
     os.dup2(w, 1)
     try:
+        direct = isinstance(runner.module, onednn.OneDnnResNet)
+        if direct:
+            onednn.set_verbose(2)
         with torch.inference_mode(), torch.backends.mkldnn.verbose(
                 torch.backends.mkldnn.VERBOSE_ON):
             runner(x)
             runner(x)
         sys.stdout.flush()
     finally:
+        if direct:
+            onednn.set_verbose(0)
         os.dup2(saved, 1)
         os.close(w)
     text = io.open(r, encoding="utf-8", errors="replace").read()
     for line in text.splitlines():
         f = line.split(",")
-        if len(f) < 10 or f[2] != "primitive" or f[3] != "exec" or f[5] != "convolution":
+        # "onednn_verbose,[v1,]primitive,exec,cpu,convolution,..." (newer oneDNN) or
+        # "onednn_verbose,exec,cpu,convolution,..." (3.2, the direct path's)
+        at = f.index("exec") if "exec" in f[:4] else -1
+        if len(f) < 10 or at < 0 or f[at + 2] != "convolution":
             continue
         m = SHAPE.search(line)
         if not m:
@@ -91,6 +101,8 @@ def openvino_side(run, request_of, x: np.ndarray, iters: int) -> tuple[float, di
 def main() -> None:
     p = model_parser(__doc__)
     p.add_argument("--iters", type=int, default=11)
+    p.add_argument("--pytorch", action="store_true",
+                   help="profile the compiled PyTorch path instead of the direct one")
     a = p.parse_args()
     rk.tune_allocator()
     torch.manual_seed(0)
@@ -99,7 +111,8 @@ def main() -> None:
     x = torch.randn(shape)
     cal = [torch.randn(shape) for _ in range(2)] if a.precision == "int8" else None
     runner = open_runner(Source.of_model(model), RunConfig(
-        engine="torch", precision=a.precision, calibration=cal, compile=True))
+        engine="torch", precision=a.precision, calibration=cal,
+        compile=True if a.pytorch else "auto", direct=False if a.pytorch else "auto"))
     total, ms, macs = torch_side(runner, x, a.iters)
     peak = hardware(measure=True)[PEAK_KEY[a.precision]]
 
@@ -109,7 +122,7 @@ def main() -> None:
                 for k, t in sorted(times.items())}
     out = {"model": a.model, "batch": a.batch, "image_size": a.image_size,
            "precision": a.precision, "peak_gflops": peak,
-           "resnetkit": {"ms_per_batch": total, "convolutions": rows(ms),
+           "resnetkit": {"path": type(runner.module).__name__, "ms_per_batch": total, "convolutions": rows(ms),
                          "outside_convolutions_ms": total - sum(ms.values())}}
     # OpenVINO in bench's default configuration, its counters on
     original = ov_backend.compiled

@@ -2,7 +2,8 @@
 // no framework between them: every activation stays in NHWC at the network's precision
 // (fp32, bf16, or int8: u8 after a ReLU, s8 where signed), each conv has its ReLU and the
 // residual sum fused (the sum written in place into the shortcut's buffer), and buffers are
-// reused by the slots Python assigns. The head (average pool, classifier) runs in torch. Python (infer/backends/onednn.py) describes the network op by
+// reused by the slots Python assigns. The head's average pool ends each run (fp32 features);
+// the classifier runs in torch. Python (infer/backends/onednn.py) describes the network op by
 // op with the add_* calls, then asks for a plan per input shape and runs it. Built on first
 // use against the oneDNN of the onednn-cpu-gomp wheel; called through ctypes.
 #include <oneapi/dnnl/dnnl.hpp>
@@ -143,6 +144,10 @@ bool build(Plan& p) {
       auto pd = convolution_forward::primitive_desc(eng, prop_kind::forward_inference, algorithm::convolution_direct,
                                                     src, wei, bia, dst, {c.sh, c.sw}, {c.dh - 1, c.dw - 1},
                                                     {c.ph, c.pw}, {c.ph, c.pw}, attr);
+      if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)  // a reference loop: far too slow
+        return fail("oneDNN has no optimized " + std::string(net.precision == INT8 ? "int8" : net.precision == BF16 ? "bf16" : "fp32") +
+                    " convolution for a " + std::to_string(c.kh) + "x" + std::to_string(c.kw) + " conv of " +
+                    std::to_string(c.ic) + " to " + std::to_string(c.oc) + " channels on this CPU");
       p.prims.push_back(convolution_forward(pd));
       memory* packed = nullptr;
       for (auto& [desc, mem] : c.packed)
@@ -187,6 +192,8 @@ bool build(Plan& p) {
       memory::desc src = nhwc(p.n, in), dst = nhwc(p.n, out);
       auto pd = pooling_forward::primitive_desc(eng, prop_kind::forward_inference, algorithm::pooling_max, src, dst,
                                                 {q.sh, q.sw}, {q.kh, q.kw}, {0, 0}, {q.ph, q.pw}, {pr_h, pr_w});
+      if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
+        return fail("oneDNN has no optimized max-pool for this layer on this CPU");
       p.prims.push_back(pooling_forward(pd));
       p.args.emplace_back();
       d[DNNL_ARG_SRC] = src;
@@ -196,9 +203,9 @@ bool build(Plan& p) {
     }
     descs.push_back(std::move(d));
   }
-  // the output: the last map as it is (NHWC at its type); the head's average runs in torch
-  // (oneDNN's pooling keeps the data type, and its reduction primitive has only a reference
-  // implementation: 20 ms a batch for ResNet-50)
+  // the output: the last map, averaged by rk_run's own loop (oneDNN's pooling keeps the
+  // data type, and its reduction primitive has only a reference implementation: 20 ms a
+  // batch for ResNet-50)
   const Shape& last = shape[net.output];
   p.out_shape = last;
   // the input: fp32 NCHW to the first slot's type (int8: quantized by the input's scale)
@@ -235,6 +242,10 @@ bool build(Plan& p) {
 extern "C" {
 
 const char* rk_error() { return last_error.c_str(); }
+
+// oneDNN's verbose mode of this library (2: every primitive's execution and its time, on
+// stdout), as torch.backends.mkldnn.verbose sets it for PyTorch's own copy
+int rk_set_verbose(int level) { return dnnl_set_verbose(level) == dnnl_success ? 0 : -1; }
 
 void* rk_net_new(int precision, int in_chans, int input_slot, float in_scale) {
   try {
@@ -319,27 +330,42 @@ void* rk_plan(void* handle, int n, int h, int w) {
   return nullptr;
 }
 
-// the output map of the last run: its buffer, dims (n, h, w, c: NHWC) and type (0 fp32,
-// 1 bf16, 2 u8, 3 s8); valid until the plan runs again or is freed
-void* rk_plan_output(void* plan, int* dims, int* type) {
-  Plan& p = *static_cast<Plan*>(plan);
-  dims[0] = p.n, dims[1] = p.out_shape.h, dims[2] = p.out_shape.w, dims[3] = p.out_shape.c;
-  dt t = p.out_shape.type;
-  *type = t == dt::f32 ? 0 : t == dt::bf16 ? 1 : t == dt::u8 ? 2 : 3;
-  return p.out;
-}
+// the number of features a plan's run gives per image (the last map's channels)
+int rk_plan_features(void* plan) { return static_cast<Plan*>(plan)->out_shape.c; }
 
 void rk_plan_free(void* plan) { delete static_cast<Plan*>(plan); }
 
-// runs the plan on `threads` OpenMP threads: input fp32 NCHW (n, in_chans, h, w); the output
-// map is then at rk_plan_output
-int rk_run(void* handle, const float* input, int threads) {
+// runs the plan on `threads` OpenMP threads: input fp32 NCHW (n, in_chans, h, w); features
+// fp32 (n, C): the last map averaged over H and W, times `scale` (int8: its quantization
+// scale)
+int rk_run(void* handle, const float* input, float* features, float scale, int threads) {
   Plan& p = *static_cast<Plan*>(handle);
   try {
     if (threads > 0) omp_set_num_threads(threads);
     p.user_in.set_data_handle(const_cast<float*>(input));
     for (size_t i = 0; i < p.prims.size(); ++i) p.prims[i].execute(p.st, p.args[i]);
     p.st.wait();
+    const Shape& s = p.out_shape;
+    const int hw = s.h * s.w, c = s.c;
+    const float k = scale / hw;
+#pragma omp parallel for
+    for (int n = 0; n < p.n; ++n) {
+      std::vector<float> acc(c, 0.f);
+      for (int i = 0; i < hw; ++i) {
+        size_t at = (static_cast<size_t>(n) * hw + i) * c;
+        switch (s.type) {
+          case dt::u8: { auto* x = static_cast<const uint8_t*>(p.out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; break; }
+          case dt::s8: { auto* x = static_cast<const int8_t*>(p.out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; break; }
+          case dt::bf16: {
+            auto* x = static_cast<const uint16_t*>(p.out) + at;
+            for (int j = 0; j < c; ++j) { uint32_t bits = static_cast<uint32_t>(x[j]) << 16; float f; std::memcpy(&f, &bits, 4); acc[j] += f; }
+            break;
+          }
+          default: { auto* x = static_cast<const float*>(p.out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; }
+        }
+      }
+      for (int j = 0; j < c; ++j) features[static_cast<size_t>(n) * c + j] = acc[j] * k;
+    }
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();

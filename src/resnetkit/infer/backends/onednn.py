@@ -40,8 +40,6 @@ from .torch import BN_LIKE, fold_model
 SOURCE = Path(__file__).resolve().parent.parent.parent / "onednn_resnet.cpp"
 PRECISIONS = ("fp32", "bf16", "int8")
 _CODES = {"fp32": 0, "bf16": 1, "int8": 2}
-_OUT_TYPES = {0: (torch.float32, 4), 1: (torch.bfloat16, 2), 2: (torch.uint8, 1),
-              3: (torch.int8, 1)}
 # input shapes kept built at once (each holds its activation buffers; packed weights are
 # shared where the layout agrees): a server sees every batch size up to its largest
 MAX_PLANS = 32
@@ -109,18 +107,26 @@ def library() -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     for name, res, args in (
             ("rk_error", ctypes.c_char_p, []),
+            ("rk_set_verbose", i, [i]),
             ("rk_net_new", p, [i, i, i, f]),
             ("rk_net_free", None, [p]),
             ("rk_add_conv", i, [p, i, i, p, p, p, p, p, f, f, f, i, i, i]),
             ("rk_add_maxpool", i, [p, i, i, i, i, i, i, i, i]),
             ("rk_set_output", None, [p, i]),
             ("rk_plan", p, [p, i, i, i]),
-            ("rk_plan_output", p, [p, p, p]),
+            ("rk_plan_features", i, [p]),
             ("rk_plan_free", None, [p]),
-            ("rk_run", i, [p, p, i])):
+            ("rk_run", i, [p, p, p, f, i])):
         fn = getattr(so, name)
         fn.restype, fn.argtypes = res, args
     return so
+
+
+def set_verbose(level: int) -> None:
+    """oneDNN's verbose level in the direct path's library (0 off, 2 every primitive's
+    execution and time on stdout): torch.backends.mkldnn.verbose reaches only PyTorch's own
+    oneDNN."""
+    library().rk_set_verbose(level)
 
 
 def unsupported(model: ResNet) -> str | None:
@@ -420,16 +426,9 @@ class OneDnnResNet(nn.Module):
         x = x.detach().float().contiguous()
         with self._lock:
             plan = self._plan(tuple(x.shape))
-            self._check(self._lib.rk_run(plan, x.data_ptr(), torch.get_num_threads()))
-            dims, kind = (ctypes.c_int * 4)(), ctypes.c_int()
-            ptr = self._lib.rk_plan_output(plan, dims, ctypes.byref(kind))
-            dtype, size = _OUT_TYPES[kind.value]
-            n = dims[0] * dims[1] * dims[2] * dims[3]
-            raw = (ctypes.c_byte * (n * size)).from_address(ptr)
-            out = torch.frombuffer(raw, dtype=dtype).view(*dims)  # NHWC, the plan's buffer
-            feats = out.float().mean((1, 2))  # a new tensor: the buffer is free again
-        if self.precision == "int8":
-            feats.mul_(self._out_scale)
+            feats = torch.empty(x.shape[0], self._lib.rk_plan_features(plan))
+            self._check(self._lib.rk_run(plan, x.data_ptr(), feats.data_ptr(), self._out_scale,
+                                         torch.get_num_threads()))
         with torch.no_grad():
             return self.fc(feats)
 
