@@ -322,7 +322,13 @@ def _not_direct(model: ResNet, precision: str, config: RunConfig) -> str | None:
             config.compile is True or not config.fold or config.channels_last is False
             or config.bf16_weights):
         return "compile, fold, channels_last or bf16_weights ask for the PyTorch path"
-    return direct_backend.unavailable() or direct_backend.unsupported(model)
+    why = direct_backend.unavailable() or direct_backend.unsupported(model)
+    if why is None:
+        try:
+            direct_backend.library()  # built on first use: a failed build is a reason too
+        except UserError as e:
+            return str(e)
+    return why
 
 
 class AutoRunner(Runner):

@@ -68,42 +68,66 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "resnetkit"
+def _compile(target: Path) -> None:
+    """onednn_resnet.cpp built into `target`, atomically (a temporary file beside it, then
+    renamed): a build cut short never leaves a half-written library behind."""
+    include, lib = _dirs()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".onednn_resnet-", suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run([_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+                        str(SOURCE), f"-I{include}", f"-L{lib}", "-ldnnl",
+                        f"-Wl,-rpath,{lib}", "-o", tmp],
+                       check=True, capture_output=True, text=True, timeout=300)
+        os.replace(tmp, target)
+    except subprocess.CalledProcessError as e:
+        raise UserError(f"building the direct oneDNN path failed: "
+                        f"{e.stderr.strip()[-500:]}") from None
+    except subprocess.SubprocessError as e:
+        raise UserError(f"building the direct oneDNN path failed: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL:
+    """The built library: from the cache beside the weights' ($RESNETKIT_CACHE/.. or
+    ~/.cache/resnetkit; one file per source, compiler and oneDNN), built there on first use;
+    a cache that cannot be written builds into a temporary folder instead, and a cached file
+    that does not load is built again."""
+    from ...weights.download import cache_dir
+    _, lib = _dirs()
+    dnnl = sorted(lib.glob("libdnnl.so*"))[-1].resolve()
+    key = hashlib.sha256(SOURCE.read_bytes() +
+                         f"{_compiler()}|{dnnl}|{dnnl.stat().st_size}".encode()).hexdigest()
+    out = cache_dir().parent / f"onednn_resnet-{key[:16]}.so"
+    if out.is_file():
+        try:
+            return ctypes.CDLL(str(out))
+        except OSError:
+            pass  # damaged: built again below
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _compile(out)
+        return ctypes.CDLL(str(out))
+    except OSError:
+        with tempfile.TemporaryDirectory(prefix="resnetkit-onednn-") as tmp:
+            target = Path(tmp) / out.name
+            _compile(target)
+            return ctypes.CDLL(str(target))  # stays mapped once the folder is gone
 
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
-    """onednn_resnet.cpp built (once per source, compiler and oneDNN; cached under
-    ~/.cache/resnetkit, written atomically) and loaded. Raises UserError when it cannot be."""
+    """onednn_resnet.cpp built and loaded (see _load), its functions typed. Raises UserError
+    when it cannot be."""
     why = unavailable()
     if why:
         raise UserError(why)
-    include, lib = _dirs()
-    cxx = _compiler()
-    dnnl = sorted(lib.glob("libdnnl.so*"))[-1].resolve()
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{cxx}|{dnnl}|{dnnl.stat().st_size}".encode())
-    out = _cache_dir() / f"onednn_resnet-{key.hexdigest()[:16]}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".onednn_resnet-", suffix=".so")
-        os.close(fd)
-        try:
-            subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-                            str(SOURCE), f"-I{include}", f"-L{lib}", "-ldnnl",
-                            f"-Wl,-rpath,{lib}", "-o", tmp],
-                           check=True, capture_output=True, text=True, timeout=300)
-            os.replace(tmp, out)
-        except subprocess.CalledProcessError as e:
-            raise UserError(f"building the direct oneDNN path failed: "
-                            f"{e.stderr.strip()[-500:]}") from None
-        except (OSError, subprocess.SubprocessError) as e:
-            raise UserError(f"building the direct oneDNN path failed: {e}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    so = ctypes.CDLL(str(out))
+    try:
+        so = _load()
+    except OSError as e:
+        raise UserError(f"the direct oneDNN path could not be built or loaded: {e}") from None
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     for name, res, args in (
             ("rk_error", ctypes.c_char_p, []),
