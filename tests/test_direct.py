@@ -131,26 +131,32 @@ def test_without_the_library_it_says_how_to_install(monkeypatch, tmp_path):
 
 def test_a_damaged_or_unwritable_cache_still_builds(monkeypatch, tmp_path):
     """The library is cached beside the weights; a cached file that does not load is built
-    again, and a cache folder that cannot be written builds into a temporary one."""
-    cache = tmp_path / "cache" / "weights"
-    monkeypatch.setenv("RESNETKIT_CACHE", str(cache))
+    again (in a fresh process: this one has the library mapped already), and a cache folder
+    that cannot be written builds into a temporary one."""
+    import os
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    env = dict(os.environ, RESNETKIT_CACHE=str(cache / "weights"))
+    load = [sys.executable, "-c", "from resnetkit.infer.backends import onednn; onednn.library()"]
+    subprocess.run(load, env=env, check=True, timeout=300)
+    built = list(cache.glob("onednn_resnet-*.so"))
+    assert len(built) == 1 and not list(cache.glob(".onednn_resnet-*"))  # no temporary left
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(b"not a library")
+    os.replace(damaged, built[0])
+    subprocess.run(load, env=env, check=True, timeout=300)
+    assert built[0].read_bytes()[:4] == b"\x7fELF"
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a cache "folder" under a file cannot be made
+    monkeypatch.setenv("RESNETKIT_CACHE", str(blocked / "weights"))
     onednn.library.cache_clear()
     try:
-        onednn.library()
-        built = list((tmp_path / "cache").glob("onednn_resnet-*.so"))
-        assert len(built) == 1 and not list((tmp_path / "cache").glob(".onednn_resnet-*"))
-        built[0].write_bytes(b"not a library")  # damaged
-        onednn.library.cache_clear()
-        onednn.library()
-        assert built[0].read_bytes()[:4] == b"\x7fELF"
-        blocked = tmp_path / "a-file"
-        blocked.write_text("")  # a cache "folder" under a file cannot be made
-        monkeypatch.setenv("RESNETKIT_CACHE", str(blocked / "weights"))
-        onednn.library.cache_clear()
         m = model(VARIANTS["option A, CIFAR stem"])
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             ref = m(x)
-        assert torch.allclose(onednn.OneDnnResNet(m, "fp32")(x), ref, atol=1e-4 * ref.abs().max().item())
+        out = onednn.OneDnnResNet(m, "fp32")(x)
+        assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item())
     finally:
         onednn.library.cache_clear()
