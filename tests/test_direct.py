@@ -28,6 +28,8 @@ VARIANTS = {
     "pooled CIFAR stem, option C": dict(name="resnet20", stem="cifar_pool", shortcut="C"),
     "plain net": dict(name="plain20"),
     "dilated last stages": dict(name="resnet18", widths=(8, 8, 16, 16), stem_width=8, output_stride=8),
+    "ResNet-D: deep stem, average-pooled projections": dict(
+        name="resnet50d", layers=(1, 1, 2, 1), widths=(8, 8, 16, 16), stem_width=16),
 }
 
 
@@ -160,3 +162,18 @@ def test_a_damaged_or_unwritable_cache_still_builds(monkeypatch, tmp_path):
         assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item())
     finally:
         onednn.library.cache_clear()
+
+
+def test_a_cpu_without_a_kernel_for_a_layer_gets_the_pytorch_path(monkeypatch):
+    """The plan built when the model is opened finds a layer oneDNN has no optimized kernel
+    for (on some CPU): "auto" then runs PyTorch, direct=True says which layer."""
+    def no_kernel(self, shape):
+        raise UserError("the direct oneDNN path cannot run inputs of shape [1, 3, 32, 32]: "
+                        "oneDNN has no optimized int8 convolution for a 3x3 conv of 3 to 16 "
+                        "channels on this CPU")
+    monkeypatch.setattr(onednn.OneDnnResNet, "prepare", no_kernel)
+    m = model(VARIANTS["option A, CIFAR stem"])
+    run = open_runner(Source.of_model(m), RunConfig(engine="torch", precision="fp32"))
+    assert not isinstance(run.module, onednn.OneDnnResNet)
+    with pytest.raises(UserError, match="no optimized int8 convolution for a 3x3 conv"):
+        open_runner(Source.of_model(m), RunConfig(engine="torch", precision="fp32", direct=True))

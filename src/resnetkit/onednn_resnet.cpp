@@ -41,10 +41,11 @@ struct Conv {
 
 struct Pool {
   int src, dst, kh, kw, sh, sw, ph, pw;
+  int average, ceil;  // average (padding left out of the count) or max; ceil or floor sizes
 };
 
 struct Op {
-  int kind;  // 0 conv, 1 max pool
+  int kind;  // 0 conv, 1 pool
   Conv conv;
   Pool pool;
 };
@@ -76,7 +77,6 @@ struct Plan {
   std::vector<std::unordered_map<int, memory>> args;
   std::vector<std::unique_ptr<Buffer>> buffers;
   memory user_in;
-  std::vector<float> scale_values;  // kept alive for the scale memories
 };
 
 dt act_type(const Net& net, bool is_signed) {
@@ -86,7 +86,7 @@ dt act_type(const Net& net, bool is_signed) {
 
 memory::desc nhwc(int n, const Shape& s) { return memory::desc({n, s.c, s.h, s.w}, s.type, tag::nhwc); }
 
-memory scalar(Plan& p, const engine& eng, const float* values, int count) {
+memory scalar(const engine& eng, const float* values, int count) {
   return memory(memory::desc({count}, dt::f32, tag::a), eng, const_cast<float*>(values));
 }
 
@@ -172,9 +172,9 @@ bool build(Plan& p) {
       a[DNNL_ARG_WEIGHTS] = *packed;
       a[DNNL_ARG_BIAS] = memory(bia, eng, c.bias.data());
       if (net.precision == INT8) {
-        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC] = scalar(p, eng, &c.src_scale, 1);
-        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS] = scalar(p, eng, c.wscale.data(), c.oc);
-        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(p, eng, &c.dst_scale, 1);
+        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC] = scalar(eng, &c.src_scale, 1);
+        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS] = scalar(eng, c.wscale.data(), c.oc);
+        a[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(eng, &c.dst_scale, 1);
       }
       p.args.push_back(std::move(a));
       d[DNNL_ARG_SRC] = src;
@@ -184,16 +184,23 @@ bool build(Plan& p) {
     } else {
       Pool& q = op.pool;
       Shape in = shape[q.src];
-      int oh = (in.h + 2 * q.ph - q.kh) / q.sh + 1, ow = (in.w + 2 * q.pw - q.kw) / q.sw + 1;
+      // PyTorch's sizes: floor, or ceil where the last window still starts inside the input
+      auto size = [&](int i, int k, int s, int pad) {
+        int o = (i + 2 * pad - k + (q.ceil ? s - 1 : 0)) / s + 1;
+        if (q.ceil && (o - 1) * s >= i + pad) --o;
+        return o;
+      };
+      int oh = size(in.h, q.kh, q.sh, q.ph), ow = size(in.w, q.kw, q.sw, q.pw);
       if (oh < 1 || ow < 1) return fail("the input is too small for this network");
       Shape out{in.c, oh, ow, in.type};
-      // the right/bottom padding that gives floor's output size (negative: rows left out)
+      // the right/bottom padding that gives that size (negative: rows left out)
       int pr_h = (oh - 1) * q.sh + q.kh - in.h - q.ph, pr_w = (ow - 1) * q.sw + q.kw - in.w - q.pw;
       memory::desc src = nhwc(p.n, in), dst = nhwc(p.n, out);
-      auto pd = pooling_forward::primitive_desc(eng, prop_kind::forward_inference, algorithm::pooling_max, src, dst,
-                                                {q.sh, q.sw}, {q.kh, q.kw}, {0, 0}, {q.ph, q.pw}, {pr_h, pr_w});
+      auto pd = pooling_forward::primitive_desc(
+          eng, prop_kind::forward_inference, q.average ? algorithm::pooling_avg_exclude_padding : algorithm::pooling_max,
+          src, dst, {q.sh, q.sw}, {q.kh, q.kw}, {0, 0}, {q.ph, q.pw}, {pr_h, pr_w});
       if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
-        return fail("oneDNN has no optimized max-pool for this layer on this CPU");
+        return fail("oneDNN has no optimized pooling for this layer on this CPU");
       p.prims.push_back(pooling_forward(pd));
       p.args.emplace_back();
       d[DNNL_ARG_SRC] = src;
@@ -229,7 +236,7 @@ bool build(Plan& p) {
   }
   p.user_in = memory(user_in, eng, DNNL_MEMORY_NONE);
   std::unordered_map<int, memory> in_args{{DNNL_ARG_FROM, p.user_in}, {DNNL_ARG_TO, on_slot(net.input, first)}};
-  if (net.precision == INT8) in_args[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(p, eng, &net.in_scale, 1);
+  if (net.precision == INT8) in_args[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(eng, &net.in_scale, 1);
   p.prims.insert(p.prims.begin(), reorder(ipd));
   p.args.insert(p.args.begin(), std::move(in_args));
   p.out = p.buffers[net.output]->ptr;
@@ -293,12 +300,15 @@ int rk_add_conv(void* handle, int src, int dst, const int* geometry, const float
   }
 }
 
-int rk_add_maxpool(void* handle, int src, int dst, int kh, int kw, int sh, int sw, int ph, int pw) {
+// a max pool (average = 0) or an average pool leaving padding out of the count; ceil: the
+// output size rounds up (PyTorch's ceil_mode)
+int rk_add_pool(void* handle, int src, int dst, int kh, int kw, int sh, int sw, int ph, int pw, int average,
+                int ceil) {
   try {
     Net& net = *static_cast<Net*>(handle);
     Op op{};
     op.kind = 1;
-    op.pool = Pool{src, dst, kh, kw, sh, sw, ph, pw};
+    op.pool = Pool{src, dst, kh, kw, sh, sw, ph, pw, average, ceil};
     net.slots = std::max({net.slots, src + 1, dst + 1});
     net.ops.push_back(std::move(op));
     return 0;

@@ -275,7 +275,14 @@ def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor
         why = _not_direct(model, precision, config)
         if why is None:
             m = direct_backend.OneDnnResNet(model, precision, batches, name)
-            return Runner("torch", precision, m, meta, numpy_io=False, module=m)
+            # a plan now, at the input's shape (or the model's own): a layer this CPU has no
+            # oneDNN kernel for shows here, not at the first image
+            size = shape[-1] if shape else model.pretrained_cfg["input_size"][-1]
+            try:
+                m.prepare(tuple(shape) if shape else (1, model.cfg.in_chans, size, size))
+                return Runner("torch", precision, m, meta, numpy_io=False, module=m)
+            except UserError as e:
+                why = str(e)  # "auto": the PyTorch path below
         if config.direct is True:
             raise UserError(why)
         if precision == "int8":

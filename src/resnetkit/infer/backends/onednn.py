@@ -8,9 +8,9 @@ ranges calibrated by torchao's observers (those of the x86 PT2E quantizer) and p
 symmetric weights. The classifier runs in torch at fp32.
 
 What it runs: BasicBlock and Bottleneck nets (grouped, dilated, plain, options A/B/C, the
-imagenet/deep/CIFAR stems); `unsupported(model)` names what it does not (pre-activation
-blocks, SE, avg-down projections, pools other than avg), and the caller then takes the
-PT2E/Inductor path. This module is the only one that talks to that library."""
+imagenet/deep/CIFAR stems, ResNet-D's average-pooled projections); `unsupported(model)`
+names what it does not (pre-activation blocks, SE, pools other than avg), and the caller
+then takes the PyTorch path. This module is the only one that talks to that library."""
 from __future__ import annotations
 
 import copy
@@ -135,7 +135,7 @@ def library() -> ctypes.CDLL:
             ("rk_net_new", p, [i, i, i, f]),
             ("rk_net_free", None, [p]),
             ("rk_add_conv", i, [p, i, i, p, p, p, p, p, f, f, f, i, i, i]),
-            ("rk_add_maxpool", i, [p, i, i, i, i, i, i, i, i]),
+            ("rk_add_pool", i, [p, i, i, i, i, i, i, i, i, i, i]),
             ("rk_set_output", None, [p, i]),
             ("rk_plan", p, [p, i, i, i]),
             ("rk_plan_features", i, [p]),
@@ -157,12 +157,12 @@ def unsupported(model: ResNet) -> str | None:
     """None when the direct path runs `model`, else what it lacks."""
     cfg = model.cfg
     checks = ((not cfg.preact, "pre-activation blocks"), (not cfg.se_ratio, "SE"),
-              (not cfg.avg_down, "avg-down projections"), (cfg.stem_norm, "a stem without BN"),
+              (not (cfg.avg_down and cfg.output_stride), "avg-down projections in dilated stages"),
+              (cfg.stem_norm, "a stem without BN"),
               (getattr(model.avgpool, "pool_type", None) == "avg", "a global pool other than avg"),
               (not model.features_only, "a features-only backbone"),
               (isinstance(model.fc, nn.Linear), "a model without a classifier"),
-              (model.maxpool.__class__ in (nn.Identity, nn.MaxPool2d)
-               and not getattr(model.maxpool, "ceil_mode", False), "this max-pool"))
+              (model.maxpool.__class__ in (nn.Identity, nn.MaxPool2d), "this max-pool"))
     for ok, what in checks:
         if not ok:
             return f"the direct oneDNN path does not run {what}"
@@ -227,7 +227,7 @@ class _Graph:
             pool = model.maxpool
             out = self._new(x.signed)
             self.same_as[out.index] = x.index  # the max keeps its input's range
-            self.ops.append(dict(kind="maxpool", pool=pool, src=x, dst=out))
+            self.ops.append(dict(kind="pool", pool=pool, src=x, dst=out))
             x = out
         return x
 
@@ -253,10 +253,15 @@ class _Graph:
             residual.signed = x.signed
             self.same_as[residual.index] = x.index
         else:
-            convs = [m for m in shortcut if not isinstance(m, nn.Identity)]
-            if len(convs) != 1 or not isinstance(convs[0], nn.Conv2d):
+            mods = [m for m in shortcut if not isinstance(m, nn.Identity)]
+            if mods and isinstance(mods[0], nn.AvgPool2d):  # ResNet-D: average, then project
+                pooled = self._new(x.signed)
+                self.same_as[pooled.index] = x.index  # an average stays within its input's range
+                self.ops.append(dict(kind="pool", pool=mods[0], src=x, dst=pooled))
+                x, mods = pooled, mods[1:]
+            if len(mods) != 1 or not isinstance(mods[0], nn.Conv2d):
                 raise UserError("the direct oneDNN path does not run this shortcut")
-            residual = self._conv(convs[0], x, False, shortcut)
+            residual = self._conv(mods[0], x, False, shortcut)
         return self._conv(getattr(block, f"conv{last}"), out, True, getattr(block, f"act{last}"),
                           residual=residual)
 
@@ -393,13 +398,13 @@ class OneDnnResNet(nn.Module):
         self._net = net
         for op in graph.ops:
             src, dst = slots[op["src"].index], slots[op["dst"].index]
-            if op["kind"] == "maxpool":
+            if op["kind"] == "pool":
                 pool = op["pool"]
                 k, s, pd = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
                             _pair(pool.padding))
-                if _pair(pool.dilation) != (1, 1):
-                    raise UserError("the direct oneDNN path does not run a dilated max-pool")
-                self._check(lib.rk_add_maxpool(net, src, dst, *k, *s, *pd))
+                average = isinstance(pool, nn.AvgPool2d)
+                self._check(lib.rk_add_pool(net, src, dst, *k, *s, *pd, int(average),
+                                            int(pool.ceil_mode)))
                 continue
             conv, res = op["conv"], op["residual"]
             w = (op["weight"] if op["weight"] is not None else conv.weight).detach().float()
@@ -442,6 +447,12 @@ class OneDnnResNet(nn.Module):
                 self._lib.rk_plan_free(self._plans.pop(next(iter(self._plans))))
             self._plans[shape] = plan
         return plan
+
+    def prepare(self, shape: tuple[int, ...]) -> None:
+        """Build the plan for inputs of `shape` now (a UserError where oneDNN has no
+        optimized kernel for a layer on this CPU)."""
+        with self._lock:
+            self._plan(tuple(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x)  # the model's own checks: channels, and a size every layer takes
