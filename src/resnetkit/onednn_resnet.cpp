@@ -271,14 +271,36 @@ void* rk_net_new(int precision, int in_chans, int input_slot, float in_scale) {
 
 void rk_net_free(void* net) { delete static_cast<Net*>(net); }
 
+}  // extern "C"
+
+namespace {
+
+// appends an op, its slots counted; -1 with rk_error() set where that fails
+template <typename Fill>
+int add_op(void* handle, int src, int dst, Fill fill) {
+  try {
+    Net& net = *static_cast<Net*>(handle);
+    Op op{};
+    fill(net, op);
+    net.slots = std::max({net.slots, src + 1, dst + 1});
+    net.ops.push_back(std::move(op));
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
 // one conv; weight: (oc, ic/groups, kh, kw) fp32 (fp32, bf16) or int8 (int8, with
 // wscale per output channel); sum: dst already holds the residual (scale sum_scale)
 int rk_add_conv(void* handle, int src, int dst, const int* geometry, const float* weight, const int8_t* qweight,
                 const float* bias, const float* wscale, float src_scale, float dst_scale, float sum_scale, int relu,
                 int sum, int dst_signed) {
-  try {
-    Net& net = *static_cast<Net*>(handle);
-    Op op{};
+  return add_op(handle, src, dst, [&](Net& net, Op& op) {
     Conv& c = op.conv;
     c.src = src, c.dst = dst;
     c.ic = geometry[0], c.oc = geometry[1], c.kh = geometry[2], c.kw = geometry[3], c.sh = geometry[4];
@@ -291,31 +313,17 @@ int rk_add_conv(void* handle, int src, int dst, const int* geometry, const float
     if (net.precision == INT8) c.wscale.assign(wscale, wscale + c.oc);
     c.src_scale = src_scale, c.dst_scale = dst_scale, c.sum_scale = sum_scale;
     c.relu = relu, c.sum = sum, c.dst_signed = dst_signed;
-    net.slots = std::max({net.slots, src + 1, dst + 1});
-    net.ops.push_back(std::move(op));
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // a max pool (average = 0) or an average pool leaving padding out of the count; ceil: the
 // output size rounds up (PyTorch's ceil_mode)
 int rk_add_pool(void* handle, int src, int dst, int kh, int kw, int sh, int sw, int ph, int pw, int average,
                 int ceil) {
-  try {
-    Net& net = *static_cast<Net*>(handle);
-    Op op{};
+  return add_op(handle, src, dst, [&](Net&, Op& op) {
     op.kind = 1;
     op.pool = Pool{src, dst, kh, kw, sh, sw, ph, pw, average, ceil};
-    net.slots = std::max({net.slots, src + 1, dst + 1});
-    net.ops.push_back(std::move(op));
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 void rk_set_output(void* handle, int slot) {
