@@ -105,7 +105,9 @@ bool build(Plan& p) {
   auto grow = [&](int slot, const memory::desc& d) { bytes[slot] = std::max(bytes[slot], d.get_size()); };
   shape[net.input] = {net.in_chans, p.h, p.w, act_type(net, true)};
   grow(net.input, nhwc(p.n, shape[net.input]));
-  // first pass: the primitives and every slot's largest size; the memories come after
+  // first pass: the primitives and every slot's largest size; the memories come after. Every
+  // primitive's scratch space is one buffer, shared (they run one after another)
+  size_t scratch = 0;
   std::vector<std::unordered_map<int, memory::desc>> descs;
   for (Op& op : net.ops) {
     std::unordered_map<int, memory::desc> d;
@@ -136,6 +138,7 @@ bool build(Plan& p) {
       }
       if (c.relu) po.append_eltwise(algorithm::eltwise_relu, 0.f, 0.f);
       attr.set_post_ops(po);
+      attr.set_scratchpad_mode(scratchpad_mode::user);
       if (net.precision == INT8) {
         attr.set_scales_mask(DNNL_ARG_SRC, 0);
         attr.set_scales_mask(DNNL_ARG_WEIGHTS, c.groups > 1 ? 3 : 1);
@@ -148,6 +151,7 @@ bool build(Plan& p) {
         return fail("oneDNN has no optimized " + std::string(net.precision == INT8 ? "int8" : net.precision == BF16 ? "bf16" : "fp32") +
                     " convolution for a " + std::to_string(c.kh) + "x" + std::to_string(c.kw) + " conv of " +
                     std::to_string(c.ic) + " to " + std::to_string(c.oc) + " channels on this CPU");
+      scratch = std::max(scratch, pd.scratchpad_desc().get_size());
       p.prims.push_back(convolution_forward(pd));
       memory* packed = nullptr;
       for (auto& [desc, mem] : c.packed)
@@ -196,9 +200,12 @@ bool build(Plan& p) {
       // the right/bottom padding that gives that size (negative: rows left out)
       int pr_h = (oh - 1) * q.sh + q.kh - in.h - q.ph, pr_w = (ow - 1) * q.sw + q.kw - in.w - q.pw;
       memory::desc src = nhwc(p.n, in), dst = nhwc(p.n, out);
+      primitive_attr attr;
+      attr.set_scratchpad_mode(scratchpad_mode::user);
       auto pd = pooling_forward::primitive_desc(
           eng, prop_kind::forward_inference, q.average ? algorithm::pooling_avg_exclude_padding : algorithm::pooling_max,
-          src, dst, {q.sh, q.sw}, {q.kh, q.kw}, {0, 0}, {q.ph, q.pw}, {pr_h, pr_w});
+          src, dst, {q.sh, q.sw}, {q.kh, q.kw}, {0, 0}, {q.ph, q.pw}, {pr_h, pr_w}, attr);
+      scratch = std::max(scratch, pd.scratchpad_desc().get_size());
       if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
         return fail("oneDNN has no optimized pooling for this layer on this CPU");
       p.prims.push_back(pooling_forward(pd));
@@ -219,8 +226,10 @@ bool build(Plan& p) {
   memory::desc user_in({p.n, net.in_chans, p.h, p.w}, dt::f32, tag::nchw);
   memory::desc first = nhwc(p.n, Shape{net.in_chans, p.h, p.w, act_type(net, true)});
   primitive_attr iattr;
+  iattr.set_scratchpad_mode(scratchpad_mode::user);
   if (net.precision == INT8) iattr.set_scales_mask(DNNL_ARG_DST, 0);
   auto ipd = reorder::primitive_desc(eng, user_in, eng, first, iattr);
+  scratch = std::max(scratch, ipd.scratchpad_desc().get_size());
   // the slots' memory, then every primitive's arguments on it
   p.buffers.resize(net.slots);
   for (int i = 0; i < net.slots; ++i) {
@@ -240,6 +249,12 @@ bool build(Plan& p) {
   p.prims.insert(p.prims.begin(), reorder(ipd));
   p.args.insert(p.args.begin(), std::move(in_args));
   p.out = p.buffers[net.output]->ptr;
+  if (scratch) {
+    p.buffers.push_back(std::make_unique<Buffer>());
+    if (posix_memalign(&p.buffers.back()->ptr, 64, scratch)) return fail("out of memory");
+    memory pad(memory::desc({static_cast<memory::dim>(scratch)}, dt::u8, tag::a), eng, p.buffers.back()->ptr);
+    for (auto& a : p.args) a[DNNL_ARG_SCRATCHPAD] = pad;
+  }
   p.st = stream(eng);
   return true;
 }
