@@ -2,6 +2,9 @@
 equals the eager model in fp32, bf16 and int8 stay close to it, what it does not run falls
 back to the PyTorch path (or is one sentence when asked for), and bad inputs are one
 sentence. (Its int8 accuracy on a trained model is test_bench's `bench --check`.)"""
+import copy
+
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +54,32 @@ def test_fp32_equals_the_eager_model(variant):
         assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0), variant
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_int8_of_every_structure_stays_close(variant):
+    m = model(VARIANTS[variant])
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.randn(8, 3, 36, 36, generator=gen) for _ in range(2)]
+    x = torch.randn(4, 3, 36, 36, generator=gen)
+    with torch.no_grad():
+        ref = m(x)
+    out = onednn.OneDnnResNet(m, "int8", calib)(x)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max(), variant
+    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99, variant
+
+
+def test_option_a_shortcut_is_exact_in_int8():
+    """Option A's shortcut runs as a 1x1 conv of 0/1 weights: in int8 they are 127 at scale
+    1/127, so every u8 value crosses it unchanged (at torchao's 1/127.5 the upper half would
+    come out a step low)."""
+    m = model(VARIANTS["option A, CIFAR stem"])
+    graph = onednn._Graph(onednn.fold_model(copy.deepcopy(m).eval()))
+    eye = next(op["weight"] for op in graph.ops if op.get("weight") is not None)
+    q, scale = onednn._identity_weight(eye)
+    assert q.dtype == np.int8 and set(np.unique(q)) == {0, 127}
+    assert np.all(q.reshape(len(q), -1).max(1) * scale.astype(np.float64) <= 1.0)
+    assert np.allclose(q.reshape(len(q), -1).max(1)[:eye.shape[1]] * scale[:eye.shape[1]], 1.0, rtol=0, atol=1e-7)
+
+
 def test_int8_and_bf16_stay_close_to_fp32():
     m = model(VARIANTS["bottleneck, v1 strides, groups"])
     gen = torch.Generator().manual_seed(2)
@@ -88,18 +117,46 @@ def test_the_default_torch_path_takes_it_and_falls_back_where_it_cannot():
                                                        direct=True))
     with pytest.raises(UserError, match="direct must be auto, True or False"):
         RunConfig(direct="yes")
+    with pytest.raises(UserError, match="compile=True asks for PyTorch's"):  # not ignored
+        open_runner(Source.of_model(m), RunConfig(engine="torch", precision="fp32",
+                                                  direct=True, compile=True))
+    # int8's compile=False asks for PT2E's reference graph, as it always did
+    calib = [torch.randn(4, 3, 32, 32)]
+    assert not isinstance(open_runner(Source.of_model(m), RunConfig(
+        engine="torch", precision="int8", calibration=calib, compile=False)).module,
+        onednn.OneDnnResNet)
 
 
 def test_bad_inputs_are_one_sentence():
     m = model(VARIANTS["basic, option B, imagenet stem"])
     direct = onednn.OneDnnResNet(m, "fp32")
-    for bad in (torch.randn(2, 1, 32, 32), torch.randn(1, 3, 8, MAX_IMAGE_SIZE + 1),
-                torch.randn(3, 32, 32)):
+    small = model(VARIANTS["deep stem, max-pool padding 0"])  # its max-pool empties a 1x1 map
+    for net, bad in ((m, torch.randn(2, 1, 32, 32)), (m, torch.randn(1, 3, 8, MAX_IMAGE_SIZE + 1)),
+                     (m, torch.randn(3, 32, 32)), (small, torch.randn(1, 3, 1, 1))):
         with torch.no_grad(), pytest.raises(UserError) as eager:
-            m(bad)
+            net(bad)
         with pytest.raises(UserError) as ours:  # the model's own sentence
-            direct(bad)
+            (direct if net is m else onednn.OneDnnResNet(small, "fp32"))(bad)
         assert str(ours.value) == str(eager.value)
+    with torch.no_grad():  # an empty batch: the eager model's empty answer
+        assert direct(torch.randn(0, 3, 32, 32)).shape == m(torch.randn(0, 3, 32, 32)).shape == (0, 7)
+    for shape in ((3, 32, 32), (1, 3, 32, 32, 1), (1, 3, 0, 32)):
+        with pytest.raises(UserError, match=r"an input shape is \(N, C, H, W\)"):
+            direct.prepare(shape)
+    # one native network however the module is copied: freed once, when the last copy goes
+    import copy
+    import gc
+    import pickle
+    shallow = copy.copy(direct)
+    del direct
+    gc.collect()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(shallow(x), m(x), atol=1e-4 * m(x).abs().max().item(), rtol=0)
+    with pytest.raises(TypeError, match="cannot be copied"):
+        copy.deepcopy(shallow)
+    with pytest.raises(UserError, match="cannot be pickled"):
+        pickle.dumps(shallow)
     with pytest.raises(UserError, match="int8 needs calibration images"):
         onednn.OneDnnResNet(m, "int8")
     with pytest.raises(UserError, match="runs fp32, bf16, int8"):
@@ -120,7 +177,14 @@ def test_plans_per_shape_are_kept_up_to_the_limit(monkeypatch):
         with torch.no_grad():
             ref = m(x)
         assert torch.allclose(direct(x), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
-    assert list(direct._plans) == [(3, 3, 32, 32), (1, 3, 32, 32)]
+    threads = torch.get_num_threads()
+    assert list(direct._native.plans) == [(3, 3, 32, 32, threads), (1, 3, 32, 32, threads)]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+    for _ in range(2):  # the same plan again: the same numbers
+        assert torch.allclose(direct(x), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    assert list(direct._native.plans)[-1] == (3, 3, 32, 32, threads)  # used last: kept longest
 
 
 def test_without_the_library_it_says_how_to_install(monkeypatch, tmp_path):

@@ -18,11 +18,9 @@ from .infer import RunConfig, Runner, Source, open_runner, open_source
 from .infer.backends.openvino import precisions as ov_precisions
 from .infer.peers import MODES, Files, best_peer, last_line
 from .infer.backends.onednn import OneDnnResNet
-from .infer.backends.onednn import unavailable as direct_unavailable
-from .infer.backends.onednn import unsupported as direct_unsupported
 from .infer.backends.torch import compile_pays
 from .infer.calibrate import calibration_set
-from .infer.runner import installed
+from .infer.runner import installed, not_direct
 from .infer.timing import LEAD_IN, interleaved
 from .runtime import allocator_state, decide_channels_last, decide_precision, hardware
 from .runtime.compiling import can_compile
@@ -131,7 +129,8 @@ def _int8_path(base: torch.nn.Module, batches: list[torch.Tensor], notes: list[s
         return {}
     src = Source.of_model(base, name=source)
     out = {"resnetkit_int8": ("int8", open_runner(src, RunConfig(
-        engine="torch", precision="int8", calibration=batches, compile=compiled)))}
+        engine="torch", precision="int8", calibration=batches,
+        compile="auto" if compiled else False)))}
     if isinstance(out["resnetkit_int8"][1].module, OneDnnResNet):
         out["resnetkit_int8_pt2e"] = ("int8", open_runner(src, RunConfig(
             engine="torch", precision="int8", calibration=batches, compile=compiled,
@@ -159,7 +158,8 @@ def _runners(src: Source, probe: torch.Tensor, compiled: bool, onnx: bool,
     if isinstance(default.module, OneDnnResNet):
         out["resnetkit_direct"] = (default.precision, default)
     elif next(src.model.parameters()).device.type == "cpu":
-        notes.append(f"resnetkit_direct skipped: {direct_unavailable() or direct_unsupported(src.model)}")
+        why = not_direct(src.model, default.precision, RunConfig(engine="torch"))
+        notes.append(f"resnetkit_direct skipped: {why or 'it failed to build here'}")
     cpu = next(src.model.parameters()).device.type == "cpu"
     if batches is not None and cpu:
         out.update(_int8_path(src.model, batches, notes, compiled, src.name))

@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
+#include <tuple>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -50,11 +52,29 @@ struct Op {
   Pool pool;
 };
 
+struct Buffer {
+  void* ptr = nullptr;
+  size_t size = 0;
+  ~Buffer() { std::free(ptr); }
+  bool reserve(size_t bytes) {  // contents are not kept
+    if (bytes <= size) return true;
+    std::free(ptr);
+    ptr = nullptr, size = 0;
+    if (posix_memalign(&ptr, 64, bytes)) return false;
+    size = bytes;
+    return true;
+  }
+};
+
 struct Net {
   int precision, in_chans = 0, input = -1, output = -1, slots = 0;
   float in_scale = 1.f;
+  bool frozen = false;  // no more ops once a plan points into them
   engine eng{engine::kind::cpu, 0};
   std::vector<Op> ops;
+  // the slots' memory and the scratch space, one set shared by every plan (runs are one at
+  // a time: the Python side holds a lock), grown to the largest plan run so far
+  std::vector<Buffer> shared;
 };
 
 struct Shape {
@@ -62,20 +82,17 @@ struct Shape {
   dt type = dt::undef;
 };
 
-struct Buffer {
-  void* ptr = nullptr;
-  ~Buffer() { std::free(ptr); }
-};
-
 struct Plan {
   Net* net;
   int n, h, w;
   Shape out_shape;
-  void* out = nullptr;
+  int out_slot = 0;
   stream st;
   std::vector<primitive> prims;
   std::vector<std::unordered_map<int, memory>> args;
-  std::vector<std::unique_ptr<Buffer>> buffers;
+  // what each buffer argument points at: (primitive, argument, slot; net.slots is the scratch)
+  std::vector<std::tuple<size_t, int, int>> bindings;
+  std::vector<size_t> bytes;  // per slot, and the scratch space last
   memory user_in;
 };
 
@@ -99,6 +116,9 @@ bool fail(const std::string& what) {
 
 bool build(Plan& p) {
   Net& net = *p.net;
+  if (net.output < 0 || net.output >= net.slots || net.input < 0 || net.input >= net.slots || net.ops.empty())
+    return fail("the network is incomplete");
+  net.frozen = true;
   const engine& eng = net.eng;
   std::vector<Shape> shape(net.slots);
   std::vector<size_t> bytes(net.slots, 0);
@@ -222,6 +242,7 @@ bool build(Plan& p) {
   // batch for ResNet-50)
   const Shape& last = shape[net.output];
   p.out_shape = last;
+  p.out_slot = net.output;
   // the input: fp32 NCHW to the first slot's type (int8: quantized by the input's scale)
   memory::desc user_in({p.n, net.in_chans, p.h, p.w}, dt::f32, tag::nchw);
   memory::desc first = nhwc(p.n, Shape{net.in_chans, p.h, p.w, act_type(net, true)});
@@ -230,31 +251,29 @@ bool build(Plan& p) {
   if (net.precision == INT8) iattr.set_scales_mask(DNNL_ARG_DST, 0);
   auto ipd = reorder::primitive_desc(eng, user_in, eng, first, iattr);
   scratch = std::max(scratch, ipd.scratchpad_desc().get_size());
-  // the slots' memory, then every primitive's arguments on it
-  p.buffers.resize(net.slots);
-  for (int i = 0; i < net.slots; ++i) {
-    p.buffers[i] = std::make_unique<Buffer>();
-    if (bytes[i] && posix_memalign(&p.buffers[i]->ptr, 64, bytes[i])) return fail("out of memory");
-  }
-  auto on_slot = [&](int slot, const memory::desc& d) { return memory(d, eng, p.buffers[slot]->ptr); };
+  // every primitive's arguments, bound to the shared buffers at each run
+  auto on_slot = [&](size_t prim, int arg, int slot, const memory::desc& d) {
+    p.bindings.emplace_back(prim, arg, slot);
+    return memory(d, eng, DNNL_MEMORY_NONE);
+  };
   for (size_t i = 0; i < net.ops.size(); ++i) {
     const Op& op = net.ops[i];
     int src = op.kind == 0 ? op.conv.src : op.pool.src, dst = op.kind == 0 ? op.conv.dst : op.pool.dst;
-    p.args[i][DNNL_ARG_SRC] = on_slot(src, descs[i][DNNL_ARG_SRC]);
-    p.args[i][DNNL_ARG_DST] = on_slot(dst, descs[i][DNNL_ARG_DST]);
+    p.args[i][DNNL_ARG_SRC] = on_slot(i + 1, DNNL_ARG_SRC, src, descs[i][DNNL_ARG_SRC]);
+    p.args[i][DNNL_ARG_DST] = on_slot(i + 1, DNNL_ARG_DST, dst, descs[i][DNNL_ARG_DST]);
   }
   p.user_in = memory(user_in, eng, DNNL_MEMORY_NONE);
-  std::unordered_map<int, memory> in_args{{DNNL_ARG_FROM, p.user_in}, {DNNL_ARG_TO, on_slot(net.input, first)}};
+  std::unordered_map<int, memory> in_args{{DNNL_ARG_FROM, p.user_in},
+                                          {DNNL_ARG_TO, on_slot(0, DNNL_ARG_TO, net.input, first)}};
   if (net.precision == INT8) in_args[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = scalar(eng, &net.in_scale, 1);
   p.prims.insert(p.prims.begin(), reorder(ipd));
   p.args.insert(p.args.begin(), std::move(in_args));
-  p.out = p.buffers[net.output]->ptr;
   if (scratch) {
-    p.buffers.push_back(std::make_unique<Buffer>());
-    if (posix_memalign(&p.buffers.back()->ptr, 64, scratch)) return fail("out of memory");
-    memory pad(memory::desc({static_cast<memory::dim>(scratch)}, dt::u8, tag::a), eng, p.buffers.back()->ptr);
-    for (auto& a : p.args) a[DNNL_ARG_SCRATCHPAD] = pad;
+    memory::desc pad({static_cast<memory::dim>(scratch)}, dt::u8, tag::a);
+    for (size_t i = 0; i < p.args.size(); ++i) p.args[i][DNNL_ARG_SCRATCHPAD] = on_slot(i, DNNL_ARG_SCRATCHPAD, net.slots, pad);
   }
+  bytes.push_back(scratch);
+  p.bytes = std::move(bytes);
   p.st = stream(eng);
   return true;
 }
@@ -295,6 +314,7 @@ template <typename Fill>
 int add_op(void* handle, int src, int dst, Fill fill) {
   try {
     Net& net = *static_cast<Net*>(handle);
+    if (net.frozen) throw std::runtime_error("the network already has plans: build another");
     Op op{};
     fill(net, op);
     net.slots = std::max({net.slots, src + 1, dst + 1});
@@ -346,9 +366,11 @@ void rk_set_output(void* handle, int slot) {
   net.output = slot;
 }
 
-// a plan for inputs of (n, in_chans, h, w); null with rk_error() set where oneDNN has no
+// a plan for inputs of (n, in_chans, h, w) on `threads` OpenMP threads; null with rk_error() set where oneDNN has no
 // implementation or the shapes do not fit
-void* rk_plan(void* handle, int n, int h, int w) {
+void* rk_plan(void* handle, int n, int h, int w, int threads) {
+  // oneDNN's kernels take their thread count when they are created
+  if (threads > 0) omp_set_num_threads(threads);
   auto* p = new Plan;
   p->net = static_cast<Net*>(handle);
   p->n = n, p->h = h, p->w = w;
@@ -375,10 +397,16 @@ int rk_run(void* handle, const float* input, float* features, float scale, int t
   Plan& p = *static_cast<Plan*>(handle);
   try {
     if (threads > 0) omp_set_num_threads(threads);
+    Net& net = *p.net;
+    net.shared.resize(p.bytes.size());
+    for (size_t i = 0; i < p.bytes.size(); ++i)
+      if (!net.shared[i].reserve(p.bytes[i])) throw std::runtime_error("out of memory");
+    for (auto& [prim, arg, slot] : p.bindings) p.args[prim][arg].set_data_handle(net.shared[slot].ptr);
     p.user_in.set_data_handle(const_cast<float*>(input));
     for (size_t i = 0; i < p.prims.size(); ++i) p.prims[i].execute(p.st, p.args[i]);
     p.st.wait();
     const Shape& s = p.out_shape;
+    const void* out = net.shared[p.out_slot].ptr;
     const int hw = s.h * s.w, c = s.c;
     const float k = scale / hw;
 #pragma omp parallel for
@@ -387,14 +415,14 @@ int rk_run(void* handle, const float* input, float* features, float scale, int t
       for (int i = 0; i < hw; ++i) {
         size_t at = (static_cast<size_t>(n) * hw + i) * c;
         switch (s.type) {
-          case dt::u8: { auto* x = static_cast<const uint8_t*>(p.out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; break; }
-          case dt::s8: { auto* x = static_cast<const int8_t*>(p.out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; break; }
+          case dt::u8: { auto* x = static_cast<const uint8_t*>(out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; break; }
+          case dt::s8: { auto* x = static_cast<const int8_t*>(out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; break; }
           case dt::bf16: {
-            auto* x = static_cast<const uint16_t*>(p.out) + at;
+            auto* x = static_cast<const uint16_t*>(out) + at;
             for (int j = 0; j < c; ++j) { uint32_t bits = static_cast<uint32_t>(x[j]) << 16; float f; std::memcpy(&f, &bits, 4); acc[j] += f; }
             break;
           }
-          default: { auto* x = static_cast<const float*>(p.out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; }
+          default: { auto* x = static_cast<const float*>(out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; }
         }
       }
       for (int j = 0; j < c; ++j) features[static_cast<size_t>(n) * c + j] = acc[j] * k;

@@ -53,9 +53,10 @@ class RunConfig:
     its BNs: what every fast path is judged against. compile, channels_last, fold,
     bf16_weights: the torch engine's (see infer.optimize.optimize). direct: the torch
     engine's direct oneDNN path (backends.onednn: no framework between the convs, no
-    compiling): "auto" takes it on the CPU where it is installed and runs the model, for
-    int8 always, for fp32 and bf16 unless compile is True or fold, channels_last or
-    bf16_weights ask for the PyTorch path; True requires it; False never takes it."""
+    compiling): "auto" takes it on the CPU where it is installed and runs the model, unless
+    compile=True (Inductor), compile=False at int8 (PT2E's reference graph), fold=False,
+    channels_last=False or bf16_weights=True ask for the PyTorch path; True requires it
+    (and refuses those options); False never takes it."""
 
     engine: str = "auto"
     precision: str = "auto"
@@ -272,17 +273,19 @@ def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor
     images', else 224); config.static fixes OpenVINO's input to it."""
     name = meta.source
     if engine == "torch":
-        why = _not_direct(model, precision, config)
+        why = not_direct(model, precision, config)
         if why is None:
-            m = direct_backend.OneDnnResNet(model, precision, batches, name)
             # a plan now, at the input's shape (or the model's own): a layer this CPU has no
             # oneDNN kernel for shows here, not at the first image
-            size = shape[-1] if shape else model.pretrained_cfg["input_size"][-1]
+            size = model.pretrained_cfg["input_size"][-1]
             try:
+                m = direct_backend.OneDnnResNet(model, precision, batches, name)
                 m.prepare(tuple(shape) if shape else (1, model.cfg.in_chans, size, size))
                 return Runner("torch", precision, m, meta, numpy_io=False, module=m)
             except UserError as e:
-                why = str(e)  # "auto": the PyTorch path below
+                if config.direct is True:
+                    raise
+                why = str(e)  # "auto": the PyTorch path below (whose own checks still apply)
         if config.direct is True:
             raise UserError(why)
         if precision == "int8":
@@ -316,19 +319,27 @@ def build(model: ResNet, engine: str, precision: str, batches: list[torch.Tensor
     return Runner(engine, precision, run, meta)
 
 
-def _not_direct(model: ResNet, precision: str, config: RunConfig) -> str | None:
+def not_direct(model: ResNet, precision: str, config: RunConfig) -> str | None:
     """None when the torch engine takes its direct oneDNN path for `model` at `precision`
-    under `config`, else why not (see RunConfig.direct)."""
+    under `config`, else why not (see RunConfig.direct). Raises UserError for direct=True
+    with an option that asks for the PyTorch path."""
+    pytorch = [name for name, asks in (
+        ("compile=True", config.compile is True),
+        # int8's compile=False is PT2E's reference float graph
+        ("compile=False", config.compile is False and precision == "int8"),
+        ("fold=False", not config.fold), ("channels_last=False", config.channels_last is False),
+        ("bf16_weights=True", config.bf16_weights)) if asks]
+    if config.direct is True and pytorch:
+        raise UserError(f"direct=True runs resnetkit's own oneDNN path; {pytorch[0]} asks for "
+                        f"PyTorch's: leave it out, or use direct=False")
     if config.direct is False:
         return "direct=False"
     if next(model.parameters()).device.type != "cpu":
         return "the direct oneDNN path runs on the CPU"
     if precision == "bf16" and decide_precision("auto", "cpu", choices=("bf16", "fp32")) != "bf16":
         return "the direct oneDNN path runs bf16 only on CPUs with native bf16"
-    if precision != "int8" and config.direct == "auto" and (
-            config.compile is True or not config.fold or config.channels_last is False
-            or config.bf16_weights):
-        return "compile, fold, channels_last or bf16_weights ask for the PyTorch path"
+    if pytorch:
+        return f"{pytorch[0]} asks for the PyTorch path"
     why = direct_backend.unavailable() or direct_backend.unsupported(model)
     if why is None:
         try:

@@ -92,29 +92,45 @@ def _compile(target: Path) -> None:
 
 def _load() -> ctypes.CDLL:
     """The built library: from the cache beside the weights' ($RESNETKIT_CACHE/.. or
-    ~/.cache/resnetkit; one file per source, compiler and oneDNN), built there on first use;
-    a cache that cannot be written builds into a temporary folder instead, and a cached file
-    that does not load is built again."""
+    ~/.cache/resnetkit; one file per source, compiler and oneDNN, earlier ones removed),
+    built there on first use; a cache that cannot be written, or that another user could
+    write, builds into a private temporary folder instead, and a cached file that does not
+    load is built again."""
     from ...weights.download import cache_dir
     _, lib = _dirs()
     dnnl = sorted(lib.glob("libdnnl.so*"))[-1].resolve()
     key = hashlib.sha256(SOURCE.read_bytes() +
                          f"{_compiler()}|{dnnl}|{dnnl.stat().st_size}".encode()).hexdigest()
     out = cache_dir().parent / f"onednn_resnet-{key[:16]}.so"
-    if out.is_file():
+    if out.is_file() and _own(out):
         try:
             return ctypes.CDLL(str(out))
         except OSError:
             pass  # damaged: built again below
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if not _own(out.parent):
+            raise PermissionError(f"{out.parent} is not this user's alone")
         _compile(out)
+        for old in out.parent.glob("onednn_resnet-*.so"):  # earlier sources' builds
+            if old != out:
+                old.unlink(missing_ok=True)
         return ctypes.CDLL(str(out))
     except OSError:
         with tempfile.TemporaryDirectory(prefix="resnetkit-onednn-") as tmp:
             target = Path(tmp) / out.name
             _compile(target)
             return ctypes.CDLL(str(target))  # stays mapped once the folder is gone
+
+
+def _own(path: Path) -> bool:
+    """Whether `path` belongs to this user and no one else may write it: code is loaded
+    from there, so a shared cache folder (e.g. under /tmp) is not trusted."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 @functools.lru_cache(maxsize=1)
@@ -137,7 +153,7 @@ def library() -> ctypes.CDLL:
             ("rk_add_conv", i, [p, i, i, p, p, p, p, p, f, f, f, i, i, i]),
             ("rk_add_pool", i, [p, i, i, i, i, i, i, i, i, i, i]),
             ("rk_set_output", None, [p, i]),
-            ("rk_plan", p, [p, i, i, i]),
+            ("rk_plan", p, [p, i, i, i, i]),
             ("rk_plan_features", i, [p]),
             ("rk_plan_free", None, [p]),
             ("rk_run", i, [p, p, p, f, i])):
@@ -346,6 +362,15 @@ def _observe(observer: Any, x: torch.Tensor) -> None:
         observer(x)
 
 
+def _identity_weight(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Option A's 0/1 channel-picking weights in int8, exactly: 127 at scale 1/127 (an
+    observer's symmetric scale, max/127.5, would shrink every value by 0.4%, so the upper
+    half of the u8 range would come out a step low); rows of zeros at scale 1."""
+    q = np.ascontiguousarray((w * 127).round().to(torch.int8).numpy())
+    scale = np.where(w.flatten(1).amax(1).numpy() > 0, 1 / 127, 1.0).astype(np.float32)
+    return q, scale
+
+
 def _quantized_weight(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8 weights and their scales (torchao's
     PerChannelMinMaxObserver, as the x86 PT2E quantizer uses)."""
@@ -359,11 +384,44 @@ def _quantized_weight(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
             np.ascontiguousarray(scale.float().numpy()))
 
 
+class _Native:
+    """The library's network and its plans (one per input shape and thread count, the least
+    recently used dropped past MAX_PLANS), owned by one object: copies of the module share
+    it, and it is freed once, when the last of them goes. A lock keeps runs one at a time
+    (the plans share their buffers)."""
+
+    def __init__(self, lib: ctypes.CDLL, net: int):
+        self.lib, self.net = lib, net
+        self.plans: dict[tuple[int, ...], int] = {}
+        self.lock = threading.Lock()
+
+    def plan(self, key: tuple[int, ...]) -> int:
+        plan = self.plans.pop(key, None)
+        if plan is None:
+            n, c, h, w, threads = key
+            plan = self.lib.rk_plan(self.net, n, h, w, threads)
+            if not plan:
+                raise UserError(f"the direct oneDNN path cannot run inputs of shape "
+                                f"{[n, c, h, w]}: {self.lib.rk_error().decode()}")
+            while len(self.plans) >= MAX_PLANS:
+                self.lib.rk_plan_free(self.plans.pop(next(iter(self.plans))))
+        self.plans[key] = plan  # the most recently used last
+        return plan
+
+    def __del__(self) -> None:
+        for plan in self.plans.values():
+            self.lib.rk_plan_free(plan)
+        self.plans = {}
+        if self.net:
+            self.lib.rk_net_free(self.net)
+            self.net = None
+
+
 class OneDnnResNet(nn.Module):
     """`model` (a ResNet that `unsupported` accepts) on the direct oneDNN path at
     `precision` ("fp32", "bf16" or "int8"; int8 needs calibration `batches`). Called on a
     float NCHW batch, it gives fp32 logits; a plan is built per input shape (the first call
-    of a shape takes about a second for ResNet-50)."""
+    of a shape takes well under a second for ResNet-50)."""
 
     engine = "torch"
 
@@ -380,22 +438,22 @@ class OneDnnResNet(nn.Module):
         if why:
             raise UserError(why)
         self.precision = precision
-        self._lib = library()
+        lib = library()
         folded = fold_model(copy.deepcopy(model).float().eval())
         graph = _Graph(folded)
         scales = _calibrate(folded, graph, batches, source) if precision == "int8" else {}
         slots = _slots(graph)
         self.in_chans = model.cfg.in_chans
-        self.cfg, self.min_input_size = model.cfg, model.min_input_size
+        with torch.device("meta"):  # the same net without weights: what input checks walk
+            self._shape_model = (ResNet(model.cfg),)  # a tuple: not a submodule
         self.fc = copy.deepcopy(folded.fc).float()
         for p in self.fc.parameters():
             p.requires_grad_(False)
-        lib = self._lib
         net = lib.rk_net_new(_CODES[precision], self.in_chans, slots[graph.input.index],
                              scales.get(graph.input.index, 1.0))
         if not net:
             raise UserError(f"the direct oneDNN path: {lib.rk_error().decode()}")
-        self._net = net
+        self._native = _Native(lib, net)
         for op in graph.ops:
             src, dst = slots[op["src"].index], slots[op["dst"].index]
             if op["kind"] == "pool":
@@ -415,10 +473,12 @@ class OneDnnResNet(nn.Module):
                                 dtype=np.int32)
             weight = np.ascontiguousarray(w.numpy())
             bias = np.ascontiguousarray(bias.numpy())
-            if precision == "int8":
-                qweight, wscale = _quantized_weight(w)
-            else:
+            if precision != "int8":
                 qweight = wscale = None
+            elif op["weight"] is not None:  # option A's fixed 0/1 weights
+                qweight, wscale = _identity_weight(w)
+            else:
+                qweight, wscale = _quantized_weight(w)
             src_scale = scales.get(op["src"].index, 1.0)
             dst_scale = scales.get(op["dst"].index, 1.0)
             sum_scale = scales.get(res.index, 1.0) if res is not None else 0.0
@@ -428,57 +488,51 @@ class OneDnnResNet(nn.Module):
                 int(res is not None), int(op["dst"].signed)))
         lib.rk_set_output(net, slots[graph.output.index])
         self._out_scale = scales.get(graph.output.index, 1.0)
-        self._plans: dict[tuple[int, ...], Any] = {}
-        self._lock = threading.Lock()  # a plan's buffers serve one call at a time
 
     def _check(self, rc: int) -> None:
         if rc != 0:
-            raise UserError(f"the direct oneDNN path: {self._lib.rk_error().decode()}")
-
-    def _plan(self, shape: tuple[int, ...]) -> Any:
-        plan = self._plans.get(shape)
-        if plan is None:
-            n, c, h, w = shape
-            plan = self._lib.rk_plan(self._net, n, h, w)
-            if not plan:
-                raise UserError(f"the direct oneDNN path cannot run inputs of shape "
-                                f"{list(shape)}: {self._lib.rk_error().decode()}")
-            if len(self._plans) >= MAX_PLANS:  # the oldest goes
-                self._lib.rk_plan_free(self._plans.pop(next(iter(self._plans))))
-            self._plans[shape] = plan
-        return plan
+            raise UserError(f"the direct oneDNN path: {self._native.lib.rk_error().decode()}")
 
     def prepare(self, shape: tuple[int, ...]) -> None:
-        """Build the plan for inputs of `shape` now (a UserError where oneDNN has no
-        optimized kernel for a layer on this CPU)."""
-        with self._lock:
-            self._plan(tuple(shape))
+        """Build the plan for inputs of `shape` (N, C, H, W) now: a UserError where the
+        shape is not one the model takes, or oneDNN has no optimized kernel for a layer on
+        this CPU."""
+        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape):
+            raise UserError(f"an input shape is (N, C, H, W) in positive whole numbers, got "
+                            f"{shape!r}")
+        check_input(self._shape_model[0], torch.empty(shape, device="meta"))
+        with self._native.lock:
+            self._native.plan((*shape, torch.get_num_threads()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(self, x)  # the model's own checks: channels, and a size every layer takes
+        # the model's own checks: channels, and a size every layer takes
+        check_input(self._shape_model[0], x)
         if x.device.type != "cpu":
             raise UserError("the direct oneDNN path runs on the CPU")
         x = x.detach().float().contiguous()
-        with self._lock:
-            plan = self._plan(tuple(x.shape))
-            feats = torch.empty(x.shape[0], self._lib.rk_plan_features(plan))
-            self._check(self._lib.rk_run(plan, x.data_ptr(), feats.data_ptr(), self._out_scale,
-                                         torch.get_num_threads()))
+        native, threads = self._native, torch.get_num_threads()
+        if len(x) == 0:  # nothing to run: the eager model's (0, classes)
+            feats = torch.empty(0, self.fc.in_features)
+        else:
+            with native.lock:
+                plan = native.plan((*x.shape, threads))
+                feats = torch.empty(x.shape[0], native.lib.rk_plan_features(plan))
+                self._check(native.lib.rk_run(plan, x.data_ptr(), feats.data_ptr(),
+                                              self._out_scale, threads))
         with torch.no_grad():
             return self.fc(feats)
 
-    def __del__(self) -> None:
-        lib = getattr(self, "_lib", None)
-        if lib is None:
-            return
-        for plan in getattr(self, "_plans", {}).values():
-            lib.rk_plan_free(plan)
-        if getattr(self, "_net", None):
-            lib.rk_net_free(self._net)
-            self._net = None
+    def __copy__(self) -> "OneDnnResNet":  # the same native network, shared
+        twin = type(self).__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     def __deepcopy__(self, memo: dict) -> "OneDnnResNet":
         raise TypeError("the direct oneDNN path's model cannot be copied: build another")
+
+    def __reduce__(self) -> Any:
+        raise UserError("the direct oneDNN path's model cannot be pickled: save the checkpoint "
+                        "and open it again")
 
 
 def _pair(v: Any) -> tuple[int, int]:
