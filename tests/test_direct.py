@@ -38,7 +38,22 @@ VARIANTS = {
 
 def model(spec, **kw):
     spec = dict(spec, **kw)
-    return with_bn_stats(rk.create_model(spec.pop("name"), num_classes=7, **spec))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same weights whatever ran before in this process
+        return with_bn_stats(rk.create_model(spec.pop("name"), num_classes=7, **spec))
+
+
+def rms_error(out, ref):
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def close_in_int8(out, ref):
+    """8-bit maps and weights through a dozen layers of an untrained net calibrated on 16
+    random images: torchao's own PT2E graph is 4-13% off in RMS on these nets (seeds 0-3), so
+    within 20%, the logits' pattern kept. A wrong scale, zero point or layout is off by
+    the logits' own size."""
+    corr = torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1]
+    return rms_error(out, ref) < 0.2 and corr > 0.98
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -63,8 +78,7 @@ def test_int8_of_every_structure_stays_close(variant):
     with torch.no_grad():
         ref = m(x)
     out = onednn.OneDnnResNet(m, "int8", calib)(x)
-    assert (out - ref).abs().max() < 0.1 * ref.abs().max(), variant
-    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99, variant
+    assert close_in_int8(out, ref), variant
 
 
 def test_option_a_shortcut_is_exact_in_int8():
@@ -88,10 +102,12 @@ def test_int8_and_bf16_stay_close_to_fp32():
     with torch.no_grad():
         ref = m(x)
     int8 = onednn.OneDnnResNet(m, "int8", calib)(x)
-    # 8-bit maps and weights: a few percent of the logits' range (an error in a scale or a
-    # zero point is far larger)
-    assert (int8 - ref).abs().max() < 0.1 * ref.abs().max()
-    assert torch.corrcoef(torch.stack([int8.flatten(), ref.flatten()]))[0, 1] > 0.99
+    assert close_in_int8(int8, ref)
+    pytest.importorskip("torchao")
+    from resnetkit.infer.quantize import quantize_graph
+    with torch.no_grad():  # the publisher's quantizer on the same images: no worse than it
+        pt2e = quantize_graph(m, calib)(x)
+    assert rms_error(int8, ref) <= 1.5 * rms_error(pt2e, ref) + 0.01
     if has_native_bf16("cpu"):
         bf16 = onednn.OneDnnResNet(m, "bf16")(x)
         assert (bf16 - ref).abs().max() < 0.05 * ref.abs().max()
