@@ -69,15 +69,20 @@ def test_fp32_equals_the_eager_model(variant):
         assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0), variant
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_int8_of_every_structure_stays_close(variant):
+def int8_case(variant, batch, size, seed):
+    """(model, calibration batches, input, fp32 logits, direct int8 logits)."""
     m = model(VARIANTS[variant])
-    gen = torch.Generator().manual_seed(3)
-    calib = [torch.randn(8, 3, 36, 36, generator=gen) for _ in range(2)]
-    x = torch.randn(4, 3, 36, 36, generator=gen)
+    gen = torch.Generator().manual_seed(seed)
+    calib = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(2)]
+    x = torch.randn(batch // 2, 3, size, size, generator=gen)
     with torch.no_grad():
         ref = m(x)
-    out = onednn.OneDnnResNet(m, "int8", calib)(x)
+    return m, calib, x, ref, onednn.OneDnnResNet(m, "int8", calib)(x)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_int8_of_every_structure_stays_close(variant):
+    *_, ref, out = int8_case(variant, 8, 36, 3)
     assert close_in_int8(out, ref), variant
 
 
@@ -95,22 +100,16 @@ def test_option_a_shortcut_is_exact_in_int8():
 
 
 def test_int8_and_bf16_stay_close_to_fp32():
-    m = model(VARIANTS["bottleneck, v1 strides, groups"])
-    gen = torch.Generator().manual_seed(2)
-    calib = [torch.randn(16, 3, 48, 48, generator=gen) for _ in range(2)]
-    x = torch.randn(8, 3, 48, 48, generator=gen)
-    with torch.no_grad():
-        ref = m(x)
-    int8 = onednn.OneDnnResNet(m, "int8", calib)(x)
+    m, calib, x, ref, int8 = int8_case("bottleneck, v1 strides, groups", 16, 48, 2)
     assert close_in_int8(int8, ref)
+    if has_native_bf16("cpu"):
+        bf16 = onednn.OneDnnResNet(m, "bf16")(x)
+        assert (bf16 - ref).abs().max() < 0.05 * ref.abs().max()
     pytest.importorskip("torchao")
     from resnetkit.infer.quantize import quantize_graph
     with torch.no_grad():  # the publisher's quantizer on the same images: no worse than it
         pt2e = quantize_graph(m, calib)(x)
     assert rms_error(int8, ref) <= 1.5 * rms_error(pt2e, ref) + 0.01
-    if has_native_bf16("cpu"):
-        bf16 = onednn.OneDnnResNet(m, "bf16")(x)
-        assert (bf16 - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_the_default_torch_path_takes_it_and_falls_back_where_it_cannot():
