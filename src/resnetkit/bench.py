@@ -154,13 +154,13 @@ def _runners(src: Source, probe: torch.Tensor, compiled: bool, onnx: bool,
     if compiled:
         out["resnetkit_infer_compiled"] = (fast.precision, open_runner(
             src, RunConfig(engine="torch", compile=True)))
-    default = open_runner(src, RunConfig(engine="torch"))
-    if isinstance(default.module, OneDnnResNet):
+    cpu = next(src.model.parameters()).device.type == "cpu"
+    default = open_runner(src, RunConfig(engine="torch")) if cpu else None
+    if default is not None and isinstance(default.module, OneDnnResNet):
         out["resnetkit_direct"] = (default.precision, default)
-    elif next(src.model.parameters()).device.type == "cpu":
+    elif default is not None:
         why = not_direct(src.model, default.precision, RunConfig(engine="torch"))
         notes.append(f"resnetkit_direct skipped: {why or 'it failed to build here'}")
-    cpu = next(src.model.parameters()).device.type == "cpu"
     if batches is not None and cpu:
         out.update(_int8_path(src.model, batches, notes, compiled, src.name))
     elif batches is not None:

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..model import ResNet
-from ..runtime import decide_precision
+from ..runtime import decide_precision, has_native_bf16
 from ..untrusted import shown
 from . import auto
 from .backends import onednn as direct_backend
@@ -336,7 +336,7 @@ def not_direct(model: ResNet, precision: str, config: RunConfig) -> str | None:
         return "direct=False"
     if next(model.parameters()).device.type != "cpu":
         return "the direct oneDNN path runs on the CPU"
-    if precision == "bf16" and decide_precision("auto", "cpu", choices=("bf16", "fp32")) != "bf16":
+    if precision == "bf16" and not has_native_bf16("cpu"):
         return "the direct oneDNN path runs bf16 only on CPUs with native bf16"
     if pytorch:
         return f"{pytorch[0]} asks for the PyTorch path"

@@ -35,9 +35,16 @@ def can_compile(device: torch.device | str) -> bool:
         from torch.utils._triton import has_triton
         return has_triton() and any(
             shutil.which(c) for c in (os.environ.get("CC", ""), "gcc", "cc", "clang") if c)
+    return cxx() is not None
+
+
+def cxx() -> str | None:
+    """The C++ compiler TorchInductor calls (its config's cpp.cxx: $CXX, else g++ on Linux),
+    as a path; None where there is none. resnetkit's own C++ (the direct oneDNN path) is
+    built with it too."""
     from torch._inductor import config
     names = [os.environ.get("CXX", "")] + [c for c in config.cpp.cxx if isinstance(c, str)]
-    return any(shutil.which(c) for c in names if c)
+    return next((path for path in map(shutil.which, filter(None, names)) if path), None)
 
 
 def own_code(fn: Callable) -> Callable:

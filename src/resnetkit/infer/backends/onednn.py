@@ -18,7 +18,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
 import sysconfig
 import tempfile
@@ -34,6 +33,7 @@ from ...errors import UserError
 from ...geometry import check_input
 from ...layers import ZeroPadShortcut
 from ...model import ResNet
+from ...runtime.compiling import cxx
 from ..calibrate import check_calibration_outputs
 from .torch import BN_LIKE, fold_model
 
@@ -57,15 +57,11 @@ def unavailable() -> str | None:
             not any(lib.glob("libdnnl.so*")):
         return ("the direct oneDNN path needs oneDNN's library and headers: pip install "
                 "'resnetkit[onednn]'")
-    if not _compiler():
+    if not cxx():
         return "the direct oneDNN path needs a C++ compiler (g++ or $CXX)"
     if not SOURCE.is_file():
         return f"{SOURCE.name} is missing from the installed package"
     return None
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
 
 
 def _compile(target: Path) -> None:
@@ -75,7 +71,7 @@ def _compile(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".onednn_resnet-", suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+        subprocess.run([cxx(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
                         str(SOURCE), f"-I{include}", f"-L{lib}", "-ldnnl",
                         f"-Wl,-rpath,{lib}", "-o", tmp],
                        check=True, capture_output=True, text=True, timeout=300)
@@ -100,7 +96,7 @@ def _load() -> ctypes.CDLL:
     _, lib = _dirs()
     dnnl = sorted(lib.glob("libdnnl.so*"))[-1].resolve()
     key = hashlib.sha256(SOURCE.read_bytes() +
-                         f"{_compiler()}|{dnnl}|{dnnl.stat().st_size}".encode()).hexdigest()
+                         f"{cxx()}|{dnnl}|{dnnl.stat().st_size}".encode()).hexdigest()
     out = cache_dir().parent / f"onednn_resnet-{key[:16]}.so"
     if out.is_file() and _own(out):
         try:
