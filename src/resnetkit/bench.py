@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .evaluate import eval_data, guard
+from .fused import decide_fused
 from .geometry import check_input_size
 from .infer import RunConfig, Runner, Source, open_runner, open_source
 from .infer.backends.openvino import precisions as ov_precisions
@@ -210,8 +211,9 @@ def _train_paths(model: str, x: torch.Tensor, y: torch.Tensor, compile: bool,
                  ) -> dict[str, tuple[Callable[[], None], str]]:
     """{name: (run, precision)} of the training steps: plain PyTorch in eager fp32 NCHW (the
     baseline), and the trainer's own step (train.TrainStep with the trainer's optimizer) at
-    the precision and layout the trainer picks here, eager, and compiled where torch.compile
-    can build kernels (the trainer compiles runs long enough to pay for it). The trainer's
+    the precision and layout the trainer picks here, eager (its BN, sums and ReLUs by the
+    fused kernels where the trainer fuses them), and compiled where torch.compile can build
+    kernels (the trainer compiles runs long enough to pay for it). The trainer's
     steps are also put in `steps`, by name."""
     dev = x.device
     tb = create_model(model, **build).to(dev).train()
@@ -223,8 +225,9 @@ def _train_paths(model: str, x: torch.Tensor, y: torch.Tensor, compile: bool,
     xt = x.contiguous(memory_format=fmt)
     for compiled in (False, True) if compile or can_compile(dev) else (False,):
         m = create_model(model, **build).to(dev, memory_format=fmt).train()
+        fused, _ = decide_fused("auto", dev, cl, compiled)  # what the trainer picks
         step = TrainStep(m, m, build_optimizer(m, TrainConfig(lr=0.01)), None, dev, prec,
-                         compile=compiled)
+                         compile=compiled, fused=fused)
         name = "train_resnetkit_compiled" if compiled else "train_resnetkit"
         out[name], steps[name] = (functools.partial(step, [(xt, y)]), prec), step
     return out

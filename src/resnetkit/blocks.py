@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fused
 from .config import ResNetConfig
 from .layers import AvgPoolSame, DropPath, SqueezeExcite, ZeroPadShortcut, conv1x1, conv3x3, \
     make_norm
@@ -11,6 +12,15 @@ from .layers import AvgPoolSame, DropPath, SqueezeExcite, ZeroPadShortcut, conv1
 
 class Projection(nn.Sequential):
     """A projection shortcut (options B and C): [avg-pool,] 1x1 conv[, BN]."""
+
+    @torch.jit.unused
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same, its BN by the fused kernels (fused.py) where they take it."""
+        *first, last = self
+        for layer in first:
+            x = layer(x)
+        return fused.norm_act(last, x, relu=False) if isinstance(last, nn.BatchNorm2d) \
+            else last(x)
 
 
 def make_shortcut(cfg: ResNetConfig, in_chs: int, out_chs: int, stride: int,
@@ -63,6 +73,30 @@ class ResidualBlock(nn.Module):
             return out
         return self.drop_path(out) + self.downsample(x)
 
+    @torch.jit.unused
+    def fusable(self) -> bool:
+        """Whether this block runs BN + sum + ReLU fused now (fused.py): inside
+        fused_norm_act, a post-activation block without SE or drop path."""
+        return fused.active() and not self.preact and isinstance(self.se, nn.Identity) and \
+            isinstance(self.drop_path, nn.Identity)
+
+    @torch.jit.unused
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's forward with each BN, the residual sum and the ReLUs by the fused
+        kernels (each falls back to the modules' ops where they do not take its input)."""
+        last = 3 if hasattr(self, "conv3") else 2
+        out = x
+        for i in range(1, last):
+            out = fused.norm_act(getattr(self, f"bn{i}"), getattr(self, f"conv{i}")(out))
+        out = getattr(self, f"conv{last}")(out)
+        if self.downsample is None:
+            res = None
+        elif isinstance(self.downsample, Projection):
+            res = self.downsample.forward_fused(x)
+        else:
+            res = self.downsample(x)
+        return fused.norm_act(getattr(self, f"bn{last}"), out, res)
+
     def residual_end(self) -> nn.Module:
         """What zero-init zeroes: the last BN (post-activation) or conv (pre-activation)."""
         last = 3 if hasattr(self, "conv3") else 2
@@ -85,6 +119,8 @@ class BasicBlock(ResidualBlock):
         self._finish(cfg, in_chs, out_chs, stride, dilation, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.fusable():
+            return self.forward_fused(x)
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.se(self.bn2(self.conv2(out)))
         return self.act2(self._add(out, x))
@@ -121,6 +157,8 @@ class Bottleneck(ResidualBlock):
         self._finish(cfg, in_chs, out_chs, stride, dilation, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.fusable():
+            return self.forward_fused(x)
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.act2(self.bn2(self.conv2(out)))
         out = self.se(self.bn3(self.conv3(out)))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .blocks import BLOCK_TYPES, ResidualBlock
 from .config import MAX_CLASSES, ResNetConfig
 from .errors import UserError
@@ -167,6 +168,8 @@ class ResNet(nn.Module):
         self.grad_checkpointing = enable
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and fused.active() and isinstance(self.relu, nn.ReLU):
+            return fused.norm_act(self.bn1, self.conv1(x))  # falls back where it must
         return self.relu(self.bn1(self.conv1(x)))
 
     def _run(self, x: torch.Tensor, take: List[int], last: int, stop_early: bool,

@@ -90,6 +90,9 @@ class TrainConfig:
     channels_last: Auto | bool = opt("auto", "channels_last memory format: auto, true or false")
     compile: Auto | bool = opt("auto", "torch.compile the training step: auto (runs long enough "
                                "to pay for it, one process, a C++ compiler), true or false")
+    fused_bn: Auto | bool = opt("auto", "BN, the residual sum and ReLU as one C++ kernel each "
+                                "way in the eager training step: auto (CPU, channels_last, "
+                                "not compiled), true or false")
     seed: int = opt(0, "seed of the initial weights, the order and the augmentation")
     deterministic: bool = opt(False, "deterministic algorithms only (bitwise-repeatable)")
     train_subset: int = opt(0, "train on a fixed random N samples (0: all)")
@@ -112,7 +115,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # "true" from a recipe or a caller
-        for name in ("channels_last", "compile", "cache_images"):
+        for name in ("channels_last", "compile", "fused_bn", "cache_images"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -133,6 +136,7 @@ class TrainConfig:
             (self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}"),
             (self.channels_last in ("auto", True, False), "channels_last", "auto, true or false"),
             (self.compile in ("auto", True, False), "compile", "auto, true or false"),
+            (self.fused_bn in ("auto", True, False), "fused_bn", "auto, true or false"),
             (self.epochs >= 1, "epochs", ">= 1"), (self.batch_size >= 1, "batch_size", ">= 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr", "> 0 and finite"),
             (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)"),

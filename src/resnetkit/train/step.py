@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..fused import fused_norm_act
 from ..runtime import autocast
 from ..runtime.compiling import own_code
 
@@ -23,17 +24,21 @@ class TrainStep:
     module, or its DistributedDataParallel wrapper). With `compile`, the forward pass and the
     loss are compiled by torch.compile (TorchInductor), which also compiles their backward
     pass: BN, ReLU and the residual additions run as fused loops instead of one pass over
-    memory each. The first call compiles; `compile_s` holds the seconds it took."""
+    memory each. The first call compiles; `compile_s` holds the seconds it took. With `fused`
+    (not with `compile`), the blocks run those by resnetkit's own fused kernels (fused.py)
+    instead."""
 
     def __init__(self, model: torch.nn.Module, net: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
                  precision: str, *, world: int = 1, label_smoothing: float = 0.0,
                  grad_clip: float = 0.0, ema: Any = None, scaler: Any = None,
-                 compile: bool = False):
+                 compile: bool = False, fused: bool = False):
+        if compile and fused:
+            raise ValueError("a compiled step fuses BN and ReLU itself: fused=True is for eager")
         self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
         self.device, self.precision, self.world = device, precision, world
         self.label_smoothing, self.grad_clip = label_smoothing, grad_clip
-        self.ema, self.scaler, self.compiled = ema, scaler, compile
+        self.ema, self.scaler, self.compiled, self.fused = ema, scaler, compile, fused
         self.compile_s = 0.0
         self._first = compile
         # dynamic=False: one graph per input shape (an uneven last batch compiles once more)
@@ -42,7 +47,7 @@ class TrainStep:
                       else self._forward)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision), fused_norm_act(self.fused):
             out = self.net(x)
             logits = out if out.dtype == torch.float64 else out.float()
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)

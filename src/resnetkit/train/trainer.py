@@ -13,6 +13,7 @@ import torch
 from .. import weights as ckpt
 from ..errors import UserError
 from ..evaluate import evaluate
+from ..fused import decide_fused
 from ..runtime import decide_channels_last, decide_precision, hardware, peak_memory_mb
 from ..runtime.compiling import decide_compile, estimated_train_s, forward_flop
 from . import distributed as D
@@ -66,9 +67,11 @@ class Trainer:
                                          self.dist.world, cfg.lr, cfg.lr_batch, cfg.lr_scale)
         # compile too: decided from the run's length, so a resumed (or extended) run keeps it
         self.compiled, self.compile_why = self._decide_compile(cfg, model)
+        self.fused, self.fused_why = decide_fused(cfg.fused_bn, self.device, self.channels_last,
+                                                  self.compiled)
         self.cfg = cfg = dataclasses.replace(cfg, global_batch=self.batches.global_,
                                              lr_batch=self.batches.lr_batch,
-                                             compile=self.compiled)
+                                             compile=self.compiled, fused_bn=self.fused)
         self.dtype = torch.float64 if self.precision == "fp64" else torch.float32
         self.model, self.net = place(model, cfg.sync_bn, self.dist, self.device, self.dtype,
                                      self._fmt)
@@ -86,7 +89,8 @@ class Trainer:
         self.step = TrainStep(self.model, self.net, self.optimizer, self.scheduler, self.device,
                               self.precision, world=self.dist.world,
                               label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
-                              ema=self.ema, scaler=self.scaler, compile=self.compiled)
+                              ema=self.ema, scaler=self.scaler, compile=self.compiled,
+                              fused=self.fused)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_acc, self.history = -1.0, []
         # the interrupted epoch's running sums: each rank's (loss, correct, seen), seconds
@@ -151,6 +155,7 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "precision": self.precision,
                 "channels_last": self.channels_last, "device": str(self.device),
                 "compile": self.compiled, "compile_why": self.compile_why,
+                "fused_bn": self.fused, "fused_bn_why": self.fused_why,
                 "world": d.world, "backend": d.backend, "per_rank": b.per_rank,
                 "accum": b.accum, "global_batch": b.global_, "lr": b.lr}
 
@@ -161,6 +166,7 @@ class Trainer:
                 "model": ckpt.config_to_dict(self.model.cfg),
                 "resolved": {"precision": self.precision, "channels_last": self.channels_last,
                              "compile": self.compiled, "compile_why": self.compile_why,
+                             "fused_bn": self.fused, "fused_bn_why": self.fused_why,
                              "device": str(self.device), "image_size": self.image_size,
                              "mean": self.mean, "std": self.std,
                              "world_size": self.dist.world, "backend": self.dist.backend,
@@ -387,6 +393,7 @@ class Trainer:
                   "tta_flip": self.cfg.tta_flip, "tta_shift": self.cfg.tta_shift,
                   "wall_s": sum(h["epoch_s"] for h in self.history),
                   "compiled": self.compiled, "compile_s": self.step.compile_s,
+                  "fused_bn": self.fused,
                   "peak_mem_mb": peak_memory_mb(self.device), "run_dir": str(self.run_dir),
                   "world_size": self.dist.world, "global_batch": self.batches.global_}
         if tta:

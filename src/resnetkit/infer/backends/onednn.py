@@ -16,11 +16,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
-import hashlib
-import os
-import subprocess
 import sysconfig
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,7 @@ from ...geometry import check_input
 from ...layers import ZeroPadShortcut
 from ...model import ResNet
 from ...runtime.compiling import cxx
+from ...runtime.native import load_native
 from ..calibrate import check_calibration_outputs
 from .torch import BN_LIKE, fold_model
 
@@ -64,80 +61,19 @@ def unavailable() -> str | None:
     return None
 
 
-def _compile(target: Path) -> None:
-    """onednn_resnet.cpp built into `target`, atomically (a temporary file beside it, then
-    renamed): a build cut short never leaves a half-written library behind."""
-    include, lib = _dirs()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".onednn_resnet-", suffix=".so")
-    os.close(fd)
-    try:
-        subprocess.run([cxx(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-                        str(SOURCE), f"-I{include}", f"-L{lib}", "-ldnnl",
-                        f"-Wl,-rpath,{lib}", "-o", tmp],
-                       check=True, capture_output=True, text=True, timeout=300)
-        os.replace(tmp, target)
-    except subprocess.CalledProcessError as e:
-        raise UserError(f"building the direct oneDNN path failed: "
-                        f"{e.stderr.strip()[-500:]}") from None
-    except subprocess.SubprocessError as e:
-        raise UserError(f"building the direct oneDNN path failed: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _load() -> ctypes.CDLL:
-    """The built library: from the cache beside the weights' ($RESNETKIT_CACHE/.. or
-    ~/.cache/resnetkit; one file per source, compiler and oneDNN, earlier ones removed),
-    built there on first use; a cache that cannot be written, or that another user could
-    write, builds into a private temporary folder instead, and a cached file that does not
-    load is built again."""
-    from ...weights.download import cache_dir
-    _, lib = _dirs()
-    dnnl = sorted(lib.glob("libdnnl.so*"))[-1].resolve()
-    key = hashlib.sha256(SOURCE.read_bytes() +
-                         f"{cxx()}|{dnnl}|{dnnl.stat().st_size}".encode()).hexdigest()
-    out = cache_dir().parent / f"onednn_resnet-{key[:16]}.so"
-    if out.is_file() and _own(out):
-        try:
-            return ctypes.CDLL(str(out))
-        except OSError:
-            pass  # damaged: built again below
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not _own(out.parent):
-            raise PermissionError(f"{out.parent} is not this user's alone")
-        _compile(out)
-        for old in out.parent.glob("onednn_resnet-*.so"):  # earlier sources' builds
-            if old != out:
-                old.unlink(missing_ok=True)
-        return ctypes.CDLL(str(out))
-    except OSError:
-        with tempfile.TemporaryDirectory(prefix="resnetkit-onednn-") as tmp:
-            target = Path(tmp) / out.name
-            _compile(target)
-            return ctypes.CDLL(str(target))  # stays mapped once the folder is gone
-
-
-def _own(path: Path) -> bool:
-    """Whether `path` belongs to this user and no one else may write it: code is loaded
-    from there, so a shared cache folder (e.g. under /tmp) is not trusted."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
-    """onednn_resnet.cpp built and loaded (see _load), its functions typed. Raises UserError
+    """onednn_resnet.cpp built and loaded (runtime.native.load_native: cached beside the
+    weights, one build per source, compiler and oneDNN), its functions typed. Raises UserError
     when it cannot be."""
     why = unavailable()
     if why:
         raise UserError(why)
+    include, lib = _dirs()
+    dnnl = sorted(lib.glob("libdnnl.so*"))[-1].resolve()
     try:
-        so = _load()
+        so = load_native(SOURCE, ["-O2", "-fopenmp", f"-I{include}", f"-L{lib}", "-ldnnl",
+                                  f"-Wl,-rpath,{lib}"], key=f"{dnnl}|{dnnl.stat().st_size}")
     except OSError as e:
         raise UserError(f"the direct oneDNN path could not be built or loaded: {e}") from None
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float

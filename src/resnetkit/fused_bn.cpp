@@ -1,0 +1,206 @@
+// Training-mode batch norm fused with the ReLU after it (and the residual sum before that
+// ReLU): y = relu(bn(x) [+ r]) forward, and its backward, in one pass over memory each
+// where ATen takes one per op. Channels-last maps seen as M x C rows (M = N*H*W), fp32 or
+// bf16 activations, fp32 statistics and parameters. The batch statistics take one pass
+// (shifted sums of x and x^2, in float over 64 rows, then in double). Rows are split into the
+// same fixed chunks whatever the thread count, and the chunks' partial sums are added in
+// chunk order: results depend on nothing but the input. Called through ctypes.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 1024;  // rows a partial sum covers
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even, as ATen
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint32_t rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+  const uint32_t quiet = (bits >> 16) | 0x40;  // a NaN stays a NaN
+  p[i] = static_cast<uint16_t>((bits & 0x7fffffff) > 0x7f800000 ? quiet : rounded);
+}
+
+// per channel, two sums over rows: f(row, channel, a, b) adds to a and b; they are kept in
+// fixed chunks of rows, in float over 64 rows then in double, and the chunks added in order
+template <typename F>
+void reduce(int64_t m, int c, int threads, double* out_a, double* out_b, F f) {
+  const int64_t chunks = (m + CHUNK - 1) / CHUNK;
+  std::vector<double> part(static_cast<size_t>(chunks) * c * 2, 0.0);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t k = 0; k < chunks; ++k) {
+    std::vector<float> acc(2 * c, 0.f);
+    float* acc_a = acc.data();
+    float* acc_b = acc.data() + c;
+    double* dst = part.data() + k * c * 2;
+    const int64_t end = std::min(m, (k + 1) * CHUNK);
+    for (int64_t row = k * CHUNK; row < end; row += 64) {
+      const int64_t stop = std::min(end, row + 64);
+      for (int64_t r = row; r < stop; ++r)
+#pragma omp simd
+        for (int j = 0; j < c; ++j) f(r, j, acc_a[j], acc_b[j]);
+      for (int j = 0; j < 2 * c; ++j) dst[j] += acc[j], acc[j] = 0.f;
+    }
+  }
+  for (int j = 0; j < c; ++j) out_a[j] = out_b[j] = 0.0;
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int j = 0; j < c; ++j) out_a[j] += part[k * c * 2 + j], out_b[j] += part[k * c * 2 + c + j];
+}
+
+template <typename T>
+void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weight,
+             const float* bias, float eps, int relu, int threads, float* mean_out, float* var_out,
+             float* invstd_out) {
+  // one pass: the sums of d = x - k and d^2, k a sample of each channel (its first row), so
+  // that var = mean(d^2) - mean(d)^2 does not cancel away where the mean is far from 0
+  std::vector<float> k(c), mean(c), shift(c), scale(c);
+  for (int j = 0; j < c; ++j) k[j] = load(x, j);
+  const float* kk = k.data();
+  std::vector<double> s(c), ss(c);
+  reduce(m, c, threads, s.data(), ss.data(), [&](int64_t r, int j, float& a, float& b) {
+    const float d = load(x, r * c + j) - kk[j];
+    a += d;
+    b += d * d;
+  });
+  std::vector<double> var_d(c);
+  for (int j = 0; j < c; ++j) {
+    const double md = s[j] / m;
+    mean[j] = static_cast<float>(kk[j] + md);
+    var_d[j] = std::max(ss[j] / m - md * md, 0.0);
+  }
+  for (int j = 0; j < c; ++j) {
+    float var = static_cast<float>(var_d[j]);
+    float invstd = 1.f / std::sqrt(var + eps);
+    mean_out[j] = mean[j], var_out[j] = var, invstd_out[j] = invstd;
+    scale[j] = invstd * (weight ? weight[j] : 1.f);
+    shift[j] = (bias ? bias[j] : 0.f) - mean[j] * scale[j];
+  }
+  const float* sc = scale.data();
+  const float* sh = shift.data();
+  auto apply = [&](auto with_res, auto with_relu) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t at = r * c;
+#pragma omp simd
+      for (int j = 0; j < c; ++j) {
+        float v = load(x, at + j) * sc[j] + sh[j];
+        if (with_res) v += load(res, at + j);
+        if (with_relu) v = v > 0.f ? v : 0.f;
+        store(y, at + j, v);
+      }
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (res && relu) apply(yes{}, yes{});
+  else if (res) apply(yes{}, no{});
+  else if (relu) apply(no{}, yes{});
+  else apply(no{}, no{});
+}
+
+// g = dy where y > 0 (all of dy without the ReLU); dbias = sum g, dweight = sum g * xhat,
+// dx = weight * invstd * (g - mean(g) - xhat * mean(g * xhat)); dres = g
+template <typename T, bool RELU, bool DX, bool DRES>
+void backward(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t m, int c,
+              const float* weight, const float* mean, const float* invstd, int threads,
+              float* dweight, float* dbias) {
+  std::vector<double> sg(c), sgx(c);
+  reduce(m, c, threads, sg.data(), sgx.data(), [&](int64_t r, int j, float& a, float& b) {
+    const int64_t i = r * c + j;
+    const float d = load(dy, i);  // both loaded, then selected: a branch would not vectorize
+    const float g = RELU ? (load(y, i) > 0.f ? d : 0.f) : d;
+    a += g;
+    b += g * (load(x, i) - mean[j]);
+  });
+  std::vector<float> a(c), b(c), k(c);
+  for (int j = 0; j < c; ++j) {
+    const float w = weight ? weight[j] : 1.f;
+    if (dbias) dbias[j] = static_cast<float>(sg[j]);
+    if (dweight) dweight[j] = static_cast<float>(sgx[j]) * invstd[j];
+    // dx = k g - k mean(g) - k invstd^2 mean(g (x - mean)) (x - mean)
+    k[j] = w * invstd[j];
+    a[j] = k[j] * static_cast<float>(sg[j] / m);
+    b[j] = k[j] * invstd[j] * invstd[j] * static_cast<float>(sgx[j] / m);
+  }
+  if (!DX && !DRES) return;
+  const float* kk = k.data();
+  const float* aa = a.data();
+  const float* bb = b.data();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t at = r * c;
+#pragma omp simd
+    for (int j = 0; j < c; ++j) {
+      const float d = load(dy, at + j);
+      const float g = RELU ? (load(y, at + j) > 0.f ? d : 0.f) : d;
+      if (DRES) store(dres, at + j, g);
+      if (DX) store(dx, at + j, kk[j] * g - aa[j] - bb[j] * (load(x, at + j) - mean[j]));
+    }
+  }
+}
+
+template <typename T>
+void backward(const void* dy, const void* x, const void* y, void* dx, void* dres, int64_t m, int c,
+              const float* weight, const float* mean, const float* invstd, int relu, int threads,
+              float* dweight, float* dbias) {
+  auto run = [&](auto fn) {
+    fn(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(y), static_cast<T*>(dx),
+       static_cast<T*>(dres), m, c, weight, mean, invstd, threads, dweight, dbias);
+  };
+  const int which = (relu ? 4 : 0) | (dx ? 2 : 0) | (dres ? 1 : 0);
+  switch (which) {
+    case 0: run(backward<T, false, false, false>); break;
+    case 1: run(backward<T, false, false, true>); break;
+    case 2: run(backward<T, false, true, false>); break;
+    case 3: run(backward<T, false, true, true>); break;
+    case 4: run(backward<T, true, false, false>); break;
+    case 5: run(backward<T, true, false, true>); break;
+    case 6: run(backward<T, true, true, false>); break;
+    default: run(backward<T, true, true, true>); break;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// bf16: the activations are bf16 (else fp32); res, weight, bias may be null
+int rk_bn_act_forward(int bf16, const void* x, const void* res, void* y, int64_t m, int c,
+                      const float* weight, const float* bias, float eps, int relu, int threads,
+                      float* mean, float* var, float* invstd) {
+  if (m <= 0 || c <= 0) return -1;
+  if (bf16)
+    forward(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(res),
+            static_cast<uint16_t*>(y), m, c, weight, bias, eps, relu, threads, mean, var, invstd);
+  else
+    forward(static_cast<const float*>(x), static_cast<const float*>(res), static_cast<float*>(y), m,
+            c, weight, bias, eps, relu, threads, mean, var, invstd);
+  return 0;
+}
+
+// dx, dres, dweight, dbias may be null (not wanted)
+int rk_bn_act_backward(int bf16, const void* dy, const void* x, const void* y, void* dx, void* dres,
+                       int64_t m, int c, const float* weight, const float* mean, const float* invstd,
+                       int relu, int threads, float* dweight, float* dbias) {
+  if (m <= 0 || c <= 0) return -1;
+  if (bf16)
+    backward<uint16_t>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
+  else
+    backward<float>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
+  return 0;
+}
+
+}  // extern "C"

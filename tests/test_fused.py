@@ -1,0 +1,194 @@
+"""The fused BN + residual sum + ReLU kernels of the training step (fused.py): against an
+independent float64 computation, thread-count independence, the blocks' use of them, the
+trainer's choice, and an exact resume with them."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnetkit
+from resnetkit import fused
+from resnetkit.errors import UserError
+from resnetkit.runtime.compiling import cxx
+from resnetkit.train import Trainer, TrainStep
+
+pytestmark = pytest.mark.skipif(cxx() is None, reason="the fused kernels need a C++ compiler")
+CL = torch.channels_last
+
+
+def reference(x, res, weight, bias, eps, relu, dy):
+    """y = relu(bn(x) + res) and its gradients, in float64 from the same inputs, by autograd
+    through plain tensor ops (the batch's biased variance normalises; the running variance
+    takes the unbiased one)."""
+    x64 = x.detach().double().requires_grad_()
+    r64 = None if res is None else res.detach().double().requires_grad_()
+    w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    mean = x64.mean((0, 2, 3), keepdim=True)
+    var = x64.var((0, 2, 3), unbiased=False, keepdim=True)
+    y = (x64 - mean) / torch.sqrt(var + eps) * w64.view(1, -1, 1, 1) + b64.view(1, -1, 1, 1)
+    if r64 is not None:
+        y = y + r64
+    if relu:
+        y = torch.relu(y)
+    y.backward(dy.double())
+    n = x.numel() // x.shape[1]
+    return dict(y=y.detach(), dx=x64.grad, dres=None if r64 is None else r64.grad,
+                dw=w64.grad, db=b64.grad, mean=mean.flatten(),
+                var_unbiased=var.flatten() * n / (n - 1))
+
+
+def fused_run(x, res, bn, relu, dy):
+    x = x.detach().clone().requires_grad_()
+    r = None if res is None else res.detach().clone().requires_grad_()
+    y = fused.norm_act(bn, x, r, relu)
+    y.backward(dy)
+    return dict(y=y.detach(), dx=x.grad, dres=None if r is None else r.grad,
+                dw=bn.weight.grad, db=bn.bias.grad)
+
+
+def batch(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype).contiguous(memory_format=CL)
+    res = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=CL)
+    dy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=CL)
+    bn = nn.BatchNorm2d(shape[1])
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-0.5, 0.5, generator=g)
+    return x, res, dy, bn
+
+
+def close(a, b, rel):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max()) <= rel * float(b.abs().max()) + 1e-12
+
+
+# rows M = N*H*W: fewer than one chunk of the kernels' reduction, several chunks with a
+# ragged end; channel counts that fill no vector exactly
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (9, 17, 13, 11), (4, 64, 4, 4)])
+@pytest.mark.parametrize("with_res", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+def test_fp32_matches_float64(shape, with_res, relu):
+    x, res, dy, bn = batch(shape, torch.float32)
+    res = res if with_res else None
+    with fused.fused_norm_act():
+        got = fused_run(x, res, bn, relu, dy)
+    ref = reference(x, res, bn.weight, bn.bias, bn.eps, relu, dy)
+    for k in ("y", "dx", "dw", "db") + (("dres",) if with_res else ()):
+        assert close(got[k], ref[k], 2e-5), k
+    assert close(bn.running_mean, 0.9 * torch.zeros(shape[1]) + 0.1 * ref["mean"], 1e-5)
+    assert close(bn.running_var, 0.9 * torch.ones(shape[1]) + 0.1 * ref["var_unbiased"], 1e-5)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_bf16_rounds_once_and_its_gradients_follow():
+    # bf16 maps: y is the exact value rounded once (within half a bf16 step, 2^-9 relative);
+    # gradients against float64 given the same ReLU mask, within bf16's own precision
+    x, res, dy, bn = batch((8, 16, 9, 9), torch.bfloat16)
+    got = fused_run(x, res, bn, True, dy)
+    ref = reference(x, res, bn.weight, bn.bias, bn.eps, False, dy)
+    exact = torch.relu(ref["y"])
+    assert ((got["y"].double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-30).all()
+    mask = got["y"] > 0
+    ref = reference(x, res, bn.weight, bn.bias, bn.eps, False, dy.double() * mask)
+    for k in ("dx", "dres", "dw", "db"):
+        assert close(got[k], ref[k], 2e-2), k
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x, res, dy, _ = batch((16, 24, 14, 14), torch.bfloat16)
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            _, _, _, bn = batch((16, 24, 14, 14), torch.bfloat16)
+            runs.append(fused_run(x, res, bn, True, dy) | {"rv": bn.running_var.clone()})
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+
+
+def test_what_the_kernels_do_not_take_runs_the_modules_own_ops():
+    x, res, dy, bn = batch((4, 8, 6, 6), torch.float32)
+    nchw = x.contiguous()
+    assert fused.usable(bn, x, res)
+    assert not fused.usable(bn, nchw)  # another layout
+    assert not fused.usable(bn, x, res.contiguous())
+    assert not fused.usable(bn, x.double())
+    assert not fused.usable(bn.eval(), x)  # evaluation: the running statistics
+    assert not fused.usable(nn.GroupNorm(2, 8), x)
+    bn.train()
+    ref = torch.relu(F.batch_norm(nchw, None, None, bn.weight, bn.bias, True) + res)
+    assert torch.allclose(fused.norm_act(bn, nchw, res), ref, atol=1e-5)
+
+
+def spy(monkeypatch):
+    calls = []
+    real = fused._BNAct.apply
+    monkeypatch.setattr(fused._BNAct, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+def test_blocks_use_the_kernels_only_inside_the_context(monkeypatch):
+    # every BN goes through them: ResNet-20's stem and 9 blocks x 2 (option A shortcuts, no
+    # BN), ResNet-26's stem, 8 bottlenecks x 3 and 4 projections; the step's result equals the modules' own within fp32 rounding
+    calls = spy(monkeypatch)
+    for name, kw, n_bn in (("resnet20", {"in_chans": 1, "stem": "cifar_pool"}, 19),
+                           ("resnet26", {"widths": (8, 8, 8, 8), "stem_width": 8}, 29)):
+        torch.manual_seed(0)
+        a = resnetkit.create_model(name, num_classes=10, **kw).to(memory_format=CL).train()
+        b = resnetkit.create_model(name, num_classes=10, **kw).to(memory_format=CL).train()
+        b.load_state_dict(a.state_dict())
+        x = torch.randn(4, a.cfg.in_chans, 32, 32).contiguous(memory_format=CL)
+        y = torch.randint(0, 10, (4,))
+        F.cross_entropy(a(x), y).backward()
+        assert calls == []  # outside the context: the modules as they are
+        with fused.fused_norm_act():
+            F.cross_entropy(b(x), y).backward()
+        assert len(calls) == n_bn
+        calls.clear()
+        for (k, p), q in zip(a.named_parameters(), b.parameters()):
+            assert close(q.grad, p.grad, 1e-4), k
+        for (k, s), t in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(s.float(), t.float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_the_trainer_decides_and_records(tiny_config, monkeypatch):
+    assert fused.decide_fused("auto", "cpu", True, False)[0]
+    assert fused.decide_fused("auto", "cpu", False, False) == (False, "not channels_last")
+    assert not fused.decide_fused("auto", "cpu", True, True)[0]
+    assert fused.decide_fused(False, "cpu", True, False) == (False, "asked for")
+    with pytest.raises(UserError, match="fused_bn=true cannot run here: not channels_last"):
+        fused.decide_fused(True, "cpu", False, False)
+    with pytest.raises(UserError, match="fused_bn must be auto, true or false"):
+        fused.decide_fused("yes", "cpu", True, False)
+    with pytest.raises(UserError, match="fused_bn"):
+        tiny_config(fused_bn="sometimes")
+    with pytest.raises(ValueError, match="compiled step"):
+        TrainStep(nn.Linear(1, 1), nn.Linear(1, 1), None, None, torch.device("cpu"), "fp32",
+                  compile=True, fused=True)
+    calls = spy(monkeypatch)
+    t = Trainer(tiny_config("on", channels_last=True, epochs=1, compile=False), quiet=True)
+    assert t.fused and t.describe()["fused_bn"] is True
+    t.fit()
+    assert calls  # the step ran them
+    config = json.loads((t.run_dir / "config.json").read_text())
+    assert config["train"]["fused_bn"] is True and config["resolved"]["fused_bn"] is True
+    off = Trainer(tiny_config("off", channels_last=False, epochs=1), quiet=True)
+    assert not off.fused and off.fused_why == "not channels_last"
+
+
+def test_a_fused_run_resumes_bitwise_exactly(tiny_config):
+    full = Trainer(tiny_config("full", channels_last=True, compile=False), quiet=True)
+    full.fit()
+    part = Trainer(tiny_config("part", channels_last=True, compile=False), quiet=True)
+    part.fit(until_epoch=1)
+    resumed = Trainer.resume(part.run_dir, quiet=True)
+    assert resumed.fused and resumed.epoch == 1
+    resumed.fit()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
