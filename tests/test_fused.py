@@ -172,8 +172,10 @@ def test_the_trainer_decides_and_records(tiny_config, monkeypatch):
         TrainStep(nn.Linear(1, 1), nn.Linear(1, 1), None, None, torch.device("cpu"), "fp32",
                   compile=True, fused=True)
     calls = spy(monkeypatch)
-    t = Trainer(tiny_config("on", channels_last=True, epochs=1, compile=False), quiet=True)
+    t = Trainer(tiny_config("on", channels_last=True, epochs=1), quiet=True)
     assert t.fused and t.describe()["fused_bn"] is True
+    # compile "auto" gives way to them: the fused eager step measured faster than compiling
+    assert not t.compiled and t.compile_why.startswith("the fused BN kernels")
     t.fit()
     assert calls  # the step ran them
     config = json.loads((t.run_dir / "config.json").read_text())

@@ -61,7 +61,7 @@ def test_fit_writes_run_folder(tmp_path):
     # a run of seconds is not compiled, and the decision is kept for a resume
     assert info["train"]["compile"] is False and info["resolved"]["compile"] is False
     assert info["resolved"]["compile_why"] in ("no C++ compiler for torch.compile", "fp64") or \
-        info["resolved"]["compile_why"].startswith("a short run")
+        info["resolved"]["compile_why"].startswith(("a short run", "the fused BN kernels"))
     assert r["test"]["samples"] == 10_000 and 0.3 < r["test"]["top1"] <= 1  # chance is 0.1
     assert sum(sum(row) for row in r["test"]["confusion"]) == 10_000
     assert not [p for p in names if p.startswith(".")]  # no temporary files left

