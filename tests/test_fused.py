@@ -12,6 +12,7 @@ import resnetkit
 from resnetkit import fused
 from resnetkit.errors import UserError
 from resnetkit.runtime.compiling import cxx
+from resnetkit.runtime.fused_kernels import decide_fused, library
 from resnetkit.train import Trainer, TrainStep
 
 pytestmark = pytest.mark.skipif(cxx() is None, reason="the fused kernels need a C++ compiler")
@@ -42,8 +43,9 @@ def reference(x, res, weight, bias, eps, relu, dy):
 def fused_run(x, res, bn, relu, dy):
     x = x.detach().clone().requires_grad_()
     r = None if res is None else res.detach().clone().requires_grad_()
-    y = fused.norm_act(bn, x, r, relu)
-    y.backward(dy)
+    with fused.fused_norm_act(library()):
+        y = fused.norm_act(bn, x, r, relu)
+    y.backward(dy)  # outside the context: the backward is the function's recorded one
     return dict(y=y.detach(), dx=x.grad, dres=None if r is None else r.grad,
                 dw=bn.weight.grad, db=bn.bias.grad)
 
@@ -73,8 +75,7 @@ def close(a, b, rel):
 def test_fp32_matches_float64(shape, with_res, relu):
     x, res, dy, bn = batch(shape, torch.float32)
     res = res if with_res else None
-    with fused.fused_norm_act():
-        got = fused_run(x, res, bn, relu, dy)
+    got = fused_run(x, res, bn, relu, dy)
     ref = reference(x, res, bn.weight, bn.bias, bn.eps, relu, dy)
     for k in ("y", "dx", "dw", "db") + (("dres",) if with_res else ()):
         assert close(got[k], ref[k], 2e-5), k
@@ -123,7 +124,9 @@ def test_what_the_kernels_do_not_take_runs_the_modules_own_ops():
     assert not fused.usable(nn.GroupNorm(2, 8), x)
     bn.train()
     ref = torch.relu(F.batch_norm(nchw, None, None, bn.weight, bn.bias, True) + res)
-    assert torch.allclose(fused.norm_act(bn, nchw, res), ref, atol=1e-5)
+    with fused.fused_norm_act(library()):
+        assert torch.allclose(fused.norm_act(bn, nchw, res), ref, atol=1e-5)
+    assert torch.allclose(fused.norm_act(bn, x, res), ref, atol=1e-5)  # outside: not fused
 
 
 def spy(monkeypatch):
@@ -147,7 +150,7 @@ def test_blocks_use_the_kernels_only_inside_the_context(monkeypatch):
         y = torch.randint(0, 10, (4,))
         F.cross_entropy(a(x), y).backward()
         assert calls == []  # outside the context: the modules as they are
-        with fused.fused_norm_act():
+        with fused.fused_norm_act(library()):
             F.cross_entropy(b(x), y).backward()
         assert len(calls) == n_bn
         calls.clear()
@@ -158,14 +161,14 @@ def test_blocks_use_the_kernels_only_inside_the_context(monkeypatch):
 
 
 def test_the_trainer_decides_and_records(tiny_config, monkeypatch):
-    assert fused.decide_fused("auto", "cpu", True, False)[0]
-    assert fused.decide_fused("auto", "cpu", False, False) == (False, "not channels_last")
-    assert not fused.decide_fused("auto", "cpu", True, True)[0]
-    assert fused.decide_fused(False, "cpu", True, False) == (False, "asked for")
+    assert decide_fused("auto", "cpu", True, False)[0]
+    assert decide_fused("auto", "cpu", False, False) == (False, "not channels_last")
+    assert not decide_fused("auto", "cpu", True, True)[0]
+    assert decide_fused(False, "cpu", True, False) == (False, "asked for")
     with pytest.raises(UserError, match="fused_bn=true cannot run here: not channels_last"):
-        fused.decide_fused(True, "cpu", False, False)
+        decide_fused(True, "cpu", False, False)
     with pytest.raises(UserError, match="fused_bn must be auto, true or false"):
-        fused.decide_fused("yes", "cpu", True, False)
+        decide_fused("yes", "cpu", True, False)
     with pytest.raises(UserError, match="fused_bn"):
         tiny_config(fused_bn="sometimes")
     with pytest.raises(ValueError, match="compiled step"):

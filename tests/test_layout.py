@@ -15,7 +15,7 @@ import resnetkit
 
 ROOT = Path(resnetkit.__file__).parent
 CORE = {"errors", "config", "layers", "blocks", "features", "geometry", "model", "zoo", "options",
-        "untrusted"}
+        "untrusted", "fused"}
 BASE = {"runtime", "data", "weights", "evaluate"}
 FEATURES = {"analysis", "explain", "train", "infer", "serve"}
 # the feature -> feature edges: serving runs inference, and shows explain's heatmaps

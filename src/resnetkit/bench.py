@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .evaluate import eval_data, guard
-from .fused import decide_fused
 from .geometry import check_input_size
 from .infer import RunConfig, Runner, Source, open_runner, open_source
 from .infer.backends.openvino import precisions as ov_precisions
@@ -25,6 +24,7 @@ from .infer.runner import installed, not_direct
 from .infer.timing import LEAD_IN, interleaved
 from .runtime import allocator_state, decide_channels_last, decide_precision, hardware
 from .runtime.compiling import can_compile
+from .runtime.fused_kernels import decide_fused
 from .train.config import TrainConfig
 from .train.optim import build_optimizer
 from .train.step import TrainStep

@@ -119,8 +119,9 @@ class BasicBlock(ResidualBlock):
         self._finish(cfg, in_chs, out_chs, stride, dilation, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.fusable():
-            return self.forward_fused(x)
+        if not torch.jit.is_scripting():  # (TorchScript compiles no further than this)
+            if self.fusable():
+                return self.forward_fused(x)
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.se(self.bn2(self.conv2(out)))
         return self.act2(self._add(out, x))
@@ -157,8 +158,9 @@ class Bottleneck(ResidualBlock):
         self._finish(cfg, in_chs, out_chs, stride, dilation, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.fusable():
-            return self.forward_fused(x)
+        if not torch.jit.is_scripting():  # (TorchScript compiles no further than this)
+            if self.fusable():
+                return self.forward_fused(x)
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.act2(self.bn2(self.conv2(out)))
         out = self.se(self.bn3(self.conv3(out)))

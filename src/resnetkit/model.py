@@ -168,8 +168,9 @@ class ResNet(nn.Module):
         self.grad_checkpointing = enable
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and fused.active() and isinstance(self.relu, nn.ReLU):
-            return fused.norm_act(self.bn1, self.conv1(x))  # falls back where it must
+        if not torch.jit.is_scripting():  # (TorchScript compiles no further than this)
+            if fused.active() and isinstance(self.relu, nn.ReLU):
+                return fused.norm_act(self.bn1, self.conv1(x))  # falls back where it must
         return self.relu(self.bn1(self.conv1(x)))
 
     def _run(self, x: torch.Tensor, take: List[int], last: int, stop_early: bool,

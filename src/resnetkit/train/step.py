@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fused import fused_norm_act
+from ..runtime.fused_kernels import library as fused_library
 from ..runtime import autocast
 from ..runtime.compiling import own_code
 
@@ -39,6 +40,7 @@ class TrainStep:
         self.device, self.precision, self.world = device, precision, world
         self.label_smoothing, self.grad_clip = label_smoothing, grad_clip
         self.ema, self.scaler, self.compiled, self.fused = ema, scaler, compile, fused
+        self._fused_lib = fused_library() if fused else None
         self.compile_s = 0.0
         self._first = compile
         # dynamic=False: one graph per input shape (an uneven last batch compiles once more)
@@ -47,7 +49,7 @@ class TrainStep:
                       else self._forward)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.device, self.precision), fused_norm_act(self.fused):
+        with autocast(self.device, self.precision), fused_norm_act(self._fused_lib):
             out = self.net(x)
             logits = out if out.dtype == torch.float64 else out.float()
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)

@@ -13,9 +13,9 @@ import torch
 from .. import weights as ckpt
 from ..errors import UserError
 from ..evaluate import evaluate
-from ..fused import decide_fused
 from ..runtime import decide_channels_last, decide_precision, hardware, peak_memory_mb
 from ..runtime.compiling import decide_compile, estimated_train_s, forward_flop
+from ..runtime.fused_kernels import decide_fused
 from . import distributed as D
 from .config import TrainConfig
 from .feed import Feed, draw_seed
