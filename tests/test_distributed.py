@@ -12,6 +12,7 @@ import torch
 from conftest import TINY
 from resnetkit import render
 from resnetkit.errors import UserError
+from resnetkit.runtime.compiling import cxx
 from resnetkit.train import Trainer, build_config
 from resnetkit.weights import checkpoint as ckpt
 from resnetkit.train import distributed as D
@@ -128,8 +129,9 @@ def max_diff(a, b):
 
 def test_every_rank_holds_identical_parameters(tmp_path):
     has_tb = importlib.util.find_spec("tensorboard") is not None  # the extra, in [all]
+    # channels_last: the ranks' steps run the fused BN kernels (fused_bn auto) on any CPU
     cfg = dict(SMALL, batch_size=64, crop_padding=2, hflip=True, out_dir=str(tmp_path), name="r",
-               tensorboard=has_tb)
+               tensorboard=has_tb, channels_last=True)
     r, _ = torchrun(WORKER, "train", str(tmp_path), json.dumps(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     s0, s1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
@@ -140,6 +142,7 @@ def test_every_rank_holds_identical_parameters(tmp_path):
     assert max_diff(s0, init) > 1e-3  # and they did train
     info_ = json.loads((tmp_path / "r" / "config.json").read_text())["resolved"]
     assert (info_["world_size"], info_["backend"], info_["global_batch"]) == (2, "gloo", 128)
+    assert info_["fused_bn"] is (cxx() is not None)
     rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1  # only rank 0 logs
     assert json.loads(rows[0])["epoch"] == 1

@@ -5,8 +5,8 @@ for the parameter gradients, one for the input's and the shortcut's), where ATen
 BN, the sum and the ReLU one pass over memory each, both ways.
 
 Blocks take this path while `fused_norm_act(library)` is in effect (the training step enters
-it where the trainer's `fused_bn` says so; runtime.fused_kernels builds the library) for a BatchNorm2d in training mode on CPU maps in
-channels_last of fp32 or bf16; anything else (evaluation, other layouts, devices, norms, SE
+it where the trainer's `fused_bn` says so; runtime.fused_kernels builds the library) for a
+BatchNorm2d in training mode on CPU maps in channels_last of fp32 or bf16; anything else (evaluation, other layouts, devices, norms, SE
 or drop-path blocks, TorchScript, export) takes the modules' own path, unchanged. The
 results match ATen's to fp32 rounding (bf16: one rounding of the sum where ATen rounds the
 BN output and the sum each); they depend on the input alone, not on the thread count, so a
@@ -21,7 +21,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 CL = torch.channels_last
 _state = threading.local()
@@ -65,11 +64,11 @@ def norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, res: torch.Tensor | None = Non
         if res is not None:
             out = out + res
         return F.relu(out) if relu else out
+    momentum = bn.momentum or 0.0
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-    momentum = bn.momentum
-    if momentum is None:  # a cumulative average, as BatchNorm2d's forward
-        momentum = 1.0 / float(bn.num_batches_tracked)
+        if bn.momentum is None:  # a cumulative average, as BatchNorm2d's forward
+            momentum = 1.0 / float(bn.num_batches_tracked)
     return _BNAct.apply(x, res, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                         momentum, bn.eps, relu, _state.lib)
 
@@ -99,6 +98,7 @@ class _BNAct(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error
     def backward(ctx, dy):
         x, y, weight_f, mean, invstd = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous(memory_format=CL)
@@ -108,8 +108,8 @@ class _BNAct(torch.autograd.Function):
         dres = torch.empty_like(x, memory_format=CL) if ctx.has_res and need[1] else None
         dweight, dbias = torch.empty(c), torch.empty(c)
         ctx.lib.rk_bn_act_backward(int(x.dtype == torch.bfloat16), _ptr(dy), _ptr(x), _ptr(y),
-                                     _ptr(dx), _ptr(dres), m, c, _ptr(weight_f), _ptr(mean),
-                                     _ptr(invstd), int(ctx.relu), torch.get_num_threads(),
-                                     _ptr(dweight), _ptr(dbias))
+                                   _ptr(dx), _ptr(dres), m, c, _ptr(weight_f), _ptr(mean),
+                                   _ptr(invstd), int(ctx.relu), torch.get_num_threads(),
+                                   _ptr(dweight), _ptr(dbias))
         return (dx, dres, dweight.to(ctx.param_dtype) if need[2] else None,
                 dbias.to(ctx.param_dtype) if need[3] else None, None, None, None, None, None, None)
