@@ -24,7 +24,7 @@ pytestmark = pytest.mark.xdist_group("test_train")
 # the issue's target for the speedrun recipe: 94.0% test top-1 (flip TTA allowed)
 SPEEDRUN_TARGET = 0.94
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-SPEEDRUN_FLOOR = 0.935  # below the lowest of 3 seeds measured (93.80% with flip + shift TTA)
+SPEEDRUN_FLOOR = 0.935  # below the lowest seed measured (93.98% with flip + shift TTA)
 
 # conftest's tiny config with 16 steps an epoch (2,048 images), 2 epochs and augmentation
 # (alternating flips: the exact resumes below cover them)
@@ -407,8 +407,10 @@ def test_the_speedrun_recipe_within_its_time(tmp_path):
                              threads=os.cpu_count() or 1), quiet=True).fit()
     budget = 180 if has_native_bf16() else 360  # seconds of training (issue's targets)
     assert r["wall_s"] <= budget
-    # The issue's target is 94.0% (SPEEDRUN_TARGET), not reached yet: 3 seeds gave 93.80-93.97%
-    # with flip + shift TTA (docs/training.md). What holds today is asserted; the target is reported.
+    # The issue's target is 94.0% (SPEEDRUN_TARGET): 13 epochs with the fused BN kernels gave
+    # 94.00% (seed 0) and 93.98-94.29% over 3 seeds of the same recipe before its erasing noise
+    # was drawn for the erased images only (docs/training.md), at the edge of the seeds'
+    # spread, so one run is held to a floor below all of them; the target is reported.
     assert r["test"]["top1"] >= SPEEDRUN_FLOOR
 
 

@@ -75,8 +75,11 @@ def random_erasing(x: torch.Tensor, g: torch.Generator, p: float = 0.5,
     ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
     mask = ((ys >= top[:, None]) & (ys < (top + eh)[:, None]))[:, :, None] & \
            ((xs >= left[:, None]) & (xs < (left + ew)[:, None]))[:, None, :] & on[:, None, None]
-    noise = torch.randn(x.shape, generator=g, dtype=x.dtype)
-    return torch.where(mask[:, None], noise, x)
+    erased = on.nonzero().flatten()  # noise drawn for these images only (a p-th of the batch)
+    out = x.clone()
+    noise = torch.randn((len(erased), c, h, w), generator=g, dtype=x.dtype)
+    out[erased] = torch.where(mask[erased][:, None], noise, x[erased])
+    return out
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
