@@ -197,3 +197,26 @@ def test_a_fused_run_resumes_bitwise_exactly(tiny_config):
     resumed.fit()
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hw", [(8, 6), (7, 5)])  # odd sides: floor mode drops the last row
+def test_the_2x2_max_pool_equals_atens(dtype, hw):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, *hw, generator=g).to(dtype)
+    x[0, 0, :2, :2] = 1.0  # a tie: the first maximum in row order takes the gradient
+    x[1, 1, 2, 2] = float("nan")  # NaN wins its window, forward and backward
+    x = x.contiguous(memory_format=CL)
+    dy = torch.randn(3, 5, hw[0] // 2, hw[1] // 2, generator=g).to(dtype)
+    pool = nn.MaxPool2d(2, 2)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = pool(a)
+    with fused.fused_norm_act(library()):
+        yb = fused.pool(pool, b)
+    ya.backward(dy)
+    yb.backward(dy)
+    assert torch.equal(ya.isnan(), yb.isnan()) and torch.equal(ya.nan_to_num(), yb.nan_to_num())
+    assert torch.equal(a.grad, b.grad)
+    assert yb.is_contiguous(memory_format=CL)
+    with fused.fused_norm_act(library()):  # other pools: the module's own
+        assert fused.pool(nn.MaxPool2d(3, 2, 1), b).shape == (3, 5, (hw[0] + 1) // 2, (hw[1] + 1) // 2)

@@ -10,7 +10,8 @@ BatchNorm2d in training mode on CPU maps in channels_last of fp32 or bf16; anyth
 or drop-path blocks, TorchScript, export) takes the modules' own path, unchanged. The
 results match ATen's to fp32 rounding (bf16: one rounding of the sum where ATen rounds the
 BN output and the sum each); they depend on the input alone, not on the thread count, so a
-resumed run repeats bit for bit."""
+resumed run repeats bit for bit. `pool` runs the pooled CIFAR stem's 2x2 max-pool by the same
+library, equal to ATen's bit for bit."""
 from __future__ import annotations
 
 import contextlib
@@ -113,3 +114,45 @@ class _BNAct(torch.autograd.Function):
                                    _ptr(dweight), _ptr(dbias))
         return (dx, dres, dweight.to(ctx.param_dtype) if need[2] else None,
                 dbias.to(ctx.param_dtype) if need[3] else None, None, None, None, None, None, None)
+
+
+def pool(maxpool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """maxpool(x): by the fused kernels' 2x2 max-pool (the pooled CIFAR stem's: kernel 2,
+    stride 2, no padding, floor mode) inside fused_norm_act for CPU channels_last maps of
+    fp32 or bf16, else by the module. Ties go to the first maximum in row order, as ATen's."""
+    if not active() or type(maxpool) is not nn.MaxPool2d or x.device.type != "cpu" or \
+            x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4 or \
+            x.shape[2] < 2 or x.shape[3] < 2 or not x.is_contiguous(memory_format=CL):
+        return maxpool(x)
+    p = maxpool
+    if (_pair(p.kernel_size), _pair(p.stride), _pair(p.padding), _pair(p.dilation)) != \
+            ((2, 2), (2, 2), (0, 0), (1, 1)) or p.ceil_mode or p.return_indices:
+        return maxpool(x)
+    return _MaxPool2.apply(x, _state.lib)
+
+
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class _MaxPool2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lib):
+        n, c, h, w = x.shape
+        y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=CL)
+        lib.rk_maxpool2_forward(int(x.dtype == torch.bfloat16), _ptr(x), _ptr(y), n, h, w, c,
+                                torch.get_num_threads())
+        ctx.save_for_backward(x)
+        ctx.lib = lib
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        n, c, h, w = x.shape
+        dy = dy.to(x.dtype).contiguous(memory_format=CL)
+        dx = torch.empty_like(x, memory_format=CL)
+        ctx.lib.rk_maxpool2_backward(int(x.dtype == torch.bfloat16), _ptr(x), _ptr(dy), _ptr(dx),
+                                     n, h, w, c, torch.get_num_threads())
+        return dx, None

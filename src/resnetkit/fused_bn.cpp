@@ -173,6 +173,62 @@ void backward(const void* dy, const void* x, const void* y, void* dx, void* dres
   }
 }
 
+// the running maximum: u replaces best where larger, or where u is the first NaN
+inline bool takes(float best, float u) { return (u > best || u != u) && best == best; }
+inline float pick(float best, float u) { return takes(best, u) ? u : best; }
+
+// 2x2 max-pool, stride 2, no padding, floor mode (the pooled CIFAR stem's): x (n, h, w, c)
+// to y (n, h/2, w/2, c); the first maximum of a window in row order wins, NaN propagates
+template <typename T>
+void maxpool2(const T* x, T* y, int64_t n, int h, int w, int c, int threads) {
+  const int oh = h / 2, ow = w / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < n; ++b)
+    for (int i = 0; i < oh; ++i)
+      for (int j = 0; j < ow; ++j) {
+        const int64_t top = ((b * h + 2 * i) * w + 2 * j) * c, bottom = top + static_cast<int64_t>(w) * c;
+        const int64_t out = ((b * oh + i) * ow + j) * c;
+#pragma omp simd
+        for (int k = 0; k < c; ++k) {
+          float best = load(x, top + k);
+          best = pick(best, load(x, top + c + k));
+          best = pick(best, load(x, bottom + k));
+          best = pick(best, load(x, bottom + c + k));
+          store(y, out + k, best);
+        }
+      }
+}
+
+// its backward: dx (n, h, w, c) gets dy at each window's winner (the forward's rule,
+// recomputed from x), zero elsewhere (the rows and columns floor mode leaves out included)
+template <typename T>
+void maxpool2_backward(const T* x, const T* dy, T* dx, int64_t n, int h, int w, int c, int threads) {
+  const int oh = h / 2, ow = w / 2;
+  if (h % 2 || w % 2) std::memset(static_cast<void*>(dx), 0, sizeof(T) * n * h * w * c);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < n; ++b)
+    for (int i = 0; i < oh; ++i)
+      for (int j = 0; j < ow; ++j) {
+        const int64_t a0 = ((b * h + 2 * i) * w + 2 * j) * c, a1 = a0 + c;
+        const int64_t a2 = a0 + static_cast<int64_t>(w) * c, a3 = a2 + c;
+        const int64_t out = ((b * oh + i) * ow + j) * c;
+#pragma omp simd
+        for (int k = 0; k < c; ++k) {
+          const float v0 = load(x, a0 + k), v1 = load(x, a1 + k), v2 = load(x, a2 + k), v3 = load(x, a3 + k);
+          // the winner: the last element pick's chain took
+          float best = v0, win = 0.f;
+          win = takes(best, v1) ? 1.f : win, best = pick(best, v1);
+          win = takes(best, v2) ? 2.f : win, best = pick(best, v2);
+          win = takes(best, v3) ? 3.f : win;
+          const float g = load(dy, out + k);
+          store(dx, a0 + k, win == 0.f ? g : 0.f);
+          store(dx, a1 + k, win == 1.f ? g : 0.f);
+          store(dx, a2 + k, win == 2.f ? g : 0.f);
+          store(dx, a3 + k, win == 3.f ? g : 0.f);
+        }
+      }
+}
+
 }  // namespace
 
 extern "C" {
@@ -200,6 +256,26 @@ int rk_bn_act_backward(int bf16, const void* dy, const void* x, const void* y, v
     backward<uint16_t>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
   else
     backward<float>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
+  return 0;
+}
+
+// the 2x2 max-pool of NHWC maps (n, h, w, c), and its backward
+int rk_maxpool2_forward(int bf16, const void* x, void* y, int64_t n, int h, int w, int c, int threads) {
+  if (n <= 0 || h < 2 || w < 2 || c <= 0) return -1;
+  if (bf16) maxpool2(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), n, h, w, c, threads);
+  else maxpool2(static_cast<const float*>(x), static_cast<float*>(y), n, h, w, c, threads);
+  return 0;
+}
+
+int rk_maxpool2_backward(int bf16, const void* x, const void* dy, void* dx, int64_t n, int h, int w, int c,
+                         int threads) {
+  if (n <= 0 || h < 2 || w < 2 || c <= 0) return -1;
+  if (bf16)
+    maxpool2_backward(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(dy), static_cast<uint16_t*>(dx),
+                      n, h, w, c, threads);
+  else
+    maxpool2_backward(static_cast<const float*>(x), static_cast<const float*>(dy), static_cast<float*>(dx), n, h,
+                      w, c, threads);
   return 0;
 }
 

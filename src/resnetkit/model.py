@@ -183,7 +183,10 @@ class ResNet(nn.Module):
                 check_input(self, x)
         x = self.forward_stem(x)
         feats: List[torch.Tensor] = [x] if 0 in take else []
-        x = self.maxpool(x)
+        if not torch.jit.is_scripting():  # (TorchScript compiles no further than this)
+            x = fused.pool(self.maxpool, x)  # the module's own unless fused_norm_act is on
+        else:
+            x = self.maxpool(x)
         level, n = 0, len(self.stage_names)
         for name, stage in self.named_children():  # scriptable: no getattr by name
             if name in self.stage_names and (not stop_early or level < last):

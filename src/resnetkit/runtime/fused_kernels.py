@@ -29,6 +29,9 @@ def library() -> ctypes.CDLL:
     so.rk_bn_act_forward.restype = so.rk_bn_act_backward.restype = i
     so.rk_bn_act_forward.argtypes = [i, p, p, p, i64, i, p, p, f, i, i, p, p, p]
     so.rk_bn_act_backward.argtypes = [i, p, p, p, p, p, i64, i, p, p, p, i, i, p, p]
+    so.rk_maxpool2_forward.restype = so.rk_maxpool2_backward.restype = i
+    so.rk_maxpool2_forward.argtypes = [i, p, p, i64, i, i, i, i]
+    so.rk_maxpool2_backward.argtypes = [i, p, p, p, i64, i, i, i, i]
     return so
 
 
