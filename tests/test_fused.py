@@ -220,3 +220,22 @@ def test_the_2x2_max_pool_equals_atens(dtype, hw):
     assert yb.is_contiguous(memory_format=CL)
     with fused.fused_norm_act(library()):  # other pools: the module's own
         assert fused.pool(nn.MaxPool2d(3, 2, 1), b).shape == (3, 5, (hw[0] + 1) // 2, (hw[1] + 1) // 2)
+
+
+def test_checkpointed_stages_recompute_with_the_same_kernels():
+    # activation checkpointing recomputes each block in the backward pass, outside the
+    # step's context: it runs the forward's kernels again, and the gradients agree
+    torch.manual_seed(0)
+    a = resnetkit.create_model("resnet20", in_chans=1, num_classes=10).to(memory_format=CL)
+    b = resnetkit.create_model("resnet20", in_chans=1, num_classes=10).to(memory_format=CL)
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    x = torch.randn(4, 1, 16, 16).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (4,))
+    for m in (a, b):
+        with fused.fused_norm_act(library()):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad), k
+    assert all(torch.equal(s, t) for s, t in zip(a.state_dict().values(), b.state_dict().values()))

@@ -44,6 +44,12 @@ def active() -> bool:
     return getattr(_state, "lib", None) is not None
 
 
+def library_in_use() -> ctypes.CDLL | None:
+    """The library of the fused_norm_act in effect on this thread, or None (for code that
+    runs the forward again later: activation checkpointing)."""
+    return getattr(_state, "lib", None)
+
+
 def usable(bn: nn.Module, x: torch.Tensor, res: torch.Tensor | None = None) -> bool:
     """Whether the fused kernels take this BN of `x` (and the shortcut `res`)."""
     if type(bn) is not nn.BatchNorm2d or not bn.training or not bn.affine:

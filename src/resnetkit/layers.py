@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .config import GN_GROUPS
 
 
@@ -184,8 +185,15 @@ def checkpoint_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a stage's blocks under activation checkpointing: each block's activations are
     recomputed in the backward pass (same random numbers, so drop-path agrees) and the
     recomputation leaves the BN running statistics as the forward pass set them."""
+    lib = fused.library_in_use()  # the recomputation runs the forward's kernels (fused.py)
     for block in stage.children():
         x = checkpoint(block, x, use_reentrant=False,
                        context_fn=lambda b=block: (contextlib.nullcontext(),
-                                                   _keep_norm_statistics(b)))
+                                                   _recompute(b, lib)))
     return x
+
+
+@contextlib.contextmanager
+def _recompute(block: nn.Module, lib):
+    with fused.fused_norm_act(lib), _keep_norm_statistics(block):
+        yield
