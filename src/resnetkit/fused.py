@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import pair
+
 CL = torch.channels_last
 _state = threading.local()
 
@@ -131,14 +133,10 @@ def pool(maxpool: nn.Module, x: torch.Tensor) -> torch.Tensor:
             x.shape[2] < 2 or x.shape[3] < 2 or not x.is_contiguous(memory_format=CL):
         return maxpool(x)
     p = maxpool
-    if (_pair(p.kernel_size), _pair(p.stride), _pair(p.padding), _pair(p.dilation)) != \
+    if (pair(p.kernel_size), pair(p.stride), pair(p.padding), pair(p.dilation)) != \
             ((2, 2), (2, 2), (0, 0), (1, 1)) or p.ceil_mode or p.return_indices:
         return maxpool(x)
     return _MaxPool2.apply(x, _state.lib)
-
-
-def _pair(v) -> tuple:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 class _MaxPool2(torch.autograd.Function):

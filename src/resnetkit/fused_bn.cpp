@@ -5,8 +5,6 @@
 // (shifted sums of x and x^2, in float over 64 rows, then in double). Rows are split into the
 // same fixed chunks whatever the thread count, and the chunks' partial sums are added in
 // chunk order: results depend on nothing but the input. Called through ctypes.
-#include <omp.h>
-
 #include <cmath>
 #include <cstdint>
 #include <algorithm>

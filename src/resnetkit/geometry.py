@@ -17,6 +17,11 @@ from .errors import UserError
 MAX_IMAGE_SIZE = 8192
 
 
+def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    """A conv or pool argument (kernel_size, stride, padding, dilation) as (height, width)."""
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def out_size(size: int, m: nn.Module, axis: int = 0) -> int:
     """Output size along one spatial axis of a conv or pool layer:
     floor((size + 2p - d(k-1) - 1) / s) + 1 (ceil instead of floor for ceil_mode pools)."""

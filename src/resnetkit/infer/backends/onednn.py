@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from ...geometry import check_input
+from ...geometry import check_input, pair
 from ...layers import ZeroPadShortcut
 from ...model import ResNet
 from ...runtime.compiling import cxx
@@ -390,8 +390,8 @@ class OneDnnResNet(nn.Module):
             src, dst = slots[op["src"].index], slots[op["dst"].index]
             if op["kind"] == "pool":
                 pool = op["pool"]
-                k, s, pd = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
-                            _pair(pool.padding))
+                k, s, pd = (pair(pool.kernel_size), pair(pool.stride or pool.kernel_size),
+                            pair(pool.padding))
                 average = isinstance(pool, nn.AvgPool2d)
                 self._check(lib.rk_add_pool(net, src, dst, *k, *s, *pd, int(average),
                                             int(pool.ceil_mode)))
@@ -465,10 +465,6 @@ class OneDnnResNet(nn.Module):
     def __reduce__(self) -> Any:
         raise UserError("the direct oneDNN path's model cannot be pickled: save the checkpoint "
                         "and open it again")
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _padding(conv: nn.Conv2d) -> tuple[int, int]:
