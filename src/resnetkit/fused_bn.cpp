@@ -16,41 +16,87 @@ namespace {
 
 constexpr int64_t CHUNK = 1024;  // rows a partial sum covers
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even, as ATen
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  const uint32_t rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
-  const uint32_t quiet = (bits >> 16) | 0x40;  // a NaN stays a NaN
-  p[i] = static_cast<uint16_t>((bits & 0x7fffffff) > 0x7f800000 ? quiet : rounded);
-}
+// The kernels are written once over a lane type V: a float (any channel count), or a vector
+// of 16 floats (GCC's vector extension, lowered to AVX-512, AVX2 or whatever the CPU has) where
+// the channel count is a multiple of 16. Each lane does the same operations in the same order
+// either way, so both give the same bits; the vector form only runs them 16 at a time.
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
 
-// per channel, two sums over rows: f(row, channel, a, b) adds to a and b; they are kept in
-// fixed chunks of rows, in float over 64 rows then in double, and the chunks added in order
-template <typename F>
+template <typename V> struct Lanes;
+
+template <> struct Lanes<float> {
+  static constexpr int width = 1;
+  static float load(const float* p) { return *p; }
+  static float load(const uint16_t* p) {
+    uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static void store(float* p, float v) { *p = v; }
+  static void store(uint16_t* p, float v) {  // round to nearest even, as ATen
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    const uint32_t rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    const uint32_t quiet = (bits >> 16) | 0x40;  // a NaN stays a NaN
+    *p = static_cast<uint16_t>((bits & 0x7fffffff) > 0x7f800000 ? quiet : rounded);
+  }
+  static float splat(float s) { return s; }
+  static float lane(float v, int) { return v; }
+};
+
+template <> struct Lanes<vf> {
+  static constexpr int width = 16;
+  static vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static vf load(const uint16_t* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+  static void store(uint16_t* p, vf v) {  // Lanes<float>::store, lane by lane
+    const vu bits = (vu)v;
+    const vu rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    const vu quiet = (bits >> 16) | 0x40;
+    const vh h = __builtin_convertvector((bits & 0x7fffffff) > 0x7f800000 ? quiet : rounded, vh);
+    std::memcpy(p, &h, sizeof h);
+  }
+  static vf splat(float s) { return vf{} + s; }
+  static float lane(vf v, int i) { return v[i]; }
+};
+
+// lanes of a per-channel parameter array: w floats from p
+template <typename V> V param(const float* p) { return Lanes<V>::load(p); }
+
+// per channel, two sums over rows: f(i, q, a, b) adds the lanes of element i (channels q*width
+// onwards of a row) to a and b; they are kept in fixed chunks of rows, in float over 64 rows
+// then in double, and the chunks added in order
+template <typename V, typename F>
 void reduce(int64_t m, int c, int threads, double* out_a, double* out_b, F f) {
+  constexpr int W = Lanes<V>::width;
+  const int nv = c / W;
   const int64_t chunks = (m + CHUNK - 1) / CHUNK;
   std::vector<double> part(static_cast<size_t>(chunks) * c * 2, 0.0);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t k = 0; k < chunks; ++k) {
-    std::vector<float> acc(2 * c, 0.f);
-    float* acc_a = acc.data();
-    float* acc_b = acc.data() + c;
     double* dst = part.data() + k * c * 2;
     const int64_t end = std::min(m, (k + 1) * CHUNK);
     for (int64_t row = k * CHUNK; row < end; row += 64) {
       const int64_t stop = std::min(end, row + 64);
-      for (int64_t r = row; r < stop; ++r)
-#pragma omp simd
-        for (int j = 0; j < c; ++j) f(r, j, acc_a[j], acc_b[j]);
-      for (int j = 0; j < 2 * c; ++j) dst[j] += acc[j], acc[j] = 0.f;
+      // a lane's 64 rows in order, its sums held in registers (through memory, the
+      // store-to-load forwarding between rows would set the pace)
+      for (int q = 0; q < nv; ++q) {
+        V a{}, b{};
+        for (int64_t r = row; r < stop; ++r) f(r * c + q * W, q * W, a, b);
+        for (int l = 0; l < W; ++l)
+          dst[q * W + l] += Lanes<V>::lane(a, l), dst[c + q * W + l] += Lanes<V>::lane(b, l);
+      }
     }
   }
   for (int j = 0; j < c; ++j) out_a[j] = out_b[j] = 0.0;
@@ -58,18 +104,20 @@ void reduce(int64_t m, int c, int threads, double* out_a, double* out_b, F f) {
     for (int j = 0; j < c; ++j) out_a[j] += part[k * c * 2 + j], out_b[j] += part[k * c * 2 + c + j];
 }
 
-template <typename T>
+template <typename V, typename T>
 void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weight,
              const float* bias, float eps, int relu, int threads, float* mean_out, float* var_out,
              float* invstd_out) {
+  using L = Lanes<V>;
+  constexpr int W = L::width;
   // one pass: the sums of d = x - k and d^2, k a sample of each channel (its first row), so
   // that var = mean(d^2) - mean(d)^2 does not cancel away where the mean is far from 0
   std::vector<float> k(c), mean(c), shift(c), scale(c);
-  for (int j = 0; j < c; ++j) k[j] = load(x, j);
+  for (int j = 0; j < c; ++j) k[j] = Lanes<float>::load(x + j);
   const float* kk = k.data();
   std::vector<double> s(c), ss(c);
-  reduce(m, c, threads, s.data(), ss.data(), [&](int64_t r, int j, float& a, float& b) {
-    const float d = load(x, r * c + j) - kk[j];
+  reduce<V>(m, c, threads, s.data(), ss.data(), [&](int64_t i, int j, V& a, V& b) {
+    const V d = L::load(x + i) - param<V>(kk + j);
     a += d;
     b += d * d;
   });
@@ -92,12 +140,11 @@ void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weig
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < m; ++r) {
       const int64_t at = r * c;
-#pragma omp simd
-      for (int j = 0; j < c; ++j) {
-        float v = load(x, at + j) * sc[j] + sh[j];
-        if (with_res) v += load(res, at + j);
-        if (with_relu) v = v > 0.f ? v : 0.f;
-        store(y, at + j, v);
+      for (int j = 0; j < c; j += W) {
+        V v = L::load(x + at + j) * param<V>(sc + j) + param<V>(sh + j);
+        if (with_res) v += L::load(res + at + j);
+        if (with_relu) v = v > V{} ? v : V{};
+        L::store(y + at + j, v);
       }
     }
   };
@@ -111,17 +158,18 @@ void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weig
 
 // g = dy where y > 0 (all of dy without the ReLU); dbias = sum g, dweight = sum g * xhat,
 // dx = weight * invstd * (g - mean(g) - xhat * mean(g * xhat)); dres = g
-template <typename T, bool RELU, bool DX, bool DRES>
+template <typename V, typename T, bool RELU, bool DX, bool DRES>
 void backward(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t m, int c,
               const float* weight, const float* mean, const float* invstd, int threads,
               float* dweight, float* dbias) {
+  using L = Lanes<V>;
+  constexpr int W = L::width;
   std::vector<double> sg(c), sgx(c);
-  reduce(m, c, threads, sg.data(), sgx.data(), [&](int64_t r, int j, float& a, float& b) {
-    const int64_t i = r * c + j;
-    const float d = load(dy, i);  // both loaded, then selected: a branch would not vectorize
-    const float g = RELU ? (load(y, i) > 0.f ? d : 0.f) : d;
+  reduce<V>(m, c, threads, sg.data(), sgx.data(), [&](int64_t i, int j, V& a, V& b) {
+    const V d = L::load(dy + i);  // both loaded, then selected: a branch would not vectorize
+    const V g = RELU ? (L::load(y + i) > V{} ? d : V{}) : d;
     a += g;
-    b += g * (load(x, i) - mean[j]);
+    b += g * (L::load(x + i) - param<V>(mean + j));
   });
   std::vector<float> a(c), b(c), k(c);
   for (int j = 0; j < c; ++j) {
@@ -140,17 +188,18 @@ void backward(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t m, in
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < m; ++r) {
     const int64_t at = r * c;
-#pragma omp simd
-    for (int j = 0; j < c; ++j) {
-      const float d = load(dy, at + j);
-      const float g = RELU ? (load(y, at + j) > 0.f ? d : 0.f) : d;
-      if (DRES) store(dres, at + j, g);
-      if (DX) store(dx, at + j, kk[j] * g - aa[j] - bb[j] * (load(x, at + j) - mean[j]));
+    for (int j = 0; j < c; j += W) {
+      const V d = L::load(dy + at + j);
+      const V g = RELU ? (L::load(y + at + j) > V{} ? d : V{}) : d;
+      if (DRES) L::store(dres + at + j, g);
+      if (DX)
+        L::store(dx + at + j, param<V>(kk + j) * g - param<V>(aa + j) -
+                                  param<V>(bb + j) * (L::load(x + at + j) - param<V>(mean + j)));
     }
   }
 }
 
-template <typename T>
+template <typename V, typename T>
 void backward(const void* dy, const void* x, const void* y, void* dx, void* dres, int64_t m, int c,
               const float* weight, const float* mean, const float* invstd, int relu, int threads,
               float* dweight, float* dbias) {
@@ -160,25 +209,26 @@ void backward(const void* dy, const void* x, const void* y, void* dx, void* dres
   };
   const int which = (relu ? 4 : 0) | (dx ? 2 : 0) | (dres ? 1 : 0);
   switch (which) {
-    case 0: run(backward<T, false, false, false>); break;
-    case 1: run(backward<T, false, false, true>); break;
-    case 2: run(backward<T, false, true, false>); break;
-    case 3: run(backward<T, false, true, true>); break;
-    case 4: run(backward<T, true, false, false>); break;
-    case 5: run(backward<T, true, false, true>); break;
-    case 6: run(backward<T, true, true, false>); break;
-    default: run(backward<T, true, true, true>); break;
+    case 0: run(backward<V, T, false, false, false>); break;
+    case 1: run(backward<V, T, false, false, true>); break;
+    case 2: run(backward<V, T, false, true, false>); break;
+    case 3: run(backward<V, T, false, true, true>); break;
+    case 4: run(backward<V, T, true, false, false>); break;
+    case 5: run(backward<V, T, true, false, true>); break;
+    case 6: run(backward<V, T, true, true, false>); break;
+    default: run(backward<V, T, true, true, true>); break;
   }
 }
 
 // the running maximum: u replaces best where larger, or where u is the first NaN
-inline bool takes(float best, float u) { return (u > best || u != u) && best == best; }
-inline float pick(float best, float u) { return takes(best, u) ? u : best; }
+template <typename V> auto takes(V best, V u) { return (u > best || u != u) && best == best; }
+template <typename V> V pick(V best, V u) { return takes(best, u) ? u : best; }
 
 // 2x2 max-pool, stride 2, no padding, floor mode (the pooled CIFAR stem's): x (n, h, w, c)
 // to y (n, h/2, w/2, c); the first maximum of a window in row order wins, NaN propagates
-template <typename T>
+template <typename V, typename T>
 void maxpool2(const T* x, T* y, int64_t n, int h, int w, int c, int threads) {
+  using L = Lanes<V>;
   const int oh = h / 2, ow = w / 2;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (int64_t b = 0; b < n; ++b)
@@ -186,21 +236,22 @@ void maxpool2(const T* x, T* y, int64_t n, int h, int w, int c, int threads) {
       for (int j = 0; j < ow; ++j) {
         const int64_t top = ((b * h + 2 * i) * w + 2 * j) * c, bottom = top + static_cast<int64_t>(w) * c;
         const int64_t out = ((b * oh + i) * ow + j) * c;
-#pragma omp simd
-        for (int k = 0; k < c; ++k) {
-          float best = load(x, top + k);
-          best = pick(best, load(x, top + c + k));
-          best = pick(best, load(x, bottom + k));
-          best = pick(best, load(x, bottom + c + k));
-          store(y, out + k, best);
+        for (int k = 0; k < c; k += L::width) {
+          V best = L::load(x + top + k);
+          best = pick(best, L::load(x + top + c + k));
+          best = pick(best, L::load(x + bottom + k));
+          best = pick(best, L::load(x + bottom + c + k));
+          L::store(y + out + k, best);
         }
       }
 }
 
 // its backward: dx (n, h, w, c) gets dy at each window's winner (the forward's rule,
 // recomputed from x), zero elsewhere (the rows and columns floor mode leaves out included)
-template <typename T>
+template <typename V, typename T>
 void maxpool2_backward(const T* x, const T* dy, T* dx, int64_t n, int h, int w, int c, int threads) {
+  using L = Lanes<V>;
+  const V zero{}, one = L::splat(1.f), two = L::splat(2.f), three = L::splat(3.f);
   const int oh = h / 2, ow = w / 2;
   if (h % 2 || w % 2) std::memset(static_cast<void*>(dx), 0, sizeof(T) * n * h * w * c);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
@@ -210,19 +261,18 @@ void maxpool2_backward(const T* x, const T* dy, T* dx, int64_t n, int h, int w, 
         const int64_t a0 = ((b * h + 2 * i) * w + 2 * j) * c, a1 = a0 + c;
         const int64_t a2 = a0 + static_cast<int64_t>(w) * c, a3 = a2 + c;
         const int64_t out = ((b * oh + i) * ow + j) * c;
-#pragma omp simd
-        for (int k = 0; k < c; ++k) {
-          const float v0 = load(x, a0 + k), v1 = load(x, a1 + k), v2 = load(x, a2 + k), v3 = load(x, a3 + k);
+        for (int k = 0; k < c; k += L::width) {
+          const V v1 = L::load(x + a1 + k), v2 = L::load(x + a2 + k), v3 = L::load(x + a3 + k);
           // the winner: the last element pick's chain took
-          float best = v0, win = 0.f;
-          win = takes(best, v1) ? 1.f : win, best = pick(best, v1);
-          win = takes(best, v2) ? 2.f : win, best = pick(best, v2);
-          win = takes(best, v3) ? 3.f : win;
-          const float g = load(dy, out + k);
-          store(dx, a0 + k, win == 0.f ? g : 0.f);
-          store(dx, a1 + k, win == 1.f ? g : 0.f);
-          store(dx, a2 + k, win == 2.f ? g : 0.f);
-          store(dx, a3 + k, win == 3.f ? g : 0.f);
+          V best = L::load(x + a0 + k), win = zero;
+          win = takes(best, v1) ? one : win, best = pick(best, v1);
+          win = takes(best, v2) ? two : win, best = pick(best, v2);
+          win = takes(best, v3) ? three : win;
+          const V g = L::load(dy + out + k);
+          L::store(dx + a0 + k, win == zero ? g : zero);
+          L::store(dx + a1 + k, win == one ? g : zero);
+          L::store(dx + a2 + k, win == two ? g : zero);
+          L::store(dx + a3 + k, win == three ? g : zero);
         }
       }
 }
@@ -236,12 +286,17 @@ int rk_bn_act_forward(int bf16, const void* x, const void* res, void* y, int64_t
                       const float* weight, const float* bias, float eps, int relu, int threads,
                       float* mean, float* var, float* invstd) {
   if (m <= 0 || c <= 0) return -1;
-  if (bf16)
-    forward(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(res),
-            static_cast<uint16_t*>(y), m, c, weight, bias, eps, relu, threads, mean, var, invstd);
-  else
-    forward(static_cast<const float*>(x), static_cast<const float*>(res), static_cast<float*>(y), m,
-            c, weight, bias, eps, relu, threads, mean, var, invstd);
+  auto run = [&](auto lanes) {
+    using V = decltype(lanes);
+    if (bf16)
+      forward<V>(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(res),
+                 static_cast<uint16_t*>(y), m, c, weight, bias, eps, relu, threads, mean, var, invstd);
+    else
+      forward<V>(static_cast<const float*>(x), static_cast<const float*>(res), static_cast<float*>(y),
+                 m, c, weight, bias, eps, relu, threads, mean, var, invstd);
+  };
+  if (c % Lanes<vf>::width == 0) run(vf{});
+  else run(0.f);
   return 0;
 }
 
@@ -250,30 +305,45 @@ int rk_bn_act_backward(int bf16, const void* dy, const void* x, const void* y, v
                        int64_t m, int c, const float* weight, const float* mean, const float* invstd,
                        int relu, int threads, float* dweight, float* dbias) {
   if (m <= 0 || c <= 0) return -1;
-  if (bf16)
-    backward<uint16_t>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
-  else
-    backward<float>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
+  auto run = [&](auto lanes) {
+    using V = decltype(lanes);
+    if (bf16)
+      backward<V, uint16_t>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
+    else
+      backward<V, float>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
+  };
+  if (c % Lanes<vf>::width == 0) run(vf{});
+  else run(0.f);
   return 0;
 }
 
 // the 2x2 max-pool of NHWC maps (n, h, w, c), and its backward
 int rk_maxpool2_forward(int bf16, const void* x, void* y, int64_t n, int h, int w, int c, int threads) {
   if (n <= 0 || h < 2 || w < 2 || c <= 0) return -1;
-  if (bf16) maxpool2(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), n, h, w, c, threads);
-  else maxpool2(static_cast<const float*>(x), static_cast<float*>(y), n, h, w, c, threads);
+  auto run = [&](auto lanes) {
+    using V = decltype(lanes);
+    if (bf16) maxpool2<V>(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), n, h, w, c, threads);
+    else maxpool2<V>(static_cast<const float*>(x), static_cast<float*>(y), n, h, w, c, threads);
+  };
+  if (c % Lanes<vf>::width == 0) run(vf{});
+  else run(0.f);
   return 0;
 }
 
 int rk_maxpool2_backward(int bf16, const void* x, const void* dy, void* dx, int64_t n, int h, int w, int c,
                          int threads) {
   if (n <= 0 || h < 2 || w < 2 || c <= 0) return -1;
-  if (bf16)
-    maxpool2_backward(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(dy), static_cast<uint16_t*>(dx),
-                      n, h, w, c, threads);
-  else
-    maxpool2_backward(static_cast<const float*>(x), static_cast<const float*>(dy), static_cast<float*>(dx), n, h,
-                      w, c, threads);
+  auto run = [&](auto lanes) {
+    using V = decltype(lanes);
+    if (bf16)
+      maxpool2_backward<V>(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(dy),
+                           static_cast<uint16_t*>(dx), n, h, w, c, threads);
+    else
+      maxpool2_backward<V>(static_cast<const float*>(x), static_cast<const float*>(dy), static_cast<float*>(dx),
+                           n, h, w, c, threads);
+  };
+  if (c % Lanes<vf>::width == 0) run(vf{});
+  else run(0.f);
   return 0;
 }
 
