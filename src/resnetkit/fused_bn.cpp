@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -136,29 +135,21 @@ void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weig
   }
   const float* sc = scale.data();
   const float* sh = shift.data();
-  auto apply = [&](auto with_res, auto with_relu) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < m; ++r) {
-      const int64_t at = r * c;
-      for (int j = 0; j < c; j += W) {
-        V v = L::load(x + at + j) * param<V>(sc + j) + param<V>(sh + j);
-        if (with_res) v += L::load(res + at + j);
-        if (with_relu) v = v > V{} ? v : V{};
-        L::store(y + at + j, v);
-      }
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t at = r * c;
+    for (int j = 0; j < c; j += W) {
+      V v = L::load(x + at + j) * param<V>(sc + j) + param<V>(sh + j);
+      if (res) v += L::load(res + at + j);
+      if (relu) v = v > V{} ? v : V{};
+      L::store(y + at + j, v);
     }
-  };
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (res && relu) apply(yes{}, yes{});
-  else if (res) apply(yes{}, no{});
-  else if (relu) apply(no{}, yes{});
-  else apply(no{}, no{});
+  }
 }
 
 // g = dy where y > 0 (all of dy without the ReLU); dbias = sum g, dweight = sum g * xhat,
 // dx = weight * invstd * (g - mean(g) - xhat * mean(g * xhat)); dres = g
-template <typename V, typename T, bool RELU, bool DX, bool DRES>
+template <typename V, typename T, bool RELU>
 void backward(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t m, int c,
               const float* weight, const float* mean, const float* invstd, int threads,
               float* dweight, float* dbias) {
@@ -181,7 +172,7 @@ void backward(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t m, in
     a[j] = k[j] * static_cast<float>(sg[j] / m);
     b[j] = k[j] * invstd[j] * invstd[j] * static_cast<float>(sgx[j] / m);
   }
-  if (!DX && !DRES) return;
+  if (!dx && !dres) return;
   const float* kk = k.data();
   const float* aa = a.data();
   const float* bb = b.data();
@@ -191,8 +182,8 @@ void backward(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t m, in
     for (int j = 0; j < c; j += W) {
       const V d = L::load(dy + at + j);
       const V g = RELU ? (L::load(y + at + j) > V{} ? d : V{}) : d;
-      if (DRES) L::store(dres + at + j, g);
-      if (DX)
+      if (dres) L::store(dres + at + j, g);
+      if (dx)
         L::store(dx + at + j, param<V>(kk + j) * g - param<V>(aa + j) -
                                   param<V>(bb + j) * (L::load(x + at + j) - param<V>(mean + j)));
     }
@@ -207,17 +198,8 @@ void backward(const void* dy, const void* x, const void* y, void* dx, void* dres
     fn(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(y), static_cast<T*>(dx),
        static_cast<T*>(dres), m, c, weight, mean, invstd, threads, dweight, dbias);
   };
-  const int which = (relu ? 4 : 0) | (dx ? 2 : 0) | (dres ? 1 : 0);
-  switch (which) {
-    case 0: run(backward<V, T, false, false, false>); break;
-    case 1: run(backward<V, T, false, false, true>); break;
-    case 2: run(backward<V, T, false, true, false>); break;
-    case 3: run(backward<V, T, false, true, true>); break;
-    case 4: run(backward<V, T, true, false, false>); break;
-    case 5: run(backward<V, T, true, false, true>); break;
-    case 6: run(backward<V, T, true, true, false>); break;
-    default: run(backward<V, T, true, true, true>); break;
-  }
+  if (relu) run(backward<V, T, true>);
+  else run(backward<V, T, false>);
 }
 
 // the running maximum: u replaces best where larger, or where u is the first NaN

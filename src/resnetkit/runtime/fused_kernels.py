@@ -21,7 +21,7 @@ def library() -> ctypes.CDLL:
     feature set, so a cache shared by machines never runs code a CPU lacks) and its functions
     typed. Raises UserError when it cannot be built or loaded."""
     try:
-        so = load_native(SOURCE, ["-O3", "-march=native", "-fopenmp"],
+        so = load_native(SOURCE, ["-O2", "-march=native", "-fopenmp"],
                          key=",".join(sorted(cpu_flags())))
     except OSError as e:
         raise UserError(f"the fused BN kernels could not be built or loaded: {e}") from None
