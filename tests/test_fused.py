@@ -131,14 +131,15 @@ def test_what_the_kernels_do_not_take_runs_the_modules_own_ops():
 
 def spy(monkeypatch):
     calls = []
-    real = fused._BNAct.apply
-    monkeypatch.setattr(fused._BNAct, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    for fn in (fused._BNAct, fused._BNActPool):
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply: calls.append(a[0].shape) or
+                            real(*a))
     return calls
 
 
 def test_blocks_use_the_kernels_only_inside_the_context(monkeypatch):
-    # every BN goes through them: ResNet-20's stem and 9 blocks x 2 (option A shortcuts, no
-    # BN), ResNet-26's stem, 8 bottlenecks x 3 and 4 projections; the step's gradients are as
+    # every BN goes through them: ResNet-20's stem (BN, ReLU and max-pool in one) and 9
+    # blocks x 2 (option A shortcuts, no BN), ResNet-26's stem, 8 bottlenecks x 3 and 4 projections; the step's gradients are as
     # close to a float64 run's as the modules' own fp32 ones are (a batch of 4 makes BN's
     # backward amplify rounding: both sides are some 1e-4 off, so they are compared with
     # the exact gradients, not with each other)
@@ -231,6 +232,57 @@ def test_the_2x2_max_pool_equals_atens(dtype, hw):
     assert yb.is_contiguous(memory_format=CL)
     with fused.fused_norm_act(library()):  # other pools: the module's own
         assert fused.pool(nn.MaxPool2d(3, 2, 1), b).shape == (3, 5, (hw[0] + 1) // 2, (hw[1] + 1) // 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [16, 6])  # 16 lanes at a time, and one at a time
+def test_the_stem_bn_relu_and_pool_in_one_kernel(dtype, c):
+    # against the same kernels run one after the other (BN + ReLU, then the max-pool, each
+    # checked against ATen above): the same output and running statistics bit for bit (the
+    # same values compared, ties and NaN included), the gradients within rounding (summed over
+    # the pooled maps only, in another order)
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, c, 10, 12, generator=g) * 2 + 1).to(dtype)
+    x[0, 0, :2, :2] = 3.0  # a tie
+    x = x.contiguous(memory_format=CL)
+    dp = torch.randn(4, c, 5, 6, generator=g).to(dtype).contiguous(memory_format=CL)
+    pool, out, grads, stats = nn.MaxPool2d(2), [], [], []
+    for together in (False, True):
+        torch.manual_seed(0)
+        bn = nn.BatchNorm2d(c)
+        nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.5, 0.5)
+        xi = x.clone().requires_grad_()
+        with fused.fused_norm_act(library()):
+            y = fused.norm_act_pool(bn, xi, pool) if together else \
+                fused.pool(pool, fused.norm_act(bn, xi))
+        y.backward(dp)
+        out.append(y)
+        grads.append((xi.grad, bn.weight.grad, bn.bias.grad))
+        stats.append((bn.running_mean, bn.running_var, bn.num_batches_tracked))
+    assert out[1].is_contiguous(memory_format=CL) and out[1].dtype == dtype
+    assert torch.equal(out[0], out[1])
+    assert all(torch.equal(a, b) for a, b in zip(*stats))
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for a, b in zip(*grads):
+        assert close(b, a, tol)
+
+
+def test_the_stem_kernel_falls_back_where_it_does_not_apply(monkeypatch):
+    calls = []
+    for fn in (fused._BNAct, fused._BNActPool):
+        monkeypatch.setattr(fn, "apply", lambda *a, fn=fn, real=fn.apply: calls.append(fn) or
+                            real(*a))
+    bn, x = nn.BatchNorm2d(4), torch.randn(2, 4, 7, 8).contiguous(memory_format=CL)
+    even = x[:, :, :6].contiguous(memory_format=CL)
+    with fused.fused_norm_act(library()):
+        odd = fused.norm_act_pool(bn, x, nn.MaxPool2d(2))  # an odd side
+        other = fused.norm_act_pool(bn, even, nn.MaxPool2d(3, 2, 1))  # another pool
+        both = fused.norm_act_pool(bn, even, nn.MaxPool2d(2))
+    assert odd.shape == (2, 4, 3, 4) and other.shape == (2, 4, 3, 4) and both.shape == (2, 4, 3, 4)
+    assert calls == [fused._BNAct, fused._BNAct, fused._BNActPool]
+    bn.eval()
+    assert torch.equal(fused.norm_act_pool(bn, x, nn.MaxPool2d(2)),
+                       nn.MaxPool2d(2)(torch.relu(bn(x))))  # outside the context: the modules
 
 
 def test_checkpointed_stages_recompute_with_the_same_kernels():

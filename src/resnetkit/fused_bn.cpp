@@ -73,6 +73,11 @@ template <> struct Lanes<vf> {
 // lanes of a per-channel parameter array: w floats from p
 template <typename V> V param(const float* p) { return Lanes<V>::load(p); }
 
+inline void affine(float mean, float invstd, float weight, float bias, float& scale, float& shift) {
+  scale = invstd * weight;
+  shift = bias - mean * scale;
+}
+
 // per channel, two sums over rows: f(i, q, a, b) adds the lanes of element i (channels q*width
 // onwards of a row) to a and b; they are kept in fixed chunks of rows, in float over 64 rows
 // then in double, and the chunks added in order
@@ -103,15 +108,16 @@ void reduce(int64_t m, int c, int threads, double* out_a, double* out_b, F f) {
     for (int j = 0; j < c; ++j) out_a[j] += part[k * c * 2 + j], out_b[j] += part[k * c * 2 + c + j];
 }
 
+// the batch statistics of x (m rows of c channels) and the affine map they give, y = x *
+// scale + shift per channel
 template <typename V, typename T>
-void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weight,
-             const float* bias, float eps, int relu, int threads, float* mean_out, float* var_out,
-             float* invstd_out) {
+void statistics(const T* x, int64_t m, int c, const float* weight, const float* bias, float eps,
+                int threads, float* mean_out, float* var_out, float* invstd_out, float* scale,
+                float* shift) {
   using L = Lanes<V>;
-  constexpr int W = L::width;
   // one pass: the sums of d = x - k and d^2, k a sample of each channel (its first row), so
   // that var = mean(d^2) - mean(d)^2 does not cancel away where the mean is far from 0
-  std::vector<float> k(c), mean(c), shift(c), scale(c);
+  std::vector<float> k(c);
   for (int j = 0; j < c; ++j) k[j] = Lanes<float>::load(x + j);
   const float* kk = k.data();
   std::vector<double> s(c), ss(c);
@@ -120,19 +126,25 @@ void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weig
     a += d;
     b += d * d;
   });
-  std::vector<double> var_d(c);
   for (int j = 0; j < c; ++j) {
     const double md = s[j] / m;
-    mean[j] = static_cast<float>(kk[j] + md);
-    var_d[j] = std::max(ss[j] / m - md * md, 0.0);
+    const float mean = static_cast<float>(kk[j] + md);
+    const float var = static_cast<float>(std::max(ss[j] / m - md * md, 0.0));
+    const float invstd = 1.f / std::sqrt(var + eps);
+    mean_out[j] = mean, var_out[j] = var, invstd_out[j] = invstd;
+    affine(mean, invstd, weight ? weight[j] : 1.f, bias ? bias[j] : 0.f, scale[j], shift[j]);
   }
-  for (int j = 0; j < c; ++j) {
-    float var = static_cast<float>(var_d[j]);
-    float invstd = 1.f / std::sqrt(var + eps);
-    mean_out[j] = mean[j], var_out[j] = var, invstd_out[j] = invstd;
-    scale[j] = invstd * (weight ? weight[j] : 1.f);
-    shift[j] = (bias ? bias[j] : 0.f) - mean[j] * scale[j];
-  }
+}
+
+template <typename V, typename T>
+void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weight,
+             const float* bias, float eps, int relu, int threads, float* mean_out, float* var_out,
+             float* invstd_out) {
+  using L = Lanes<V>;
+  constexpr int W = L::width;
+  std::vector<float> scale(c), shift(c);
+  statistics<V>(x, m, c, weight, bias, eps, threads, mean_out, var_out, invstd_out, scale.data(),
+                shift.data());
   const float* sc = scale.data();
   const float* sh = shift.data();
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -259,6 +271,110 @@ void maxpool2_backward(const T* x, const T* dy, T* dx, int64_t n, int h, int w, 
       }
 }
 
+// v as a T holds it (bf16: rounded as store rounds it)
+template <typename V> V as_stored(V v, const float*) { return v; }
+template <typename V> V as_stored(V v, const uint16_t*) {
+  alignas(64) uint16_t held[Lanes<V>::width];
+  Lanes<V>::store(held, v);
+  return Lanes<V>::load(held);
+}
+
+// The pooled stem's BN, ReLU and 2x2 max-pool (stride 2, even h and w) at once: p = the
+// window's maximum of y = relu(bn(x)) as a T holds it (maxpool2's rule: the first maximum wins,
+// NaN propagates), and xw = x at that winner. The full-size y is never written; the winner is
+// the one the separate ops would pick, since they compare the same stored values.
+template <typename V, typename T>
+void bn_act_pool(const T* x, T* p, T* xw, int64_t n, int h, int w, int c, const float* weight,
+                 const float* bias, float eps, int threads, float* mean, float* var, float* invstd) {
+  using L = Lanes<V>;
+  std::vector<float> scale(c), shift(c);
+  statistics<V>(x, n * h * w, c, weight, bias, eps, threads, mean, var, invstd, scale.data(),
+                shift.data());
+  const float* sc = scale.data();
+  const float* sh = shift.data();
+  const int oh = h / 2, ow = w / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < n; ++b)
+    for (int i = 0; i < oh; ++i)
+      for (int j = 0; j < ow; ++j) {
+        const int64_t a0 = ((b * h + 2 * i) * w + 2 * j) * c, a1 = a0 + c;
+        const int64_t a2 = a0 + static_cast<int64_t>(w) * c, a3 = a2 + c;
+        const int64_t out = ((b * oh + i) * ow + j) * c;
+        for (int k = 0; k < c; k += L::width) {
+          const V s = param<V>(sc + k), t = param<V>(sh + k);
+          auto y = [&](V v) { v = v * s + t; return as_stored(v > V{} ? v : V{}, x); };
+          const V x0 = L::load(x + a0 + k), x1 = L::load(x + a1 + k);
+          const V x2 = L::load(x + a2 + k), x3 = L::load(x + a3 + k);
+          V best = y(x0), at = x0;
+          const V y1 = y(x1), y2 = y(x2), y3 = y(x3);
+          at = takes(best, y1) ? x1 : at, best = pick(best, y1);
+          at = takes(best, y2) ? x2 : at, best = pick(best, y2);
+          at = takes(best, y3) ? x3 : at, best = pick(best, y3);
+          L::store(p + out + k, best);
+          L::store(xw + out + k, at);
+        }
+      }
+}
+
+// its backward: over the pooled maps only (elsewhere the pool passes no gradient), g = dp
+// where p > 0; dbias = sum g, dweight = sum g * xhat(xw); dx (where wanted) as BN's backward
+// with g at each window's winner (found again from x as the forward found it) and 0 elsewhere
+template <typename V, typename T>
+void bn_act_pool_backward(const T* dp, const T* p, const T* xw, const T* x, T* dx, int64_t n, int h,
+                          int w, int c, const float* weight, const float* bias, const float* mean,
+                          const float* invstd, int threads, float* dweight, float* dbias) {
+  using L = Lanes<V>;
+  const int oh = h / 2, ow = w / 2;
+  const int64_t m = n * h * w;
+  std::vector<double> sg(c), sgx(c);
+  reduce<V>(n * oh * ow, c, threads, sg.data(), sgx.data(), [&](int64_t i, int j, V& a, V& b) {
+    const V d = L::load(dp + i);
+    const V g = L::load(p + i) > V{} ? d : V{};
+    a += g;
+    b += g * (L::load(xw + i) - param<V>(mean + j));
+  });
+  std::vector<float> ka(c), aa(c), bb(c), sc(c), sh(c);
+  for (int j = 0; j < c; ++j) {
+    const float wj = weight ? weight[j] : 1.f;
+    if (dbias) dbias[j] = static_cast<float>(sg[j]);
+    if (dweight) dweight[j] = static_cast<float>(sgx[j]) * invstd[j];
+    ka[j] = wj * invstd[j];
+    aa[j] = ka[j] * static_cast<float>(sg[j] / m);
+    bb[j] = ka[j] * invstd[j] * invstd[j] * static_cast<float>(sgx[j] / m);
+    affine(mean[j], invstd[j], wj, bias ? bias[j] : 0.f, sc[j], sh[j]);
+  }
+  if (!dx) return;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < n; ++b)
+    for (int i = 0; i < oh; ++i)
+      for (int j = 0; j < ow; ++j) {
+        const int64_t a0 = ((b * h + 2 * i) * w + 2 * j) * c, a1 = a0 + c;
+        const int64_t a2 = a0 + static_cast<int64_t>(w) * c, a3 = a2 + c;
+        const int64_t out = ((b * oh + i) * ow + j) * c;
+        for (int k = 0; k < c; k += L::width) {
+          const V s = param<V>(sc.data() + k), t = param<V>(sh.data() + k);
+          const V mu = param<V>(mean + k), kv = param<V>(ka.data() + k);
+          const V av = param<V>(aa.data() + k), bv = param<V>(bb.data() + k);
+          auto y = [&](V v) { v = v * s + t; return as_stored(v > V{} ? v : V{}, x); };
+          const V x0 = L::load(x + a0 + k), x1 = L::load(x + a1 + k);
+          const V x2 = L::load(x + a2 + k), x3 = L::load(x + a3 + k);
+          const V zero{}, one = L::splat(1.f), two = L::splat(2.f), three = L::splat(3.f);
+          V best = y(x0), win = zero;
+          const V y1 = y(x1), y2 = y(x2), y3 = y(x3);
+          win = takes(best, y1) ? one : win, best = pick(best, y1);
+          win = takes(best, y2) ? two : win, best = pick(best, y2);
+          win = takes(best, y3) ? three : win;
+          const V d = L::load(dp + out + k);
+          const V g = L::load(p + out + k) > V{} ? d : V{};
+          auto grad = [&](V xq, V q) { return (win == q ? kv * g : zero) - av - bv * (xq - mu); };
+          L::store(dx + a0 + k, grad(x0, zero));
+          L::store(dx + a1 + k, grad(x1, one));
+          L::store(dx + a2 + k, grad(x2, two));
+          L::store(dx + a3 + k, grad(x3, three));
+        }
+      }
+}
+
 }  // namespace
 
 extern "C" {
@@ -326,6 +442,44 @@ int rk_maxpool2_backward(int bf16, const void* x, const void* dy, void* dx, int6
   };
   if (c % Lanes<vf>::width == 0) run(vf{});
   else run(0.f);
+  return 0;
+}
+
+// BN + ReLU + 2x2 max-pool of NHWC maps (n, h, w, c), h and w even: p and xw (n, h/2, w/2, c)
+int rk_bn_act_pool_forward(int bf16, const void* x, void* p, void* xw, int64_t n, int h, int w, int c,
+                           const float* weight, const float* bias, float eps, int threads, float* mean,
+                           float* var, float* invstd) {
+  if (n <= 0 || h < 2 || w < 2 || h % 2 || w % 2 || c <= 0) return -1;
+  auto run = [&](auto lanes) {
+    using V = decltype(lanes);
+    if (bf16)
+      bn_act_pool<V>(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(p), static_cast<uint16_t*>(xw),
+                     n, h, w, c, weight, bias, eps, threads, mean, var, invstd);
+    else
+      bn_act_pool<V>(static_cast<const float*>(x), static_cast<float*>(p), static_cast<float*>(xw), n, h, w,
+                     c, weight, bias, eps, threads, mean, var, invstd);
+  };
+  if (c % Lanes<vf>::width == 0) run(vf{});
+  else run(0.f);
+  return 0;
+}
+
+// dx (and x, needed only for it) may be null
+int rk_bn_act_pool_backward(int bf16, const void* dp, const void* p, const void* xw, const void* x,
+                            void* dx, int64_t n, int h, int w, int c, const float* weight,
+                            const float* bias, const float* mean, const float* invstd, int threads,
+                            float* dweight, float* dbias) {
+  if (n <= 0 || h < 2 || w < 2 || h % 2 || w % 2 || c <= 0 || (dx && !x)) return -1;
+  auto run = [&](auto lanes, auto t) {
+    using V = decltype(lanes);
+    using T = decltype(t);
+    bn_act_pool_backward<V>(static_cast<const T*>(dp), static_cast<const T*>(p), static_cast<const T*>(xw),
+                            static_cast<const T*>(x), static_cast<T*>(dx), n, h, w, c, weight, bias, mean,
+                            invstd, threads, dweight, dbias);
+  };
+  const bool vec = c % Lanes<vf>::width == 0;
+  if (bf16) vec ? run(vf{}, uint16_t{}) : run(0.f, uint16_t{});
+  else vec ? run(vf{}, 0.f) : run(0.f, 0.f);
   return 0;
 }
 

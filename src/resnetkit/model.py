@@ -181,11 +181,18 @@ class ResNet(nn.Module):
         if not torch.jit.is_scripting():
             if not is_exporting():  # the clear error for eager users
                 check_input(self, x)
-        x = self.forward_stem(x)
-        feats: List[torch.Tensor] = [x] if 0 in take else []
+        feats: List[torch.Tensor] = []
         if not torch.jit.is_scripting():  # (TorchScript compiles no further than this)
-            x = fused.pool(self.maxpool, x)  # the module's own unless fused_norm_act is on
+            if fused.active() and 0 not in take and isinstance(self.relu, nn.ReLU):
+                # the stem's BN, ReLU and max-pool in one kernel where it applies
+                x = fused.norm_act_pool(self.bn1, self.conv1(x), self.maxpool)
+            else:
+                x = self.forward_stem(x)
+                feats = [x] if 0 in take else []
+                x = fused.pool(self.maxpool, x)  # the module's own outside fused_norm_act
         else:
+            x = self.forward_stem(x)
+            feats = [x] if 0 in take else []
             x = self.maxpool(x)
         level, n = 0, len(self.stage_names)
         for name, stage in self.named_children():  # scriptable: no getattr by name

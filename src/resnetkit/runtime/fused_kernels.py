@@ -32,6 +32,9 @@ def library() -> ctypes.CDLL:
     so.rk_maxpool2_forward.restype = so.rk_maxpool2_backward.restype = i
     so.rk_maxpool2_forward.argtypes = [i, p, p, i64, i, i, i, i]
     so.rk_maxpool2_backward.argtypes = [i, p, p, p, i64, i, i, i, i]
+    so.rk_bn_act_pool_forward.restype = so.rk_bn_act_pool_backward.restype = i
+    so.rk_bn_act_pool_forward.argtypes = [i, p, p, p, i64, i, i, i, p, p, f, i, p, p, p]
+    so.rk_bn_act_pool_backward.argtypes = [i, p, p, p, p, p, i64, i, i, i, p, p, p, p, i, p, p]
     return so
 
 
