@@ -256,6 +256,10 @@ def test_inference_targets_pair_resnetkit_with_the_fastest_peer_of_its_precision
     t = _inference_targets({"resnetkit_infer": row("fp32", [1])}, {"amx_bf16": True})
     assert t["default"]["best_peer"] is None and t["default"]["ratio_met"] is None
     assert t["default"]["fraction_of_peak_target"] is None and "int8" not in t
+    # capped at AVX2, ONNX Runtime (which ignores the cap) is left out of the comparison
+    t = _inference_targets(res, {"peak_int8_gops": 1.0, "amx_bf16": False}, capped=True)
+    assert t["int8"]["best_peer"] == "openvino_int8" and t["int8"]["ratio_paired"] == 1.25
+    assert "onnxruntime" in t["int8"]["left_out"] and "left_out" not in i
 
 
 def test_without_torchao_the_peers_skip_only_what_needs_it(monkeypatch):

@@ -302,3 +302,29 @@ def test_checkpointed_stages_recompute_with_the_same_kernels():
     for (k, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p.grad, q.grad), k
     assert all(torch.equal(s, t) for s, t in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_cap_below_avx512_builds_the_kernels_without_it(monkeypatch):
+    # ONEDNN_MAX_CPU_ISA=AVX2 (the capped runs standing in for an AVX2-only CPU) hides
+    # AVX-512 from oneDNN; the kernels are then built without it too, under their own key
+    import resnetkit.runtime.fused_kernels as fk
+    seen = []
+
+    def fake(source, flags, key=""):
+        seen.append((flags, key))
+        raise OSError("not built here")
+
+    monkeypatch.setattr(fk, "load_native", fake)
+    monkeypatch.setattr(fk, "cpu_flags", lambda: {"avx2", "fma"})
+    fk.library.cache_clear()
+    try:
+        with pytest.raises(UserError, match="could not be built"):
+            fk.library()
+        monkeypatch.setattr(fk, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+        fk.library.cache_clear()
+        with pytest.raises(UserError):
+            fk.library()
+    finally:
+        fk.library.cache_clear()
+    assert "-mno-avx512f" in seen[0][0] and "-mno-avx512f" not in seen[1][0]
+    assert seen[0][1] != seen[1][1]
