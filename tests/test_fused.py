@@ -328,3 +328,34 @@ def test_a_cap_below_avx512_builds_the_kernels_without_it(monkeypatch):
         fk.library.cache_clear()
     assert "-mno-avx512f" in seen[0][0] and "-mno-avx512f" not in seen[1][0]
     assert seen[0][1] != seen[1][1]
+
+
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx"]])
+def test_the_kernels_built_for_narrower_vectors_agree_with_aten(flags):
+    # the kernels' lanes follow the build's registers (16 floats with AVX-512, 8 with AVX2,
+    # 4 with SSE): each width, forward and backward of BN + sum + ReLU and the one-kernel stem,
+    # equals ATen's modules within rounding
+    import resnetkit.runtime.fused_kernels as fk
+    from resnetkit.runtime.native import load_native
+    from resnetkit.runtime import cpu_flags
+    if "avx2" not in cpu_flags():
+        pytest.skip("the flags are x86's")
+    lib = fk.typed(load_native(fk.SOURCE, ["-O2", "-march=native", "-fopenmp", *flags],
+                               key="test-" + "".join(flags)))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 24, 6, 8, generator=g).contiguous(memory_format=CL)
+    r = torch.randn(4, 24, 6, 8, generator=g).contiguous(memory_format=CL)
+    dy = torch.randn(4, 24, 6, 8, generator=g)
+    out = []
+    for use in (None, lib):
+        torch.manual_seed(0)
+        bn = nn.BatchNorm2d(24)
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        with fused.fused_norm_act(use):
+            y = fused.norm_act(bn, xi, ri)
+            p = fused.norm_act_pool(bn, xi, nn.MaxPool2d(2))
+        (y * dy).sum().backward()
+        p.sum().backward()
+        out.append((y, p, xi.grad, ri.grad, bn.weight.grad, bn.bias.grad, bn.running_var))
+    for a, b in zip(*out):
+        assert close(b, a, 1e-5)

@@ -28,6 +28,11 @@ def library() -> ctypes.CDLL:
         so = load_native(SOURCE, build, key=",".join(sorted(flags)))
     except OSError as e:
         raise UserError(f"the fused BN kernels could not be built or loaded: {e}") from None
+    return typed(so)
+
+
+def typed(so: ctypes.CDLL) -> ctypes.CDLL:
+    """`so` (a build of fused_bn.cpp) with its functions' argument and result types set."""
     p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
     so.rk_bn_act_forward.restype = so.rk_bn_act_backward.restype = i
     so.rk_bn_act_forward.argtypes = [i, p, p, p, i64, i, p, p, f, i, i, p, p, p]
