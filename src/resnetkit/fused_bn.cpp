@@ -168,6 +168,21 @@ void forward(const T* x, const T* res, T* y, int64_t m, int c, const float* weig
   }
 }
 
+// BN's backward from the sums over m rows of g and g (x - mean) per channel: dbias, dweight
+// (where wanted) and dx = k g - a - b (x - mean), i.e. k g - k mean(g) - k invstd^2
+// mean(g (x - mean)) (x - mean)
+inline void coefficients(const double* sg, const double* sgx, int64_t m, int c, const float* weight,
+                         const float* invstd, float* dweight, float* dbias, float* k, float* a, float* b) {
+  for (int j = 0; j < c; ++j) {
+    const float w = weight ? weight[j] : 1.f;
+    if (dbias) dbias[j] = static_cast<float>(sg[j]);
+    if (dweight) dweight[j] = static_cast<float>(sgx[j]) * invstd[j];
+    k[j] = w * invstd[j];
+    a[j] = k[j] * static_cast<float>(sg[j] / m);
+    b[j] = k[j] * invstd[j] * invstd[j] * static_cast<float>(sgx[j] / m);
+  }
+}
+
 // g = dy where y > 0 (all of dy without the ReLU); dbias = sum g, dweight = sum g * xhat,
 // dx = weight * invstd * (g - mean(g) - xhat * mean(g * xhat)); dres = g
 template <typename V, typename T, bool RELU>
@@ -184,15 +199,7 @@ void backward(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t m, in
     b += g * (L::load(x + i) - param<V>(mean + j));
   });
   std::vector<float> a(c), b(c), k(c);
-  for (int j = 0; j < c; ++j) {
-    const float w = weight ? weight[j] : 1.f;
-    if (dbias) dbias[j] = static_cast<float>(sg[j]);
-    if (dweight) dweight[j] = static_cast<float>(sgx[j]) * invstd[j];
-    // dx = k g - k mean(g) - k invstd^2 mean(g (x - mean)) (x - mean)
-    k[j] = w * invstd[j];
-    a[j] = k[j] * static_cast<float>(sg[j] / m);
-    b[j] = k[j] * invstd[j] * invstd[j] * static_cast<float>(sgx[j] / m);
-  }
+  coefficients(sg.data(), sgx.data(), m, c, weight, invstd, dweight, dbias, k.data(), a.data(), b.data());
   if (!dx && !dres) return;
   const float* kk = k.data();
   const float* aa = a.data();
@@ -227,26 +234,43 @@ void backward(const void* dy, const void* x, const void* y, void* dx, void* dres
 template <typename V> auto takes(V best, V u) { return (u > best || u != u) && best == best; }
 template <typename V> V pick(V best, V u) { return takes(best, u) ? u : best; }
 
-// 2x2 max-pool, stride 2, no padding, floor mode (the pooled CIFAR stem's): x (n, h, w, c)
-// to y (n, h/2, w/2, c); the first maximum of a window in row order wins, NaN propagates
-template <typename V, typename T>
-void maxpool2(const T* x, T* y, int64_t n, int h, int w, int c, int threads) {
-  using L = Lanes<V>;
+// f(a0, a1, a2, a3, out) for each 2x2 window of NHWC maps (n, h, w, c), stride 2, floor
+// mode: a0..a3 its four pixels' offsets in row order, out its pooled pixel's, in threads
+template <typename F>
+void windows(int64_t n, int h, int w, int c, int threads, F f) {
   const int oh = h / 2, ow = w / 2;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (int64_t b = 0; b < n; ++b)
     for (int i = 0; i < oh; ++i)
       for (int j = 0; j < ow; ++j) {
-        const int64_t top = ((b * h + 2 * i) * w + 2 * j) * c, bottom = top + static_cast<int64_t>(w) * c;
-        const int64_t out = ((b * oh + i) * ow + j) * c;
-        for (int k = 0; k < c; k += L::width) {
-          V best = L::load(x + top + k);
-          best = pick(best, L::load(x + top + c + k));
-          best = pick(best, L::load(x + bottom + k));
-          best = pick(best, L::load(x + bottom + c + k));
-          L::store(y + out + k, best);
-        }
+        const int64_t a0 = ((b * h + 2 * i) * w + 2 * j) * c, a2 = a0 + static_cast<int64_t>(w) * c;
+        f(a0, a0 + c, a2, a2 + c, ((b * oh + i) * ow + j) * c);
       }
+}
+
+// which of four values is the first maximum (0-3 per lane; NaN wins), and that maximum
+template <typename V> V winner(V v0, V v1, V v2, V v3, V& best) {
+  using L = Lanes<V>;
+  V win{};
+  best = v0;
+  win = takes(best, v1) ? L::splat(1.f) : win, best = pick(best, v1);
+  win = takes(best, v2) ? L::splat(2.f) : win, best = pick(best, v2);
+  win = takes(best, v3) ? L::splat(3.f) : win, best = pick(best, v3);
+  return win;
+}
+
+// 2x2 max-pool, stride 2, no padding, floor mode (the pooled CIFAR stem's): x (n, h, w, c)
+// to y (n, h/2, w/2, c); the first maximum of a window in row order wins, NaN propagates
+template <typename V, typename T>
+void maxpool2(const T* x, T* y, int64_t n, int h, int w, int c, int threads) {
+  using L = Lanes<V>;
+  windows(n, h, w, c, threads, [&](int64_t a0, int64_t a1, int64_t a2, int64_t a3, int64_t out) {
+    for (int k = 0; k < c; k += L::width) {
+      V best;
+      winner(L::load(x + a0 + k), L::load(x + a1 + k), L::load(x + a2 + k), L::load(x + a3 + k), best);
+      L::store(y + out + k, best);
+    }
+  });
 }
 
 // its backward: dx (n, h, w, c) gets dy at each window's winner (the forward's rule,
@@ -254,30 +278,19 @@ void maxpool2(const T* x, T* y, int64_t n, int h, int w, int c, int threads) {
 template <typename V, typename T>
 void maxpool2_backward(const T* x, const T* dy, T* dx, int64_t n, int h, int w, int c, int threads) {
   using L = Lanes<V>;
-  const V zero{}, one = L::splat(1.f), two = L::splat(2.f), three = L::splat(3.f);
-  const int oh = h / 2, ow = w / 2;
   if (h % 2 || w % 2) std::memset(static_cast<void*>(dx), 0, sizeof(T) * n * h * w * c);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < n; ++b)
-    for (int i = 0; i < oh; ++i)
-      for (int j = 0; j < ow; ++j) {
-        const int64_t a0 = ((b * h + 2 * i) * w + 2 * j) * c, a1 = a0 + c;
-        const int64_t a2 = a0 + static_cast<int64_t>(w) * c, a3 = a2 + c;
-        const int64_t out = ((b * oh + i) * ow + j) * c;
-        for (int k = 0; k < c; k += L::width) {
-          const V v1 = L::load(x + a1 + k), v2 = L::load(x + a2 + k), v3 = L::load(x + a3 + k);
-          // the winner: the last element pick's chain took
-          V best = L::load(x + a0 + k), win = zero;
-          win = takes(best, v1) ? one : win, best = pick(best, v1);
-          win = takes(best, v2) ? two : win, best = pick(best, v2);
-          win = takes(best, v3) ? three : win;
-          const V g = L::load(dy + out + k);
-          L::store(dx + a0 + k, win == zero ? g : zero);
-          L::store(dx + a1 + k, win == one ? g : zero);
-          L::store(dx + a2 + k, win == two ? g : zero);
-          L::store(dx + a3 + k, win == three ? g : zero);
-        }
-      }
+  windows(n, h, w, c, threads, [&](int64_t a0, int64_t a1, int64_t a2, int64_t a3, int64_t out) {
+    for (int k = 0; k < c; k += L::width) {
+      V best;
+      const V win = winner(L::load(x + a0 + k), L::load(x + a1 + k), L::load(x + a2 + k),
+                           L::load(x + a3 + k), best);
+      const V g = L::load(dy + out + k), zero{};
+      L::store(dx + a0 + k, win == zero ? g : zero);
+      L::store(dx + a1 + k, win == L::splat(1.f) ? g : zero);
+      L::store(dx + a2 + k, win == L::splat(2.f) ? g : zero);
+      L::store(dx + a3 + k, win == L::splat(3.f) ? g : zero);
+    }
+  });
 }
 
 // v as a T holds it (bf16: rounded as store rounds it)
@@ -286,6 +299,12 @@ template <typename V> V as_stored(V v, const uint16_t*) {
   alignas(64) uint16_t held[Lanes<V>::width];
   Lanes<V>::store(held, v);
   return Lanes<V>::load(held);
+}
+
+// y = relu(x * scale + shift) as a T holds it, for channels k onwards
+template <typename V, typename T> V bn_relu(V x, const float* scale, const float* shift, int k, const T*) {
+  const V v = x * param<V>(scale + k) + param<V>(shift + k);
+  return as_stored(v > V{} ? v : V{}, static_cast<const T*>(nullptr));
 }
 
 // The pooled stem's BN, ReLU and 2x2 max-pool (stride 2, even h and w) at once: p = the
@@ -301,28 +320,17 @@ void bn_act_pool(const T* x, T* p, T* xw, int64_t n, int h, int w, int c, const 
                 shift.data());
   const float* sc = scale.data();
   const float* sh = shift.data();
-  const int oh = h / 2, ow = w / 2;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < n; ++b)
-    for (int i = 0; i < oh; ++i)
-      for (int j = 0; j < ow; ++j) {
-        const int64_t a0 = ((b * h + 2 * i) * w + 2 * j) * c, a1 = a0 + c;
-        const int64_t a2 = a0 + static_cast<int64_t>(w) * c, a3 = a2 + c;
-        const int64_t out = ((b * oh + i) * ow + j) * c;
-        for (int k = 0; k < c; k += L::width) {
-          const V s = param<V>(sc + k), t = param<V>(sh + k);
-          auto y = [&](V v) { v = v * s + t; return as_stored(v > V{} ? v : V{}, x); };
-          const V x0 = L::load(x + a0 + k), x1 = L::load(x + a1 + k);
-          const V x2 = L::load(x + a2 + k), x3 = L::load(x + a3 + k);
-          V best = y(x0), at = x0;
-          const V y1 = y(x1), y2 = y(x2), y3 = y(x3);
-          at = takes(best, y1) ? x1 : at, best = pick(best, y1);
-          at = takes(best, y2) ? x2 : at, best = pick(best, y2);
-          at = takes(best, y3) ? x3 : at, best = pick(best, y3);
-          L::store(p + out + k, best);
-          L::store(xw + out + k, at);
-        }
-      }
+  windows(n, h, w, c, threads, [&](int64_t a0, int64_t a1, int64_t a2, int64_t a3, int64_t out) {
+    for (int k = 0; k < c; k += L::width) {
+      const V x0 = L::load(x + a0 + k), x1 = L::load(x + a1 + k);
+      const V x2 = L::load(x + a2 + k), x3 = L::load(x + a3 + k);
+      V best;
+      const V win = winner(bn_relu(x0, sc, sh, k, x), bn_relu(x1, sc, sh, k, x),
+                           bn_relu(x2, sc, sh, k, x), bn_relu(x3, sc, sh, k, x), best);
+      L::store(p + out + k, best);
+      L::store(xw + out + k, win == V{} ? x0 : win == L::splat(1.f) ? x1 : win == L::splat(2.f) ? x2 : x3);
+    }
+  });
 }
 
 // its backward: over the pooled maps only (elsewhere the pool passes no gradient), g = dp
@@ -333,55 +341,39 @@ void bn_act_pool_backward(const T* dp, const T* p, const T* xw, const T* x, T* d
                           int w, int c, const float* weight, const float* bias, const float* mean,
                           const float* invstd, int threads, float* dweight, float* dbias) {
   using L = Lanes<V>;
-  const int oh = h / 2, ow = w / 2;
   const int64_t m = n * h * w;
   std::vector<double> sg(c), sgx(c);
-  reduce<V>(n * oh * ow, c, threads, sg.data(), sgx.data(), [&](int64_t i, int j, V& a, V& b) {
+  reduce<V>(n * (h / 2) * (w / 2), c, threads, sg.data(), sgx.data(), [&](int64_t i, int j, V& a, V& b) {
     const V d = L::load(dp + i);
     const V g = L::load(p + i) > V{} ? d : V{};
     a += g;
     b += g * (L::load(xw + i) - param<V>(mean + j));
   });
   std::vector<float> ka(c), aa(c), bb(c), sc(c), sh(c);
-  for (int j = 0; j < c; ++j) {
-    const float wj = weight ? weight[j] : 1.f;
-    if (dbias) dbias[j] = static_cast<float>(sg[j]);
-    if (dweight) dweight[j] = static_cast<float>(sgx[j]) * invstd[j];
-    ka[j] = wj * invstd[j];
-    aa[j] = ka[j] * static_cast<float>(sg[j] / m);
-    bb[j] = ka[j] * invstd[j] * invstd[j] * static_cast<float>(sgx[j] / m);
-    affine(mean[j], invstd[j], wj, bias ? bias[j] : 0.f, sc[j], sh[j]);
-  }
+  coefficients(sg.data(), sgx.data(), m, c, weight, invstd, dweight, dbias, ka.data(), aa.data(), bb.data());
+  for (int j = 0; j < c; ++j)
+    affine(mean[j], invstd[j], weight ? weight[j] : 1.f, bias ? bias[j] : 0.f, sc[j], sh[j]);
   if (!dx) return;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < n; ++b)
-    for (int i = 0; i < oh; ++i)
-      for (int j = 0; j < ow; ++j) {
-        const int64_t a0 = ((b * h + 2 * i) * w + 2 * j) * c, a1 = a0 + c;
-        const int64_t a2 = a0 + static_cast<int64_t>(w) * c, a3 = a2 + c;
-        const int64_t out = ((b * oh + i) * ow + j) * c;
-        for (int k = 0; k < c; k += L::width) {
-          const V s = param<V>(sc.data() + k), t = param<V>(sh.data() + k);
-          const V mu = param<V>(mean + k), kv = param<V>(ka.data() + k);
-          const V av = param<V>(aa.data() + k), bv = param<V>(bb.data() + k);
-          auto y = [&](V v) { v = v * s + t; return as_stored(v > V{} ? v : V{}, x); };
-          const V x0 = L::load(x + a0 + k), x1 = L::load(x + a1 + k);
-          const V x2 = L::load(x + a2 + k), x3 = L::load(x + a3 + k);
-          const V zero{}, one = L::splat(1.f), two = L::splat(2.f), three = L::splat(3.f);
-          V best = y(x0), win = zero;
-          const V y1 = y(x1), y2 = y(x2), y3 = y(x3);
-          win = takes(best, y1) ? one : win, best = pick(best, y1);
-          win = takes(best, y2) ? two : win, best = pick(best, y2);
-          win = takes(best, y3) ? three : win;
-          const V d = L::load(dp + out + k);
-          const V g = L::load(p + out + k) > V{} ? d : V{};
-          auto grad = [&](V xq, V q) { return (win == q ? kv * g : zero) - av - bv * (xq - mu); };
-          L::store(dx + a0 + k, grad(x0, zero));
-          L::store(dx + a1 + k, grad(x1, one));
-          L::store(dx + a2 + k, grad(x2, two));
-          L::store(dx + a3 + k, grad(x3, three));
-        }
-      }
+  windows(n, h, w, c, threads, [&](int64_t a0, int64_t a1, int64_t a2, int64_t a3, int64_t out) {
+    for (int k = 0; k < c; k += L::width) {
+      const V mu = param<V>(mean + k), kv = param<V>(ka.data() + k);
+      const V av = param<V>(aa.data() + k), bv = param<V>(bb.data() + k);
+      const V x0 = L::load(x + a0 + k), x1 = L::load(x + a1 + k);
+      const V x2 = L::load(x + a2 + k), x3 = L::load(x + a3 + k);
+      const float* s = sc.data();
+      const float* t = sh.data();
+      V best;
+      const V win = winner(bn_relu(x0, s, t, k, x), bn_relu(x1, s, t, k, x), bn_relu(x2, s, t, k, x),
+                           bn_relu(x3, s, t, k, x), best);
+      const V d = L::load(dp + out + k), zero{};
+      const V g = L::load(p + out + k) > zero ? d : zero;
+      auto grad = [&](V xq, float q) { return (win == L::splat(q) ? kv * g : zero) - av - bv * (xq - mu); };
+      L::store(dx + a0 + k, grad(x0, 0.f));
+      L::store(dx + a1 + k, grad(x1, 1.f));
+      L::store(dx + a2 + k, grad(x2, 2.f));
+      L::store(dx + a3 + k, grad(x3, 3.f));
+    }
+  });
 }
 
 }  // namespace
