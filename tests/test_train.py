@@ -327,7 +327,11 @@ def test_the_fused_optimizer_step_equals_the_plain_one(tmp_path):
         model.load_state_dict(start)
         for _ in range(2):  # the second step uses the momentum buffers
             for p, gr in zip(model.parameters(), grads):
-                p.grad = gr.clone()
+                # laid out as its parameter (channels_last where the trainer picks it), as
+                # autograd lays out a gradient: torch's fused CPU step pairs the two tensors'
+                # elements in memory order, so a plain-strided gradient of a channels_last
+                # weight would be applied to the wrong elements
+                p.grad = torch.empty_like(p).copy_(gr)
             opt.step()
         after.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*after):
