@@ -376,6 +376,16 @@ void bn_act_pool_backward(const T* dp, const T* p, const T* xw, const T* x, T* d
   });
 }
 
+// fn(V{}, T{}) for the lane type that fits c channels and the activations' type T (bf16's
+// bits as uint16_t, else float)
+template <typename F>
+int dispatch(int bf16, int c, F fn) {
+  const bool vec = c % Lanes<vf>::width == 0;
+  if (bf16) vec ? fn(vf{}, uint16_t{}) : fn(0.f, uint16_t{});
+  else vec ? fn(vf{}, 0.f) : fn(0.f, 0.f);
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -385,18 +395,11 @@ int rk_bn_act_forward(int bf16, const void* x, const void* res, void* y, int64_t
                       const float* weight, const float* bias, float eps, int relu, int threads,
                       float* mean, float* var, float* invstd) {
   if (m <= 0 || c <= 0) return -1;
-  auto run = [&](auto lanes) {
-    using V = decltype(lanes);
-    if (bf16)
-      forward<V>(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(res),
-                 static_cast<uint16_t*>(y), m, c, weight, bias, eps, relu, threads, mean, var, invstd);
-    else
-      forward<V>(static_cast<const float*>(x), static_cast<const float*>(res), static_cast<float*>(y),
-                 m, c, weight, bias, eps, relu, threads, mean, var, invstd);
-  };
-  if (c % Lanes<vf>::width == 0) run(vf{});
-  else run(0.f);
-  return 0;
+  return dispatch(bf16, c, [&](auto lanes, auto t) {
+    using T = decltype(t);
+    forward<decltype(lanes)>(static_cast<const T*>(x), static_cast<const T*>(res), static_cast<T*>(y), m, c,
+                             weight, bias, eps, relu, threads, mean, var, invstd);
+  });
 }
 
 // dx, dres, dweight, dbias may be null (not wanted)
@@ -404,46 +407,29 @@ int rk_bn_act_backward(int bf16, const void* dy, const void* x, const void* y, v
                        int64_t m, int c, const float* weight, const float* mean, const float* invstd,
                        int relu, int threads, float* dweight, float* dbias) {
   if (m <= 0 || c <= 0) return -1;
-  auto run = [&](auto lanes) {
-    using V = decltype(lanes);
-    if (bf16)
-      backward<V, uint16_t>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
-    else
-      backward<V, float>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads, dweight, dbias);
-  };
-  if (c % Lanes<vf>::width == 0) run(vf{});
-  else run(0.f);
-  return 0;
+  return dispatch(bf16, c, [&](auto lanes, auto t) {
+    backward<decltype(lanes), decltype(t)>(dy, x, y, dx, dres, m, c, weight, mean, invstd, relu, threads,
+                                           dweight, dbias);
+  });
 }
 
 // the 2x2 max-pool of NHWC maps (n, h, w, c), and its backward
 int rk_maxpool2_forward(int bf16, const void* x, void* y, int64_t n, int h, int w, int c, int threads) {
   if (n <= 0 || h < 2 || w < 2 || c <= 0) return -1;
-  auto run = [&](auto lanes) {
-    using V = decltype(lanes);
-    if (bf16) maxpool2<V>(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), n, h, w, c, threads);
-    else maxpool2<V>(static_cast<const float*>(x), static_cast<float*>(y), n, h, w, c, threads);
-  };
-  if (c % Lanes<vf>::width == 0) run(vf{});
-  else run(0.f);
-  return 0;
+  return dispatch(bf16, c, [&](auto lanes, auto t) {
+    using T = decltype(t);
+    maxpool2<decltype(lanes)>(static_cast<const T*>(x), static_cast<T*>(y), n, h, w, c, threads);
+  });
 }
 
 int rk_maxpool2_backward(int bf16, const void* x, const void* dy, void* dx, int64_t n, int h, int w, int c,
                          int threads) {
   if (n <= 0 || h < 2 || w < 2 || c <= 0) return -1;
-  auto run = [&](auto lanes) {
-    using V = decltype(lanes);
-    if (bf16)
-      maxpool2_backward<V>(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(dy),
-                           static_cast<uint16_t*>(dx), n, h, w, c, threads);
-    else
-      maxpool2_backward<V>(static_cast<const float*>(x), static_cast<const float*>(dy), static_cast<float*>(dx),
-                           n, h, w, c, threads);
-  };
-  if (c % Lanes<vf>::width == 0) run(vf{});
-  else run(0.f);
-  return 0;
+  return dispatch(bf16, c, [&](auto lanes, auto t) {
+    using T = decltype(t);
+    maxpool2_backward<decltype(lanes)>(static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dx),
+                                       n, h, w, c, threads);
+  });
 }
 
 // BN + ReLU + 2x2 max-pool of NHWC maps (n, h, w, c), h and w even: p and xw (n, h/2, w/2, c)
@@ -451,18 +437,11 @@ int rk_bn_act_pool_forward(int bf16, const void* x, void* p, void* xw, int64_t n
                            const float* weight, const float* bias, float eps, int threads, float* mean,
                            float* var, float* invstd) {
   if (n <= 0 || h < 2 || w < 2 || h % 2 || w % 2 || c <= 0) return -1;
-  auto run = [&](auto lanes) {
-    using V = decltype(lanes);
-    if (bf16)
-      bn_act_pool<V>(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(p), static_cast<uint16_t*>(xw),
-                     n, h, w, c, weight, bias, eps, threads, mean, var, invstd);
-    else
-      bn_act_pool<V>(static_cast<const float*>(x), static_cast<float*>(p), static_cast<float*>(xw), n, h, w,
-                     c, weight, bias, eps, threads, mean, var, invstd);
-  };
-  if (c % Lanes<vf>::width == 0) run(vf{});
-  else run(0.f);
-  return 0;
+  return dispatch(bf16, c, [&](auto lanes, auto t) {
+    using T = decltype(t);
+    bn_act_pool<decltype(lanes)>(static_cast<const T*>(x), static_cast<T*>(p), static_cast<T*>(xw), n, h, w, c,
+                                 weight, bias, eps, threads, mean, var, invstd);
+  });
 }
 
 // dx (and x, needed only for it) may be null
@@ -471,17 +450,13 @@ int rk_bn_act_pool_backward(int bf16, const void* dp, const void* p, const void*
                             const float* bias, const float* mean, const float* invstd, int threads,
                             float* dweight, float* dbias) {
   if (n <= 0 || h < 2 || w < 2 || h % 2 || w % 2 || c <= 0 || (dx && !x)) return -1;
-  auto run = [&](auto lanes, auto t) {
-    using V = decltype(lanes);
+  return dispatch(bf16, c, [&](auto lanes, auto t) {
     using T = decltype(t);
-    bn_act_pool_backward<V>(static_cast<const T*>(dp), static_cast<const T*>(p), static_cast<const T*>(xw),
-                            static_cast<const T*>(x), static_cast<T*>(dx), n, h, w, c, weight, bias, mean,
-                            invstd, threads, dweight, dbias);
-  };
-  const bool vec = c % Lanes<vf>::width == 0;
-  if (bf16) vec ? run(vf{}, uint16_t{}) : run(0.f, uint16_t{});
-  else vec ? run(vf{}, 0.f) : run(0.f, 0.f);
-  return 0;
+    bn_act_pool_backward<decltype(lanes)>(static_cast<const T*>(dp), static_cast<const T*>(p),
+                                          static_cast<const T*>(xw), static_cast<const T*>(x),
+                                          static_cast<T*>(dx), n, h, w, c, weight, bias, mean, invstd,
+                                          threads, dweight, dbias);
+  });
 }
 
 }  // extern "C"
