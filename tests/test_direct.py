@@ -13,7 +13,7 @@ from resnetkit.errors import UserError
 from resnetkit.geometry import MAX_IMAGE_SIZE
 from resnetkit.infer import RunConfig, Source, open_runner
 from resnetkit.infer.backends import onednn
-from resnetkit.runtime import has_native_bf16
+from resnetkit.runtime import cpu_flags, has_native_bf16
 
 from conftest import with_bn_stats
 
@@ -67,6 +67,59 @@ def test_fp32_equals_the_eager_model(variant):
         out = direct(x)
         assert out.dtype == torch.float32 and out.shape == ref.shape
         assert torch.allclose(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0), variant
+
+
+# maps of 16, 32 and 64 channels (blocked layouts hold every one) and a bottleneck at 16/32
+BLOCKABLE = {"option A, CIFAR stem": VARIANTS["option A, CIFAR stem"],
+             "bottleneck, 16-channel blocks": dict(name="resnet50", layers=(1, 1, 1, 1),
+                                                   widths=(16, 16, 32, 32), stem_width=16)}
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nChw8c", "nChw16c"])
+@pytest.mark.parametrize("variant", list(BLOCKABLE))
+def test_every_layout_equals_the_eager_model(variant, layout):
+    m = model(BLOCKABLE[variant])
+    direct = onednn.OneDnnResNet(m, "fp32", layout=layout)
+    x = torch.randn(3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(x)
+    assert torch.allclose(direct(x), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    ran = direct.layout_of(tuple(x.shape))
+    assert ran in (layout, "nhwc")  # NHWC where a layer has no kernel in the layout
+    if layout == "nChw16c" and "avx512f" in cpu_flags():  # oneDNN's AVX-512 kernels
+        assert ran == "nChw16c"
+    if layout == "nChw8c" and "avx2" in cpu_flags():
+        assert ran == "nChw8c"
+    if has_native_bf16("cpu") and layout != "nChw8c":  # no bf16 kernels in blocks of 8
+        nhwc = onednn.OneDnnResNet(m, "bf16", layout="nhwc")(x)
+        assert (onednn.OneDnnResNet(m, "bf16", layout=layout)(x) - nhwc).abs().max() < \
+            0.05 * ref.abs().max()
+
+
+def test_a_layer_without_a_blocked_kernel_runs_the_plan_nhwc():
+    m = model(VARIANTS["basic, option B, imagenet stem"])  # 8-channel maps beside 16s
+    direct = onednn.OneDnnResNet(m, "fp32", layout="nChw16c")
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(x)
+    assert torch.allclose(direct(x), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    assert direct.layout_of(tuple(x.shape)) == "nhwc"
+
+
+def test_the_layout_follows_the_cpu(monkeypatch):
+    import resnetkit.infer.backends.onednn as mod
+    for flags, want in (({"avx2"}, "nhwc"), ({"avx2", "avx512f"}, "nChw16c"),
+                        ({"avx512f", "avx512_bf16"}, "nChw16c"),
+                        ({"avx512f", "avx512_bf16", "amx_bf16"}, "nChw16c")):
+        monkeypatch.setattr(mod, "cpu_flags", lambda flags=flags: set(flags))
+        assert mod.layout_for("fp32") == want
+        assert mod.layout_for("int8") == "nhwc"
+        assert mod.layout_for("bf16") == ("nhwc" if "amx_bf16" in flags else want)
+    with pytest.raises(UserError, match="layout is auto, nhwc"):
+        onednn.OneDnnResNet(model(VARIANTS["option A, CIFAR stem"]), "fp32", layout="NCHW")
+    with pytest.raises(UserError, match="int8 runs NHWC only"):
+        onednn.OneDnnResNet(model(VARIANTS["option A, CIFAR stem"]), "int8",
+                            [torch.randn(4, 3, 32, 32)], layout="nChw16c")
 
 
 def int8_case(variant, batch, size, seed):

@@ -1,10 +1,12 @@
 // A post-activation ResNet (BN folded into the convs) run by oneDNN primitives directly, with
-// no framework between them: every activation stays in NHWC at the network's precision
+// no framework between them: every activation stays in one layout at the network's precision
 // (fp32, bf16, or int8: u8 after a ReLU, s8 where signed), each conv has its ReLU and the
 // residual sum fused (the sum written in place into the shortcut's buffer), and buffers are
 // reused by the slots Python assigns. The head's average pool ends each run (fp32 features);
 // the classifier runs in torch. Python (infer/backends/onednn.py) describes the network op by
-// op with the add_* calls, then asks for a plan per input shape and runs it. Built on first
+// op with the add_* calls, then asks for a plan per input shape and runs it. The layout is
+// NHWC, or channels in blocks of 8 or 16 (nChw8c, nChw16c: the input NCHW where its channels
+// do not fill a block), as Python chooses for the CPU (rk_set_layout). Built on first
 // use against the oneDNN of the onednn-cpu-gomp wheel; called through ctypes.
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -68,6 +70,7 @@ struct Buffer {
 
 struct Net {
   int precision, in_chans = 0, input = -1, output = -1, slots = 0;
+  int block = 0;  // the maps' channels in blocks of this many (8, 16), or 0: NHWC
   float in_scale = 1.f;
   bool frozen = false;  // no more ops once a plan points into them
   engine eng{engine::kind::cpu, 0};
@@ -86,7 +89,8 @@ struct Plan {
   Net* net;
   int n, h, w;
   Shape out_shape;
-  int out_slot = 0;
+  int out_slot = 0, out_block = 0;
+  int block = 0;  // the net's layout, or NHWC (0) where a layer has no kernel for it
   stream st;
   std::vector<primitive> prims;
   std::vector<std::unordered_map<int, memory>> args;
@@ -101,7 +105,15 @@ dt act_type(const Net& net, bool is_signed) {
   return net.precision == BF16 ? dt::bf16 : dt::f32;
 }
 
-memory::desc nhwc(int n, const Shape& s) { return memory::desc({n, s.c, s.h, s.w}, s.type, tag::nhwc); }
+// a map's memory in the net's layout: NHWC, or its channels in blocks where they fill them
+// (the input, whose channels seldom do, NCHW then: the layout oneDNN's first-layer kernels
+// read)
+memory::desc map_desc(const Plan& p, const Shape& s, bool input = false) {
+  memory::dims dims{p.n, s.c, s.h, s.w};
+  if (p.block && s.c % p.block == 0)
+    return memory::desc(dims, s.type, p.block == 8 ? tag::nChw8c : tag::nChw16c);
+  return memory::desc(dims, s.type, p.block && input ? tag::nchw : tag::nhwc);
+}
 
 memory scalar(const engine& eng, const float* values, int count) {
   return memory(memory::desc({count}, dt::f32, tag::a), eng, const_cast<float*>(values));
@@ -124,7 +136,7 @@ bool build(Plan& p) {
   std::vector<size_t> bytes(net.slots, 0);
   auto grow = [&](int slot, const memory::desc& d) { bytes[slot] = std::max(bytes[slot], d.get_size()); };
   shape[net.input] = {net.in_chans, p.h, p.w, act_type(net, true)};
-  grow(net.input, nhwc(p.n, shape[net.input]));
+  grow(net.input, map_desc(p, shape[net.input], true));
   // first pass: the primitives and every slot's largest size; the memories come after. Every
   // primitive's scratch space is one buffer, shared (they run one after another)
   size_t scratch = 0;
@@ -148,7 +160,7 @@ bool build(Plan& p) {
       memory::dims wdims = c.groups > 1 ? memory::dims{c.groups, c.oc / c.groups, c.ic / c.groups, c.kh, c.kw}
                                         : memory::dims{c.oc, c.ic, c.kh, c.kw};
       dt wtype = net.precision == INT8 ? dt::s8 : act_type(net, false);
-      memory::desc src = nhwc(p.n, in), dst = nhwc(p.n, out);
+      memory::desc src = map_desc(p, in, c.src == net.input), dst = map_desc(p, out);
       memory::desc wei(wdims, wtype, tag::any), bia({c.oc}, dt::f32, tag::a);
       primitive_attr attr;
       post_ops po;
@@ -219,7 +231,7 @@ bool build(Plan& p) {
       Shape out{in.c, oh, ow, in.type};
       // the right/bottom padding that gives that size (negative: rows left out)
       int pr_h = (oh - 1) * q.sh + q.kh - in.h - q.ph, pr_w = (ow - 1) * q.sw + q.kw - in.w - q.pw;
-      memory::desc src = nhwc(p.n, in), dst = nhwc(p.n, out);
+      memory::desc src = map_desc(p, in, q.src == net.input), dst = map_desc(p, out);
       primitive_attr attr;
       attr.set_scratchpad_mode(scratchpad_mode::user);
       auto pd = pooling_forward::primitive_desc(
@@ -243,9 +255,10 @@ bool build(Plan& p) {
   const Shape& last = shape[net.output];
   p.out_shape = last;
   p.out_slot = net.output;
+  p.out_block = p.block && last.c % p.block == 0 ? p.block : 0;
   // the input: fp32 NCHW to the first slot's type (int8: quantized by the input's scale)
   memory::desc user_in({p.n, net.in_chans, p.h, p.w}, dt::f32, tag::nchw);
-  memory::desc first = nhwc(p.n, Shape{net.in_chans, p.h, p.w, act_type(net, true)});
+  memory::desc first = map_desc(p, Shape{net.in_chans, p.h, p.w, act_type(net, true)}, true);
   primitive_attr iattr;
   iattr.set_scratchpad_mode(scratchpad_mode::user);
   if (net.precision == INT8) iattr.set_scales_mask(DNNL_ARG_DST, 0);
@@ -366,24 +379,55 @@ void rk_set_output(void* handle, int slot) {
   net.output = slot;
 }
 
+// the maps' layout: block 0 NHWC, 8 or 16 channels in blocks (fp32 and bf16: oneDNN has no
+// blocked int8 kernels for a first layer); -1 with rk_error() set where it cannot be
+int rk_set_layout(void* handle, int block) {
+  Net& net = *static_cast<Net*>(handle);
+  if (net.frozen) {
+    fail("the network already has plans: build another");
+    return -1;
+  }
+  if (block != 0 && block != 8 && block != 16) {
+    fail("a layout's block is 0, 8 or 16 channels");
+    return -1;
+  }
+  if (block && net.precision == INT8) {
+    fail("int8 runs NHWC only");
+    return -1;
+  }
+  net.block = block;
+  return 0;
+}
+
 // a plan for inputs of (n, in_chans, h, w) on `threads` OpenMP threads; null with rk_error() set where oneDNN has no
 // implementation or the shapes do not fit
 void* rk_plan(void* handle, int n, int h, int w, int threads) {
   // oneDNN's kernels take their thread count when they are created
   if (threads > 0) omp_set_num_threads(threads);
-  auto* p = new Plan;
-  p->net = static_cast<Net*>(handle);
-  p->n = n, p->h = h, p->w = w;
-  try {
-    if (build(*p)) return p;
-  } catch (const dnnl::error& e) {
-    last_error = std::string("oneDNN: ") + e.what();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  }
-  delete p;
-  return nullptr;
+  auto attempt = [&](int block) -> Plan* {
+    auto* p = new Plan;
+    p->net = static_cast<Net*>(handle);
+    p->n = n, p->h = h, p->w = w, p->block = block;
+    try {
+      if (build(*p)) return p;
+    } catch (const dnnl::error& e) {
+      last_error = std::string("oneDNN: ") + e.what();
+    } catch (const std::exception& e) {
+      last_error = e.what();
+    }
+    delete p;
+    return nullptr;
+  };
+  const int block = static_cast<Net*>(handle)->block;
+  Plan* p = attempt(block);
+  // a layer with no kernel for the blocked layout (a few channels, mixed with blocked maps):
+  // the whole plan NHWC
+  if (!p && block) p = attempt(0);
+  return p;
 }
+
+// the activations' layout a plan runs: the channels' block size, 0 for NHWC
+int rk_plan_block(void* plan) { return static_cast<Plan*>(plan)->block; }
 
 // the number of features a plan's run gives per image (the last map's channels)
 int rk_plan_features(void* plan) { return static_cast<Plan*>(plan)->out_shape.c; }
@@ -407,22 +451,26 @@ int rk_run(void* handle, const float* input, float* features, float scale, int t
     p.st.wait();
     const Shape& s = p.out_shape;
     const void* out = net.shared[p.out_slot].ptr;
-    const int hw = s.h * s.w, c = s.c;
+    const int hw = s.h * s.w, c = s.c, b = p.out_block ? p.out_block : c;
     const float k = scale / hw;
 #pragma omp parallel for
     for (int n = 0; n < p.n; ++n) {
       std::vector<float> acc(c, 0.f);
       for (int i = 0; i < hw; ++i) {
-        size_t at = (static_cast<size_t>(n) * hw + i) * c;
-        switch (s.type) {
-          case dt::u8: { auto* x = static_cast<const uint8_t*>(out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; break; }
-          case dt::s8: { auto* x = static_cast<const int8_t*>(out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; break; }
-          case dt::bf16: {
-            auto* x = static_cast<const uint16_t*>(out) + at;
-            for (int j = 0; j < c; ++j) { uint32_t bits = static_cast<uint32_t>(x[j]) << 16; float f; std::memcpy(&f, &bits, 4); acc[j] += f; }
-            break;
+        // NHWC: one run of c channels per pixel; blocked: c / b runs of b, a plane apart
+        for (int cb = 0; cb < c / b; ++cb) {
+          size_t at = ((static_cast<size_t>(n) * (c / b) + cb) * hw + i) * b;
+          float* a = acc.data() + static_cast<size_t>(cb) * b;
+          switch (s.type) {
+            case dt::u8: { auto* x = static_cast<const uint8_t*>(out) + at; for (int j = 0; j < b; ++j) a[j] += x[j]; break; }
+            case dt::s8: { auto* x = static_cast<const int8_t*>(out) + at; for (int j = 0; j < b; ++j) a[j] += x[j]; break; }
+            case dt::bf16: {
+              auto* x = static_cast<const uint16_t*>(out) + at;
+              for (int j = 0; j < b; ++j) { uint32_t bits = static_cast<uint32_t>(x[j]) << 16; float f; std::memcpy(&f, &bits, 4); a[j] += f; }
+              break;
+            }
+            default: { auto* x = static_cast<const float*>(out) + at; for (int j = 0; j < b; ++j) a[j] += x[j]; }
           }
-          default: { auto* x = static_cast<const float*>(out) + at; for (int j = 0; j < c; ++j) acc[j] += x[j]; }
         }
       }
       for (int j = 0; j < c; ++j) features[static_cast<size_t>(n) * c + j] = acc[j] * k;
