@@ -31,6 +31,7 @@ from resnetkit.runtime.compiling import can_compile
 from resnetkit.train.config import TrainConfig
 from resnetkit.train.feed import Feed
 from resnetkit.train.optim import build_optimizer
+from resnetkit.runtime.fused_kernels import decide_fused
 from resnetkit.train.step import TrainStep
 from resnetkit.zoo import create_model
 
@@ -38,7 +39,11 @@ KINDS = {"aten::mkldnn_convolution": "conv forward", "aten::convolution_backward
          "aten::native_batch_norm": "bn forward", "aten::native_batch_norm_backward": "bn backward",
          "aten::threshold_backward": "elementwise", "aten::clamp_min_": "elementwise",
          "aten::relu_": "elementwise", "aten::add_": "elementwise", "aten::add": "elementwise",
-         "aten::_fused_sgd_": "optimizer"}
+         "aten::_fused_sgd_": "optimizer",
+         # resnetkit's fused kernels (fused.py), where the trainer takes them
+         "_BNAct": "bn forward", "_BNActBackward": "bn backward", "_BNActPool": "bn forward",
+         "_BNActPoolBackward": "bn backward", "_MaxPool2": "elementwise",
+         "_MaxPool2Backward": "elementwise"}
 
 
 def median_s(fn, reps: int = 5) -> float:
@@ -133,8 +138,9 @@ def main() -> None:
            "kinds": {}, "step_ms": {}}
     for compiled in (False, True) if can_compile(dev) and not a.no_compile else (False,):
         m = create_model(a.model, **build).to(memory_format=fmt).train()
+        fused, _ = decide_fused("auto", dev, fmt == torch.channels_last, compiled)  # as the trainer
         step = TrainStep(m, m, build_optimizer(m, TrainConfig(lr=0.01)), None, dev, prec,
-                         compile=compiled)
+                         compile=compiled, fused=fused)
         run = lambda: step([(x, y)])  # noqa: E731
         name = "compiled" if compiled else "eager"
         run()
