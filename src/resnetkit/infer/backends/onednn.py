@@ -2,8 +2,9 @@
 framework between them (onednn_resnet.cpp, built on first use against the oneDNN of the
 `onednn` extra and loaded with ctypes). Activations stay in one layout at the run's
 precision from the input to the head (`layout_for`: channels in blocks of 16 for fp32 and
-bf16 on AVX-512 CPUs without AMX, NHWC otherwise); every conv has its BN folded in and its ReLU and residual sum fused,
-the sum written in place into the shortcut's buffer; buffers are reused. int8 keeps u8
+bf16 on AVX-512 CPUs without AMX, NHWC otherwise); every conv has its BN folded in and its
+ReLU and residual sum fused, the sum written in place into the shortcut's buffer; buffers
+are reused. int8 keeps u8
 activations after each ReLU and s8 where signed (the input, the projections), with the
 ranges calibrated by torchao's observers (those of the x86 PT2E quantizer) and per-channel
 symmetric weights. The classifier runs in torch at fp32.
@@ -103,10 +104,10 @@ def library() -> ctypes.CDLL:
 
 def layout_for(precision: str) -> str:
     """The activations' layout for `precision` on this CPU (as far as ONEDNN_MAX_CPU_ISA lets
-    oneDNN see it). nChw16c for fp32 and bf16 on AVX-512 CPUs without AMX: oneDNN 3.2's
-    blocked AVX-512 kernels ran ResNet-20 (256x1x28x28) 1.10-1.19x faster than its NHWC ones
-    in bf16 and 1.15x in fp32, ResNet-50 (16x3x224x224) 1.13x in bf16 and level in fp32, on an
-    AMD EPYC (Zen 5). NHWC elsewhere: int8 (no blocked first-layer kernels), AVX2 (nChw8c ran
+    oneDNN see it). nChw16c for fp32 and bf16 on AVX-512 CPUs without AMX: on an AMD EPYC
+    (Zen 5) oneDNN 3.2's blocked AVX-512 kernels ran ResNet-20 (256x1x28x28) 1.08x faster
+    than its NHWC ones in bf16 and 1.15x in fp32, ResNet-50 (16x3x224x224) 1.04x in bf16 and
+    level in fp32. NHWC elsewhere: int8 (no blocked first-layer kernels), AVX2 (nChw8c ran
     ResNet-20 at 0.94x), and AMX, whose bf16 kernels read NHWC."""
     flags = cpu_flags()
     if precision == "int8" or "avx512f" not in flags or \
@@ -374,7 +375,9 @@ class OneDnnResNet(nn.Module):
     """`model` (a ResNet that `unsupported` accepts) on the direct oneDNN path at
     `precision` ("fp32", "bf16" or "int8"; int8 needs calibration `batches`). Called on a
     float NCHW batch, it gives fp32 logits; a plan is built per input shape (the first call
-    of a shape takes well under a second for ResNet-50)."""
+    of a shape takes well under a second for ResNet-50). `layout`: the activations' layout,
+    "auto" (layout_for: the CPU's), "nhwc", "nChw8c" or "nChw16c" (blocked: fp32 and bf16;
+    a plan whose layers lack a kernel in it runs NHWC, see layout_of)."""
 
     engine = "torch"
 
