@@ -106,6 +106,37 @@ def test_a_layer_without_a_blocked_kernel_runs_the_plan_nhwc():
     assert direct.layout_of(tuple(x.shape)) == "nhwc"
 
 
+def test_chunks_follow_the_cache():
+    mb = 1 << 20
+    # three maps of 50 KB an image (ResNet-20's 16x28x28 fp32) in half of 32 MB: 109 images
+    assert onednn.chunk_for(256, 256 * 50 * 1024, 32 * mb) == 64
+    assert onednn.chunk_for(256, 256 * 25 * 1024, 32 * mb) == 128  # bf16: 218 images fit
+    assert onednn.chunk_for(120, 120 * 50 * 1024, 32 * mb) == 64
+    assert onednn.chunk_for(100, 100 * 50 * 1024, 32 * mb) == 100  # 109 fit: whole
+    assert onednn.chunk_for(64, 64 * 50 * 1024, 32 * mb) == 64  # the batch fits whole
+    assert onednn.chunk_for(16, 16 * (3 << 20), 32 * mb) == 16  # 5 images would fit: too few
+    assert onednn.chunk_for(256, 256 * 50 * 1024, 0) == 256  # cache size unknown
+    assert onednn.chunk_for(0, 0, 32 * mb) == 0
+
+
+def test_a_batch_in_chunks_equals_it_whole_and_the_eager_model(monkeypatch):
+    m = model(VARIANTS["option A, CIFAR stem"])
+    x = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    whole = onednn.OneDnnResNet(m, "fp32")
+    monkeypatch.setattr(onednn, "last_level_cache_bytes", lambda: 0)
+    assert whole.chunk_of(tuple(x.shape)) == 20
+    ref = whole(x)
+    # the largest map: 16x32x32 fp32, 64 KB an image; three of them for 8 images in 3 MB / 2
+    monkeypatch.setattr(onednn, "last_level_cache_bytes", lambda: 3 << 20)
+    chunked = onednn.OneDnnResNet(m, "fp32")
+    assert chunked.chunk_of(tuple(x.shape)) == 8  # runs of 8, 8 and 4 images
+    assert torch.equal(chunked(x), ref)
+    with torch.no_grad():
+        eager = m(x)
+    assert torch.allclose(ref, eager, atol=1e-4 * eager.abs().max().item(), rtol=0)
+    assert torch.equal(chunked(x[:5]), ref[:5])  # a batch under a chunk: one run
+
+
 def test_the_layout_follows_the_cpu(monkeypatch):
     import resnetkit.infer.backends.onednn as mod
     for flags, want in (({"avx2"}, "nhwc"), ({"avx2", "avx512f"}, "nChw16c"),

@@ -159,8 +159,9 @@ def _runners(src: Source, probe: torch.Tensor, compiled: bool, onnx: bool,
     default = open_runner(src, RunConfig(engine="torch")) if cpu else None
     if default is not None and isinstance(default.module, OneDnnResNet):
         out["resnetkit_direct"] = (default.precision, default)
-        notes.append(f"resnetkit_direct: activations "
-                     f"{default.module.layout_of(tuple(probe.shape))}")
+        shape = tuple(probe.shape)
+        notes.append(f"resnetkit_direct: activations {default.module.layout_of(shape)}, runs "
+                     f"of {default.module.chunk_of(shape)} images")
     elif default is not None:
         why = not_direct(src.model, default.precision, RunConfig(engine="torch"))
         notes.append(f"resnetkit_direct skipped: {why or 'it failed to build here'}")

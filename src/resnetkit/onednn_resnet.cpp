@@ -429,6 +429,14 @@ void* rk_plan(void* handle, int n, int h, int w, int threads) {
 // the activations' layout a plan runs: the channels' block size, 0 for NHWC
 int rk_plan_block(void* plan) { return static_cast<Plan*>(plan)->block; }
 
+// the bytes of a plan's largest activation map (every image of the batch)
+int64_t rk_plan_map_bytes(void* plan) {
+  const Plan& p = *static_cast<Plan*>(plan);
+  size_t most = 0;
+  for (size_t i = 0; i + 1 < p.bytes.size(); ++i) most = std::max(most, p.bytes[i]);  // the last: scratch
+  return static_cast<int64_t>(most);
+}
+
 // the number of features a plan's run gives per image (the last map's channels)
 int rk_plan_features(void* plan) { return static_cast<Plan*>(plan)->out_shape.c; }
 

@@ -22,8 +22,8 @@ from .memory import available_memory, check_memory, memory_estimate
 
 __all__ = ["allocator_state", "autocast", "available_memory", "check_memory", "cpu_flags",
            "cpu_info", "decide_channels_last", "decide_precision", "gemm_gflops", "hardware",
-           "has_native_bf16", "max_clock", "memory_estimate", "multiply_add_peaks",
-           "peak_memory_mb", "tune_allocator"]
+           "has_native_bf16", "last_level_cache_bytes", "max_clock", "memory_estimate",
+           "multiply_add_peaks", "peak_memory_mb", "tune_allocator"]
 
 # ---- the hardware -------------------------------------------------------------------------
 
@@ -157,6 +157,26 @@ def max_clock() -> tuple[float, str]:
         if khz > 0:
             return khz / 1e6, f"cpufreq {name}"
     return 0.0, ""
+
+
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int:
+    """The size of the first core's largest data or unified cache (usually L3, shared by the
+    cores), as the kernel reports it; 0 where it does not."""
+    best = 0
+    for d in sorted(CPU_CACHES.glob("index*")):
+        try:
+            if (d / "type").read_text().strip() == "Instruction":
+                continue
+            size = (d / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            best = max(best, int(size.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return best
 
 
 @functools.lru_cache(maxsize=4)
