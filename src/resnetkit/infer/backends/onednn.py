@@ -496,28 +496,31 @@ class OneDnnResNet(nn.Module):
         """Build the plan for inputs of `shape` (N, C, H, W) now: a UserError where the
         shape is not one the model takes, or oneDNN has no optimized kernel for a layer on
         this CPU."""
-        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape):
-            raise UserError(f"an input shape is (N, C, H, W) in positive whole numbers, got "
-                            f"{shape!r}")
-        check_input(self._shape_model[0], torch.empty(shape, device="meta"))
-        with self._native.lock:
-            self._native.runs((*shape, torch.get_num_threads()))
+        self._runs(shape)
 
     def layout_of(self, shape: tuple[int, ...]) -> str:
         """The layout the plan for inputs of `shape` runs: `layout`, or NHWC where a layer
         has no oneDNN kernel in the blocked one (a few channels beside blocked maps)."""
-        self.prepare(shape)
-        with self._native.lock:
-            block = self._native.lib.rk_plan_block(
-                self._native.runs((*shape, torch.get_num_threads()))[0][1])
+        block = self._runs(shape, lambda runs: self._native.lib.rk_plan_block(runs[0][1]))
         return next(k for k, v in LAYOUTS.items() if v == block)
 
     def chunk_of(self, shape: tuple[int, ...]) -> int:
         """Images per run for inputs of `shape`: the whole batch, or chunks whose maps stay
         in the CPU's last-level cache (chunk_for)."""
-        self.prepare(shape)
+        runs = self._runs(shape)
+        return runs[1][0] if len(runs) > 1 else shape[0]
+
+    def _runs(self, shape: tuple[int, ...], then: Any = None) -> Any:
+        """The (first image, plan) of each run for inputs of `shape`, built (see prepare);
+        with `then`, then(those) computed under the lock (a plan may be dropped once it is
+        released)."""
+        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape):
+            raise UserError(f"an input shape is (N, C, H, W) in positive whole numbers, got "
+                            f"{shape!r}")
+        check_input(self._shape_model[0], torch.empty(shape, device="meta"))
         with self._native.lock:
-            return self._native.chunk((*shape, torch.get_num_threads()))
+            runs = self._native.runs((*shape, torch.get_num_threads()))
+            return then(runs) if then else runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the model's own checks: channels, and a size every layer takes
